@@ -1,0 +1,60 @@
+"""The exceptions gigamil raises for problems a user can fix.
+
+Every message says what went wrong *and* what to do about it; the CLI prints
+``str(error)`` as one red line and exits non-zero, never a traceback.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "GigamilError",
+    "UsageError",
+    "BackendUnavailableError",
+    "SlideError",
+    "SlideOpenError",
+    "MissingMppError",
+    "UpsampleError",
+    "SlideTooSmallError",
+    "StoreError",
+]
+
+
+class GigamilError(Exception):
+    """Base class: a problem the user can fix. ``hint`` says how."""
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        self.message = message
+        self.hint = hint
+        super().__init__(f"{message} — {hint}" if hint else message)
+
+
+class UsageError(GigamilError):
+    """Bad options or paths given on the command line."""
+
+
+class BackendUnavailableError(GigamilError):
+    """A requested optional backend (cucim, …) is not installed."""
+
+
+class SlideError(GigamilError):
+    """A slide cannot be processed; the batch goes on without it."""
+
+
+class SlideOpenError(SlideError):
+    """The file is not a slide, or it is truncated/unreadable."""
+
+
+class MissingMppError(SlideError):
+    """The slide does not record its resolution (µm per pixel)."""
+
+
+class UpsampleError(SlideError):
+    """The requested resolution is finer than the slide was scanned at."""
+
+
+class SlideTooSmallError(SlideError):
+    """The slide is smaller than a single patch at the requested resolution."""
+
+
+class StoreError(GigamilError):
+    """A patch store or feature file is missing, incomplete or inconsistent."""

@@ -1,0 +1,82 @@
+"""Crash-safe file output: write to a temporary name, fsync, rename.
+
+A killed process leaves either the complete old file, the complete new file,
+or a stray ``*.tmp-*`` file that no reader ever opens — never a truncated output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+__all__ = ["atomic_path", "atomic_open", "write_json", "write_csv", "fsync_dir"]
+
+
+def fsync_dir(directory: str | os.PathLike[str]) -> None:
+    """Flush a directory entry (the rename) to disk; a no-op where unsupported."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; on success fsync it and rename onto ``target``.
+
+    The caller writes (and closes) the file at the yielded path. On an exception the
+    temporary file is removed and ``target`` is left untouched.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+        fsync_dir(target.parent)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_open(
+    target: str | os.PathLike[str], mode: str = "w", **kwargs: Any
+) -> Iterator[IO[Any]]:
+    """Like ``open(target, mode)`` but crash-safe (``mode`` is "w" or "wb")."""
+    with atomic_path(target) as tmp, open(tmp, mode, **kwargs) as fh:
+        yield fh
+        fh.flush()
+
+
+def write_json(target: str | os.PathLike[str], obj: Any) -> None:
+    with atomic_open(target, "w", encoding="utf-8") as fh:
+        json.dump(obj, fh, indent=2, sort_keys=True)
+        fh.write("\n")
+
+
+def write_csv(
+    target: str | os.PathLike[str],
+    rows: Sequence[Mapping[str, Any]],
+    fieldnames: Sequence[str],
+) -> None:
+    with atomic_open(target, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(fieldnames), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)

@@ -1,0 +1,345 @@
+"""On-disk patch stores (one LMDB file per slide) and coordinate HDF5 files.
+
+Layout of ``patches/<slide_id>.lmdb`` (``subdir=False``), schema version 1:
+
+- ``00000000`` … : the encoded patch (``jpeg``, ``png``, or ``raw`` uint8 HWC);
+- ``__meta__``   : JSON — schema, slide id, source, mpp, patch size, encoding, count, parameters, versions;
+- ``__coords__`` : int64 (N, 2) level-0 top-left x, y, little-endian.
+
+The writer fills ``<slide_id>.lmdb.partial`` and renames it only once complete,
+so a reader never sees a half-written store. Readers open read-only with
+``lock=False``: many processes can read one store, also on Lustre/GPFS.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import imagecodecs
+import numpy as np
+
+from gigamil.errors import StoreError
+from gigamil.io import atomic_path, fsync_dir
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "Encoding",
+    "encode_patch",
+    "decode_patch",
+    "PatchStoreWriter",
+    "PatchStore",
+    "write_coords_h5",
+    "PARTIAL_SUFFIX",
+]
+
+SCHEMA_VERSION = 1
+PARTIAL_SUFFIX = ".partial"
+META_KEY = b"__meta__"
+COORDS_KEY = b"__coords__"
+Encoding = Literal["jpeg", "png", "raw"]
+
+
+def _key(index: int) -> bytes:
+    return f"{index:08d}".encode()
+
+
+def encode_patch(patch: np.ndarray, encoding: Encoding, quality: int = 90) -> bytes:
+    """Encode an RGB uint8 (h, w, 3) patch; JPEG via libjpeg-turbo, 4:4:4 chroma."""
+    if encoding == "jpeg":
+        return bytes(imagecodecs.jpeg8_encode(patch, level=quality, subsampling="444"))
+    if encoding == "png":
+        return bytes(imagecodecs.png_encode(patch, level=1))
+    if encoding == "raw":
+        return np.ascontiguousarray(patch, dtype=np.uint8).tobytes()
+    raise StoreError(f"unknown patch encoding {encoding!r}", "use jpeg, png or raw")
+
+
+def decode_patch(data: bytes, encoding: Encoding, patch_size: int) -> np.ndarray:
+    """Decode bytes from a store into an RGB uint8 (patch_size, patch_size, 3) array."""
+    if encoding == "jpeg":
+        arr = imagecodecs.jpeg8_decode(data)
+    elif encoding == "png":
+        arr = imagecodecs.png_decode(data)
+    elif encoding == "raw":
+        arr = np.frombuffer(data, np.uint8).reshape(patch_size, patch_size, 3)
+    else:
+        raise StoreError(f"unknown patch encoding {encoding!r}", "the store may be from a newer gigamil")
+    if arr.shape != (patch_size, patch_size, 3):
+        raise StoreError(f"decoded patch has shape {arr.shape}, expected {(patch_size, patch_size, 3)}")
+    return arr
+
+
+class PatchStoreWriter:
+    """Writes one slide's store to ``<path>.partial``; :meth:`finish` renames it to ``path``.
+
+    Patches are committed in large transactions. If the writer is left without
+    :meth:`finish` (an exception, or the process is killed) the ``.partial`` file
+    is never mistaken for a store; the next run removes it.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        n_patches: int,
+        patch_size: int,
+        encoding: Encoding = "jpeg",
+        quality: int = 90,
+        commit_bytes: int = 64 << 20,
+    ) -> None:
+        import lmdb
+
+        self.path = Path(path)
+        self.partial = self.path.with_name(self.path.name + PARTIAL_SUFFIX)
+        self.encoding: Encoding = encoding
+        self.quality = quality
+        self.patch_size = patch_size
+        self._commit_bytes = commit_bytes
+        self._count = 0
+        self._pending: list[tuple[bytes, bytes]] = []
+        self._pending_bytes = 0
+        self.partial.parent.mkdir(parents=True, exist_ok=True)
+        for stale in (self.partial, Path(str(self.partial) + "-lock")):
+            if stale.exists():
+                stale.unlink()
+        raw = patch_size * patch_size * 3
+        map_size = max(64 << 20, int(n_patches * raw * 1.25) + (32 << 20))
+        self._env = lmdb.open(
+            str(self.partial), subdir=False, map_size=map_size, lock=False,
+            sync=False, metasync=False, readahead=False, meminit=False,
+        )
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    def add(self, patch: np.ndarray) -> None:
+        self.add_encoded(encode_patch(patch, self.encoding, self.quality))
+
+    def add_encoded(self, data: bytes) -> None:
+        self._pending.append((_key(self._count), data))
+        self._pending_bytes += len(data)
+        self._count += 1
+        if self._pending_bytes >= self._commit_bytes:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        with self._env.begin(write=True) as txn:
+            for key, value in self._pending:
+                txn.put(key, value, append=True)
+        self._pending.clear()
+        self._pending_bytes = 0
+
+    def finish(self, coords: np.ndarray, meta: dict[str, Any]) -> Path:
+        """Write coordinates and metadata, flush to disk and rename into place."""
+        coords = np.ascontiguousarray(coords, dtype="<i8").reshape(-1, 2)
+        if len(coords) != self._count:
+            raise StoreError(f"{len(coords)} coordinates for {self._count} patches")
+        self._flush()
+        meta = {
+            **meta,
+            "schema_version": SCHEMA_VERSION,
+            "count": self._count,
+            "patch_size": self.patch_size,
+            "encoding": self.encoding,
+            "jpeg_quality": self.quality if self.encoding == "jpeg" else None,
+        }
+        with self._env.begin(write=True) as txn:
+            txn.put(COORDS_KEY, coords.tobytes())
+            txn.put(META_KEY, json.dumps(meta, sort_keys=True).encode())
+        self._env.sync(True)
+        self._env.close()
+        os.replace(self.partial, self.path)
+        fsync_dir(self.path.parent)
+        return self.path
+
+    def abort(self) -> None:
+        """Close and delete the partial file."""
+        try:
+            self._env.close()
+        finally:
+            if self.partial.exists():
+                self.partial.unlink()
+
+    def __enter__(self) -> PatchStoreWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
+# LMDB refuses to open one file twice in a process, so PatchStore objects of the
+# same file share one read-only environment, counted by reference.
+_ENVS: dict[str, tuple[int, Any, int]] = {}  # realpath -> (pid, env, refcount)
+
+
+def _shared_env(path: Path) -> Any:
+    import lmdb
+
+    key = _env_key(path)
+    entry = _ENVS.get(key)
+    if entry is not None and entry[0] == os.getpid():
+        _ENVS[key] = (entry[0], entry[1], entry[2] + 1)
+        return entry[1]
+    try:  # an entry from a parent process (fork) is not ours to use or close
+        env = lmdb.open(
+            str(path), subdir=False, readonly=True, lock=False,
+            readahead=False, meminit=False, max_readers=2048,
+        )
+    except lmdb.Error as exc:
+        raise StoreError(f"cannot open patch store {path.name}: {exc}",
+                         "the file is damaged; delete it and rerun `gigamil extract`") from exc
+    _ENVS[key] = (os.getpid(), env, 1)
+    return env
+
+
+def _env_key(path: Path) -> str:
+    """The file's identity: a store replaced by a re-extraction is a new file."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return os.path.realpath(path)
+    return f"{os.path.realpath(path)}:{st.st_ino}:{st.st_mtime_ns}"
+
+
+def _release_env(path: Path) -> None:
+    key = _env_key(path)
+    entry = _ENVS.get(key)
+    if entry is None or entry[0] != os.getpid():
+        return
+    if entry[2] <= 1:
+        del _ENVS[key]
+        entry[1].close()
+    else:
+        _ENVS[key] = (entry[0], entry[1], entry[2] - 1)
+
+
+class PatchStore:
+    """Read-only access to a finished patch store.
+
+    ``len(store)``, ``store[i]`` (decoded RGB uint8), ``store.coords`` (N, 2),
+    ``store.meta``. Safe to pickle into DataLoader workers: each process opens
+    its own read-only, lock-free LMDB handle on first use.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        if self.path.name.endswith(PARTIAL_SUFFIX):
+            raise StoreError(
+                f"{self.path.name} is an unfinished store (its extraction was interrupted)",
+                "rerun `gigamil extract` to finish it",
+            )
+        if not self.path.is_file():
+            partial = self.path.with_name(self.path.name + PARTIAL_SUFFIX)
+            hint = ("its extraction was interrupted; rerun `gigamil extract`" if partial.exists()
+                    else "run `gigamil extract` first, or check the path")
+            raise StoreError(f"no patch store at {self.path.name}", hint)
+        self._env: Any = None
+        self._meta: dict[str, Any] | None = None
+        self._coords: np.ndarray | None = None
+
+    def _open(self) -> Any:
+        if self._env is None:
+            self._env = _shared_env(self.path)
+        return self._env
+
+    def _get(self, key: bytes) -> bytes | None:
+        with self._open().begin(buffers=False) as txn:
+            return txn.get(key)
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        if self._meta is None:
+            raw = self._get(META_KEY)
+            if raw is None:
+                raise StoreError(f"{self.path.name} has no metadata",
+                                 "it is not a gigamil store; delete it and rerun `gigamil extract`")
+            self._meta = json.loads(raw)
+            if self._meta.get("schema_version", 0) > SCHEMA_VERSION:
+                raise StoreError(f"{self.path.name} has schema {self._meta['schema_version']}",
+                                 "upgrade gigamil to read it")
+        return self._meta
+
+    @property
+    def coords(self) -> np.ndarray:
+        if self._coords is None:
+            raw = self._get(COORDS_KEY) or b""
+            self._coords = np.frombuffer(raw, dtype="<i8").reshape(-1, 2).astype(np.int64)
+        return self._coords
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.meta["patch_size"])
+
+    @property
+    def encoding(self) -> Encoding:
+        return self.meta["encoding"]
+
+    def __len__(self) -> int:
+        return int(self.meta["count"])
+
+    def get_encoded(self, index: int) -> bytes:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"patch {index} out of range for {len(self)} patches")
+        data = self._get(_key(index % len(self)))
+        if data is None:
+            raise StoreError(f"{self.path.name} lacks patch {index}", "re-extract the slide")
+        return data
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return decode_patch(self.get_encoded(index), self.encoding, self.patch_size)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        with self._open().begin(buffers=True) as txn:
+            for i in range(len(self)):
+                yield decode_patch(bytes(txn.get(_key(i))), self.encoding, self.patch_size)
+
+    def read_many(self, indices: Sequence[int]) -> list[bytes]:
+        """Encoded bytes of several patches in one transaction."""
+        with self._open().begin(buffers=False) as txn:
+            return [txn.get(_key(i)) for i in indices]
+
+    def close(self) -> None:
+        if self._env is not None:
+            _release_env(self.path)
+            self._env = None
+
+    def __enter__(self) -> PatchStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_env"] = None
+        return state
+
+    def __repr__(self) -> str:
+        return f"PatchStore({self.path.name!r})"
+
+
+def write_coords_h5(
+    path: str | os.PathLike[str],
+    coords: np.ndarray,
+    attrs: dict[str, Any],
+) -> None:
+    """Coordinates in the CLAM/TRIDENT layout: dataset ``coords`` int64 (N, 2) with attributes."""
+    import h5py
+
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            ds = f.create_dataset(
+                "coords", data=np.asarray(coords, np.int64).reshape(-1, 2),
+                chunks=(max(1, min(len(coords), 4096)), 2),
+                maxshape=(None, 2),
+            )
+            for key, value in attrs.items():
+                if value is not None:
+                    ds.attrs[key] = value

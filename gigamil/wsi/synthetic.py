@@ -1,0 +1,426 @@
+"""Synthetic pyramidal H&E-like slides for tests, benchmarks and the demo.
+
+Slides are tiled JPEG TIFFs in Aperio layout (``.svs``): level 0, a stripped
+thumbnail, reduced levels (``subfiletype=1``) and a fake label image that holds
+made-up "PHI" text (to check it never reaches an output). The description carries
+``MPP`` and ``AppMag`` and the TIFF resolution tags carry the mpp, so openslide
+and cuCIM both see levels and resolution.
+
+Everything is defined in micrometres, so the same ``seed`` written at 0.25 and at
+0.5 µm/px gives the same tissue at the same physical positions. Tissue is pink
+stroma with purple nuclei; on positive slides a planted tumour region has larger,
+denser, darker nuclei. Pen marks and blurred areas can be planted for QC tests.
+Ground-truth masks (tissue, tumor, pen, blur) are saved at :data:`MASK_MPP`.
+
+Slides are written tile by tile from a periodic texture and low-resolution
+masks, so memory does not depend on slide size.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from gigamil.io import atomic_path, write_csv
+
+__all__ = [
+    "SynthConfig",
+    "SyntheticSlideModel",
+    "write_synthetic_slide",
+    "make_cohort",
+    "load_masks",
+    "save_masks",
+    "read_labels",
+    "MASK_MPP",
+]
+
+#: Resolution (µm/px) of the ground-truth masks saved beside each slide.
+MASK_MPP = 8.0
+#: Period of the tissue texture, µm.
+_PERIOD_UM = 512.0
+#: Resolution at which the texture is rendered before resizing to each level, µm/px.
+_TEXTURE_MPP = 0.25
+_BACKGROUND = np.array([243.0, 242.0, 245.0], dtype=np.float32)
+_PEN_COLORS = {
+    "blue": np.array([40.0, 60.0, 170.0], dtype=np.float32),
+    "green": np.array([30.0, 130.0, 60.0], dtype=np.float32),
+    "black": np.array([25.0, 25.0, 30.0], dtype=np.float32),
+}
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    """How one synthetic slide looks. Sizes are level-0 pixels at ``mpp`` µm/px."""
+
+    width: int = 20000
+    height: int = 16000
+    mpp: float = 0.25
+    seed: int = 0
+    tumor: bool = False
+    pen_marks: bool = False
+    blur: bool = False
+    empty: bool = False
+    tissue_fraction: float = 0.45
+    tile: int = 256
+    jpeg_quality: int = 85
+    record_mpp: bool = True
+    label_image: bool = True
+
+
+def _hash_field(rng: np.random.Generator, shape: tuple[int, int], sigma: float) -> np.ndarray:
+    """Smooth random field in [0, 1] of ``shape``, correlation length ~``sigma`` px."""
+    factor = max(1.0, sigma / 4.0)  # draw coarse noise and upsample: cheap for large sigma
+    small = (max(2, int(math.ceil(shape[0] / factor))), max(2, int(math.ceil(shape[1] / factor))))
+    field = rng.standard_normal(small).astype(np.float32)
+    field = cv2.GaussianBlur(field, (0, 0), sigmaX=max(sigma / factor, 0.5))
+    if small != shape:
+        field = cv2.resize(field, (shape[1], shape[0]), interpolation=cv2.INTER_CUBIC)
+    field -= field.min()
+    peak = field.max()
+    return field / peak if peak > 0 else field
+
+
+def _periodic_field(rng: np.random.Generator, n: int, sigma: float) -> np.ndarray:
+    """Smooth random field in [0, 1] on an ``n``×``n`` torus (tiles seamlessly)."""
+    noise = rng.standard_normal((n, n)).astype(np.float32)
+    f = np.fft.fftfreq(n).astype(np.float32)
+    gauss = np.exp(-2 * (np.pi * sigma) ** 2 * (f[:, None] ** 2 + f[None, :] ** 2))
+    field = np.fft.ifft2(np.fft.fft2(noise) * gauss).real.astype(np.float32)
+    field -= field.min()
+    peak = field.max()
+    return field / peak if peak > 0 else field
+
+
+class SyntheticSlideModel:
+    """The procedural slide: masks at :data:`MASK_MPP` and textures per resolution."""
+
+    def __init__(self, cfg: SynthConfig) -> None:
+        self.cfg = cfg
+        self.width_um = cfg.width * cfg.mpp
+        self.height_um = cfg.height * cfg.mpp
+        self.masks = self._make_masks()
+        self._textures: dict[float, tuple[np.ndarray, ...]] = {}
+
+    # ---- masks (depend only on the physical size and the seed) ---------------
+    def _make_masks(self) -> dict[str, np.ndarray]:
+        cfg = self.cfg
+        mw = max(4, int(math.ceil(self.width_um / MASK_MPP)))
+        mh = max(4, int(math.ceil(self.height_um / MASK_MPP)))
+        rng = np.random.default_rng(cfg.seed)
+        yy, xx = np.mgrid[0:mh, 0:mw].astype(np.float32)
+        nx, ny = (xx + 0.5) / mw * 2 - 1, (yy + 0.5) / mh * 2 - 1
+        envelope = np.clip(1.0 - (nx**2 + ny**2) ** 1.5, 0, 1)
+        blob_px = 600.0 / MASK_MPP  # tissue lobes ~ 0.6 mm
+        field = 0.55 * _hash_field(rng, (mh, mw), blob_px) + 0.45 * envelope
+        if cfg.empty:
+            tissue = np.zeros((mh, mw), np.float32)
+        else:
+            thr = np.quantile(field, 1.0 - cfg.tissue_fraction)
+            tissue = (field > thr).astype(np.float32)
+            tissue = cv2.GaussianBlur(tissue, (0, 0), 1.0)  # soft edges, sub-mask-pixel
+        tumor = np.zeros_like(tissue)
+        if cfg.tumor and not cfg.empty:
+            inside = np.argwhere(tissue > 0.9)
+            cy, cx = inside[rng.integers(len(inside))]
+            radius = 0.22 * min(mw, mh)
+            dist = np.hypot(xx - cx, yy - cy) / radius
+            wobble = _hash_field(rng, (mh, mw), radius / 3) - 0.5
+            tumor = ((dist + 0.6 * wobble) < 1.0).astype(np.float32) * (tissue > 0.5)
+            tumor = cv2.GaussianBlur(tumor, (0, 0), 1.0) * tissue
+        pens = {name: np.zeros_like(tissue) for name in _PEN_COLORS}
+        if cfg.pen_marks:
+            width_px = max(1, int(round(80.0 / MASK_MPP)))
+            for name in _PEN_COLORS:
+                canvas = np.zeros((mh, mw), np.uint8)
+                pts = [rng.uniform([0.1 * mw, 0.1 * mh], [0.9 * mw, 0.9 * mh])]
+                step = 0.06 * min(mw, mh)
+                heading = rng.uniform(0, 2 * np.pi)
+                for _ in range(12):
+                    heading += rng.normal(0, 0.4)
+                    pts.append(pts[-1] + step * np.array([np.cos(heading), np.sin(heading)]))
+                poly = np.array(pts, np.int32).reshape(-1, 1, 2)
+                cv2.polylines(canvas, [poly], False, 255, width_px, cv2.LINE_AA)
+                pens[name] = canvas.astype(np.float32) / 255.0
+        blur = np.zeros_like(tissue)
+        if cfg.blur and not cfg.empty:
+            inside = np.argwhere(tissue > 0.9)
+            for _ in range(2):
+                cy, cx = inside[rng.integers(len(inside))]
+                axes = (int(0.08 * mw) + 2, int(0.08 * mh) + 2)
+                canvas = np.zeros((mh, mw), np.uint8)
+                cv2.ellipse(canvas, (int(cx), int(cy)), axes, 0, 0, 360, 255, -1)
+                blur = np.maximum(blur, canvas.astype(np.float32) / 255.0)
+        masks = {"tissue": tissue, "tumor": tumor, "blur": blur}
+        masks.update({f"pen_{k}": v for k, v in pens.items()})
+        return masks
+
+    # ---- textures (periodic, rendered in µm and resized per level) -----------
+    def _base_textures(self) -> tuple[np.ndarray, ...]:
+        n = int(round(_PERIOD_UM / _TEXTURE_MPP))
+        rng = np.random.default_rng(12345)  # texture identical across slides/seeds
+        stroma = np.empty((n, n, 3), np.float32)
+        shade = _periodic_field(rng, n, 20.0 / _TEXTURE_MPP)[..., None]
+        fibres = _periodic_field(rng, n, 1.5 / _TEXTURE_MPP)[..., None]
+        stroma[:] = np.array([236.0, 168.0, 200.0]) - 25 * shade - 18 * fibres
+        normal = self._draw_nuclei(stroma.copy(), rng, spacing=16, radius=2.6, color=(95, 55, 140))
+        tumor = self._draw_nuclei(stroma.copy(), rng, spacing=10, radius=4.2, color=(62, 30, 105))
+        normal = cv2.GaussianBlur(normal, (0, 0), 0.6)
+        tumor = cv2.GaussianBlur(tumor, (0, 0), 0.6)
+        sigma = 4.0 / _TEXTURE_MPP  # strong defocus, ~4 µm
+        pad = int(3 * sigma)
+        blurred = [
+            cv2.GaussianBlur(np.pad(t, ((pad, pad), (pad, pad), (0, 0)), mode="wrap"), (0, 0), sigma)[
+                pad:-pad, pad:-pad
+            ]
+            for t in (normal, tumor)
+        ]
+        return normal, tumor, blurred[0], blurred[1]
+
+    @staticmethod
+    def _draw_nuclei(
+        img: np.ndarray, rng: np.random.Generator, spacing: float, radius: float,
+        color: tuple[int, int, int],
+    ) -> np.ndarray:
+        n = img.shape[0]
+        cells = int(_PERIOD_UM // spacing)
+        shift = 4  # sub-pixel precision bits for cv2.circle
+        for i in range(cells):
+            for j in range(cells):
+                cx = (j + rng.uniform(0.15, 0.85)) * spacing / _TEXTURE_MPP
+                cy = (i + rng.uniform(0.15, 0.85)) * spacing / _TEXTURE_MPP
+                r = radius * rng.uniform(0.75, 1.3) / _TEXTURE_MPP
+                tone = np.array(color, np.float32) * rng.uniform(0.85, 1.15)
+                for dx in (-n, 0, n):  # draw wrapped copies so the texture tiles seamlessly
+                    for dy in (-n, 0, n):
+                        px, py = cx + dx, cy + dy
+                        if -r <= px <= n + r and -r <= py <= n + r:
+                            cv2.circle(
+                                img, (int(px * (1 << shift)), int(py * (1 << shift))),
+                                int(r * (1 << shift)), tone.tolist(), -1, cv2.LINE_AA, shift,
+                            )
+        return img
+
+    def textures(self, mpp: float) -> tuple[np.ndarray, ...]:
+        """(normal, tumor, normal_blurred, tumor_blurred) at ``mpp``, wrap-padded by one tile."""
+        key = round(mpp, 6)
+        if key not in self._textures:
+            if not hasattr(self, "_base"):
+                self._base = self._base_textures()
+            size = max(1, int(round(_PERIOD_UM / mpp)))
+            pad = self.cfg.tile + 2
+            out = []
+            for tex in self._base:
+                small = cv2.resize(tex, (size, size), interpolation=cv2.INTER_AREA)
+                out.append(np.pad(small, ((0, pad), (0, pad), (0, 0)), mode="wrap"))
+            self._textures[key] = tuple(out)
+        return self._textures[key]
+
+    # ---- rendering -----------------------------------------------------------
+    def _mask_crop(self, names: list[str], mpp: float, x: int, y: int, w: int, h: int) -> np.ndarray:
+        a = mpp / MASK_MPP
+        m = np.array([[a, 0, (x + 0.5) * a - 0.5], [0, a, (y + 0.5) * a - 0.5]], np.float64)
+        chans = []
+        for i in range(0, len(names), 4):
+            stack = np.dstack([self.masks[n] for n in names[i : i + 4]])
+            warped = cv2.warpAffine(
+                stack, m, (w, h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                borderMode=cv2.BORDER_CONSTANT, borderValue=0,
+            )
+            chans.append(warped.reshape(h, w, -1))
+        return np.concatenate(chans, axis=2)
+
+    def render(self, mpp: float, x: int, y: int, w: int, h: int) -> np.ndarray:
+        """RGB uint8 (h, w, 3) of the region at resolution ``mpp`` with top-left (x, y) px."""
+        normal, tumor, normal_b, tumor_b = self.textures(mpp)
+        period = normal.shape[0] - (self.cfg.tile + 2)
+        names = ["tissue", "tumor", "blur", "pen_blue", "pen_green", "pen_black"]
+        m = self._mask_crop(names, mpp, x, y, w, h)
+        t, tu, bl = m[..., 0:1], m[..., 1:2], m[..., 2:3]
+        out = np.empty((h, w, 3), np.float32)
+        step = self.cfg.tile
+        for oy in range(0, h, step):  # texture crops are at most one tile (the padding)
+            for ox in range(0, w, step):
+                hh, ww = min(step, h - oy), min(step, w - ox)
+                ty, tx = (y + oy) % period, (x + ox) % period
+                sl = (slice(ty, ty + hh), slice(tx, tx + ww))
+                tsl = (slice(oy, oy + hh), slice(ox, ox + ww))
+                tis = normal[sl] * (1 - tu[tsl]) + tumor[sl] * tu[tsl]
+                if self.cfg.blur:
+                    tis_b = normal_b[sl] * (1 - tu[tsl]) + tumor_b[sl] * tu[tsl]
+                    tis = tis * (1 - bl[tsl]) + tis_b * bl[tsl]
+                out[tsl] = _BACKGROUND * (1 - t[tsl]) + tis * t[tsl]
+        if self.cfg.pen_marks:
+            for k, color in enumerate(_PEN_COLORS.values()):
+                p = 0.85 * m[..., 3 + k : 4 + k]
+                out = out * (1 - p) + color * p
+        return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+    def level_sizes(self, min_size: int = 512) -> list[tuple[int, int, int]]:
+        """(width, height, downsample) per level: downsample 1, 4, 16, … until small."""
+        cfg = self.cfg
+        sizes = [(cfg.width, cfg.height, 1)]
+        ds = 4
+        while max(cfg.width, cfg.height) // ds >= min_size:
+            sizes.append((cfg.width // ds, cfg.height // ds, ds))
+            ds *= 4
+        return sizes
+
+    def iter_tiles(self, level_w: int, level_h: int, ds: int) -> Iterator[np.ndarray]:
+        t = self.cfg.tile
+        mpp = self.cfg.mpp * ds
+        for ty in range(0, level_h, t):
+            for tx in range(0, level_w, t):
+                yield self.render(mpp, tx, ty, t, t)
+
+
+def _fake_label(width: int = 400, height: int = 400) -> np.ndarray:
+    """A slide label with made-up PHI text; gigamil must never copy it into outputs."""
+    img = np.full((height, width, 3), 235, np.uint8)
+    for i, text in enumerate(["PATIENT: DOE^JANE", "MRN 0000000", "DOB 1900-01-01"]):
+        cv2.putText(img, text, (12, 60 + 60 * i), cv2.FONT_HERSHEY_SIMPLEX, 0.8, (0, 0, 0), 2)
+    return img
+
+
+def write_synthetic_slide(path: str | os.PathLike[str], cfg: SynthConfig) -> dict[str, np.ndarray]:
+    """Write a synthetic slide to ``path`` (atomically) and return its ground-truth masks."""
+    import tifffile
+
+    path = Path(path)
+    model = SyntheticSlideModel(cfg)
+    levels = model.level_sizes()
+    w, h = cfg.width, cfg.height
+    t = cfg.tile
+    if cfg.record_mpp:
+        description = (
+            f"Aperio Image Library v12.0.15 \n{w}x{h} [0,0 {w}x{h}] ({t}x{t}) "
+            f"JPEG/RGB Q={cfg.jpeg_quality}|AppMag = {10.0 / cfg.mpp:g}|MPP = {cfg.mpp:g}"
+            f"|Filename = synthetic|Title = gigamil synthetic slide"
+        )
+        resolution: tuple[float, float] | None = (1e4 / cfg.mpp, 1e4 / cfg.mpp)
+    else:
+        description = "gigamil synthetic slide without resolution"
+        resolution = None
+    common = {
+        "photometric": "rgb",
+        "compression": "jpeg",
+        "compressionargs": {"level": cfg.jpeg_quality},
+        "dtype": np.uint8,
+        "metadata": None,
+    }
+    with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=w * h > 2**31) as tif:
+        res_kw = {"resolution": resolution, "resolutionunit": "CENTIMETER"} if resolution else {}
+        tif.write(
+            model.iter_tiles(w, h, 1), shape=(h, w, 3), tile=(t, t),
+            description=description, **res_kw, **common,
+        )
+        thumb_w = min(1024, w)
+        thumb_h = max(1, int(round(h * thumb_w / w)))
+        thumb = model.render(cfg.mpp * w / thumb_w, 0, 0, thumb_w, thumb_h)
+        if cfg.record_mpp:  # Aperio: the second IFD is a stripped thumbnail
+            tif.write(thumb, description=f"Aperio Image Library v12.0.15 \n{w}x{h} -> "
+                      f"{thumb_w}x{thumb_h} - |", photometric="rgb", compression="jpeg",
+                      metadata=None)
+        for lw, lh, ds in levels[1:]:
+            lres = {"resolution": (resolution[0] / ds, resolution[1] / ds),
+                    "resolutionunit": "CENTIMETER"} if resolution else {}
+            tif.write(
+                model.iter_tiles(lw, lh, ds), shape=(lh, lw, 3), tile=(t, t), subfiletype=1,
+                description=description if cfg.record_mpp else None, **lres, **common,
+            )
+        if cfg.label_image and cfg.record_mpp:
+            tif.write(_fake_label(), subfiletype=1, photometric="rgb", compression="lzw",
+                      description="Aperio Image Library v12.0.15\nlabel 400x400", metadata=None)
+    return model.masks
+
+
+def save_masks(path: str | os.PathLike[str], masks: dict[str, np.ndarray]) -> None:
+    """Save masks as ``.npz`` (uint8 0–255 at :data:`MASK_MPP`) plus a colour ``.png`` overview."""
+    path = Path(path)
+    arrays = {k: np.round(v * 255).astype(np.uint8) for k, v in masks.items()}
+    with atomic_path(path.with_suffix(".npz")) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, mpp=np.float64(MASK_MPP), **arrays)
+    overview = np.full(masks["tissue"].shape + (3,), 255, np.uint8)
+    overview[masks["tissue"] > 0.5] = (200, 200, 200)
+    overview[masks["tumor"] > 0.5] = (220, 40, 40)
+    overview[masks["blur"] > 0.5] = (230, 200, 40)
+    for name, color in (("pen_blue", (40, 60, 200)), ("pen_green", (30, 150, 60)),
+                        ("pen_black", (20, 20, 20))):
+        overview[masks[name] > 0.5] = color
+    with atomic_path(path.with_suffix(".png")) as tmp:
+        ok, buf = cv2.imencode(".png", overview[..., ::-1])
+        tmp.write_bytes(buf.tobytes())
+
+
+def load_masks(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], float]:
+    """Masks (bool arrays) and their mpp from a ``masks/<slide_id>.npz`` file."""
+    with np.load(Path(path).with_suffix(".npz")) as data:
+        mpp = float(data["mpp"])
+        return {k: data[k] > 127 for k in data.files if k != "mpp"}, mpp
+
+
+def make_cohort(
+    out_dir: str | os.PathLike[str],
+    n: int = 6,
+    width: int = 20000,
+    height: int = 16000,
+    mpp: float = 0.25,
+    seed: int = 0,
+    positive_fraction: float = 0.5,
+    pen_marks: bool = False,
+    blur: bool = False,
+    n_empty: int = 0,
+    progress: "object | None" = None,
+) -> list[Path]:
+    """Write ``n`` slides ``s000.svs`` … plus ``labels.csv`` and ``masks/``; return slide paths.
+
+    About ``positive_fraction`` of the slides carry a planted tumour (label
+    ``tumor``), the others are ``normal``; the last ``n_empty`` slides have no
+    tissue. Two consecutive slides share a patient id. Slides already present
+    with the same configuration are kept, so an interrupted run can be resumed.
+    """
+    out = Path(out_dir)
+    (out / "masks").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    n_pos = int(round(n * positive_fraction))
+    positive = np.zeros(n, bool)
+    positive[rng.permutation(max(n - n_empty, 0))[:n_pos]] = True
+    paths, rows = [], []
+    for i in range(n):
+        cfg = SynthConfig(
+            width=width, height=height, mpp=mpp, seed=seed * 1000 + i,
+            tumor=bool(positive[i]), pen_marks=pen_marks, blur=blur, empty=i >= n - n_empty,
+        )
+        sid = f"s{i:03d}"
+        path = out / f"{sid}.svs"
+        stamp = out / "masks" / f"{sid}.json"
+        if not (path.exists() and stamp.exists() and stamp.read_text() == _cfg_json(cfg)):
+            masks = write_synthetic_slide(path, cfg)
+            save_masks(out / "masks" / sid, masks)
+            with atomic_path(stamp) as tmp:
+                tmp.write_text(_cfg_json(cfg))
+        paths.append(path)
+        rows.append({"slide_id": sid, "label": "tumor" if cfg.tumor else "normal",
+                     "patient_id": f"p{i // 2:03d}"})
+        if callable(progress):
+            progress(sid)
+    write_csv(out / "labels.csv", rows, ["slide_id", "label", "patient_id"])
+    return paths
+
+
+def _cfg_json(cfg: SynthConfig) -> str:
+    import json
+
+    return json.dumps(asdict(cfg), sort_keys=True)
+
+
+def read_labels(path: str | os.PathLike[str]) -> dict[str, str]:
+    with open(path, newline="") as fh:
+        return {row["slide_id"]: row["label"] for row in csv.DictReader(fh)}

@@ -1,0 +1,125 @@
+"""Tissue detection on a low-resolution view of the slide.
+
+Detectors live in :data:`TISSUE_DETECTORS` and map an RGB thumbnail at a known
+resolution to a boolean mask. The default, ``otsu``, thresholds saturation with
+Otsu's method (background glass is grey/white, stained tissue is coloured),
+then cleans the mask with a morphological closing, drops regions smaller than a
+minimum area and fills small holes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import cv2
+import numpy as np
+
+from gigamil.registry import Registry
+from gigamil.wsi.reader import SlideReader
+
+__all__ = ["TissueDetector", "TissueMask", "OtsuTissueDetector", "TISSUE_DETECTORS", "detect_tissue"]
+
+
+class TissueDetector(Protocol):
+    def __call__(self, rgb: np.ndarray, mpp: float) -> np.ndarray:
+        """Boolean tissue mask with the shape of ``rgb`` (h, w, 3) at ``mpp`` µm/px."""
+        ...
+
+
+TISSUE_DETECTORS: Registry[TissueDetector] = Registry("tissue detector")
+
+
+@dataclass(frozen=True)
+class TissueMask:
+    """A boolean tissue mask at ``mpp`` µm per mask pixel, covering the whole slide."""
+
+    mask: np.ndarray
+    mpp: float
+
+    @property
+    def fraction(self) -> float:
+        return float(self.mask.mean()) if self.mask.size else 0.0
+
+    def coverage(self, coords0: np.ndarray, size0: float, mpp0: float) -> np.ndarray:
+        """Tissue fraction in each square patch (level-0 top-left ``coords0``, side ``size0`` px)."""
+        if len(coords0) == 0:
+            return np.zeros(0, np.float32)
+        h, w = self.mask.shape
+        integral = cv2.integral(self.mask.astype(np.uint8), sdepth=cv2.CV_64F)
+        f = mpp0 / self.mpp
+        x0 = np.clip(np.round(coords0[:, 0] * f), 0, w - 1).astype(np.int64)
+        y0 = np.clip(np.round(coords0[:, 1] * f), 0, h - 1).astype(np.int64)
+        side = max(1, int(round(size0 * f)))
+        x1 = np.clip(x0 + side, 1, w)
+        y1 = np.clip(y0 + side, 1, h)
+        total = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
+        area = (x1 - x0) * (y1 - y0)
+        return (total / np.maximum(area, 1)).astype(np.float32)
+
+
+@TISSUE_DETECTORS.register("otsu")
+@dataclass(frozen=True)
+class OtsuTissueDetector:
+    """Otsu threshold on HSV saturation, with clean-up.
+
+    ``min_saturation`` (0–255) is a floor on the threshold so that a blank slide,
+    whose saturation is all noise, yields no tissue. Areas are in µm².
+    """
+
+    min_saturation: int = 20
+    min_area_um2: float = 20_000.0
+    max_hole_um2: float = 50_000.0
+    close_um: float = 32.0
+    blur_um: float = 16.0
+
+    def __call__(self, rgb: np.ndarray, mpp: float) -> np.ndarray:
+        if rgb.size == 0:
+            return np.zeros(rgb.shape[:2], bool)
+        sat = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)[..., 1]
+        k = _odd(self.blur_um / mpp)
+        if k > 1:
+            sat = cv2.medianBlur(sat, min(k, 5))
+        thr, _ = cv2.threshold(sat, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+        mask = (sat > max(thr, self.min_saturation)).astype(np.uint8)
+        r = _odd(self.close_um / mpp)
+        if r > 1:
+            kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (r, r))
+            mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, kernel)
+        px_area = mpp * mpp
+        mask = _drop_small(mask, self.min_area_um2 / px_area)
+        holes = _drop_small(1 - mask, self.max_hole_um2 / px_area, keep_border=True)
+        return (1 - holes).astype(bool)
+
+
+def _odd(x: float) -> int:
+    n = max(1, int(round(x)))
+    return n if n % 2 else n + 1
+
+
+def _drop_small(mask: np.ndarray, min_area: float, keep_border: bool = False) -> np.ndarray:
+    """Zero out connected components of ``mask`` smaller than ``min_area`` px."""
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    keep = stats[:, cv2.CC_STAT_AREA] >= min_area
+    if keep_border:  # background regions touching the border are never "holes"
+        h, w = mask.shape
+        x, y = stats[:, cv2.CC_STAT_LEFT], stats[:, cv2.CC_STAT_TOP]
+        bw, bh = stats[:, cv2.CC_STAT_WIDTH], stats[:, cv2.CC_STAT_HEIGHT]
+        keep |= (x == 0) | (y == 0) | (x + bw == w) | (y + bh == h)
+    keep[0] = False  # label 0 is the complement
+    return keep[labels].astype(np.uint8)
+
+
+def detect_tissue(
+    slide: SlideReader, detector: str = "otsu", mpp: float = 8.0, **kwargs: object
+) -> tuple[TissueMask, np.ndarray]:
+    """Read ``slide`` at ``mpp`` µm/px (block by block) and detect tissue.
+
+    Returns the mask and the thumbnail it was computed from.
+    """
+    mpp = max(mpp, slide.mpp)
+    thumb = slide.read_at_mpp(mpp)
+    mask = TISSUE_DETECTORS.create(detector, **kwargs)(thumb, mpp)
+    # the thumbnail is round(size / scale) px: use its actual µm per px
+    actual_mpp = slide.dimensions[0] * slide.mpp / thumb.shape[1]
+    return TissueMask(mask, actual_mpp), thumb
