@@ -34,6 +34,7 @@ __all__ = [
     "PatchStore",
     "write_coords_h5",
     "PARTIAL_SUFFIX",
+    "describe_store",
 ]
 
 SCHEMA_VERSION = 1
@@ -179,14 +180,14 @@ class PatchStoreWriter:
 _ENVS: dict[str, tuple[int, Any, int]] = {}  # realpath -> (pid, env, refcount)
 
 
-def _shared_env(path: Path) -> Any:
+def _shared_env(path: Path) -> tuple[str, Any]:
     import lmdb
 
     key = _env_key(path)
     entry = _ENVS.get(key)
     if entry is not None and entry[0] == os.getpid():
         _ENVS[key] = (entry[0], entry[1], entry[2] + 1)
-        return entry[1]
+        return key, entry[1]
     try:  # an entry from a parent process (fork) is not ours to use or close
         env = lmdb.open(
             str(path), subdir=False, readonly=True, lock=False,
@@ -196,7 +197,7 @@ def _shared_env(path: Path) -> Any:
         raise StoreError(f"cannot open patch store {path.name}: {exc}",
                          "the file is damaged; delete it and rerun `gigamil extract`") from exc
     _ENVS[key] = (os.getpid(), env, 1)
-    return env
+    return key, env
 
 
 def _env_key(path: Path) -> str:
@@ -208,8 +209,7 @@ def _env_key(path: Path) -> str:
     return f"{os.path.realpath(path)}:{st.st_ino}:{st.st_mtime_ns}"
 
 
-def _release_env(path: Path) -> None:
-    key = _env_key(path)
+def _release_env(key: str) -> None:
     entry = _ENVS.get(key)
     if entry is None or entry[0] != os.getpid():
         return
@@ -241,12 +241,13 @@ class PatchStore:
                     else "run `gigamil extract` first, or check the path")
             raise StoreError(f"no patch store at {self.path.name}", hint)
         self._env: Any = None
+        self._key = ""
         self._meta: dict[str, Any] | None = None
         self._coords: np.ndarray | None = None
 
     def _open(self) -> Any:
         if self._env is None:
-            self._env = _shared_env(self.path)
+            self._key, self._env = _shared_env(self.path)
         return self._env
 
     def _get(self, key: bytes) -> bytes | None:
@@ -307,7 +308,7 @@ class PatchStore:
 
     def close(self) -> None:
         if self._env is not None:
-            _release_env(self.path)
+            _release_env(self._key)
             self._env = None
 
     def __enter__(self) -> PatchStore:
@@ -343,3 +344,27 @@ def write_coords_h5(
             for key, value in attrs.items():
                 if value is not None:
                     ds.attrs[key] = value
+
+
+def describe_store(store: PatchStore) -> dict[str, Any]:
+    """What ``gigamil inspect store`` shows: counts, resolution, parameters, versions."""
+    meta = store.meta
+    return {
+        "file": store.path.name,
+        "slide_id": meta.get("slide_id"),
+        "count": len(store),
+        "patch_size": meta.get("patch_size"),
+        "target_mpp": meta.get("target_mpp"),
+        "level0_mpp": meta.get("level0_mpp"),
+        "read_level": meta.get("read_level"),
+        "encoding": meta.get("encoding"),
+        "jpeg_quality": meta.get("jpeg_quality"),
+        "tissue_fraction": meta.get("tissue_fraction"),
+        "grid_patches": meta.get("n_grid"),
+        "backend": meta.get("backend"),
+        "schema_version": meta.get("schema_version"),
+        "source": {k: v for k, v in meta.get("source", {}).items()},
+        "params": meta.get("params", {}),
+        "versions": meta.get("versions", {}),
+        "size_bytes": store.path.stat().st_size,
+    }

@@ -21,7 +21,7 @@ from __future__ import annotations
 import csv
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -223,43 +223,50 @@ class SyntheticSlideModel:
         return self._textures[key]
 
     # ---- rendering -----------------------------------------------------------
-    def _mask_crop(self, names: list[str], mpp: float, x: int, y: int, w: int, h: int) -> np.ndarray:
+    def _mask_crop(self, mpp: float, x: int, y: int, w: int, h: int) -> np.ndarray:
+        """Masks resampled to the region: (h, w, 6) tissue, tumor, blur, pen ×3."""
+        if not hasattr(self, "_stacks"):
+            names = ["tissue", "tumor", "blur", "pen_blue", "pen_green", "pen_black"]
+            self._stacks = [np.dstack([self.masks[n] for n in names[i : i + 3]]) for i in (0, 3)]
         a = mpp / MASK_MPP
         m = np.array([[a, 0, (x + 0.5) * a - 0.5], [0, a, (y + 0.5) * a - 0.5]], np.float64)
-        chans = []
-        for i in range(0, len(names), 4):
-            stack = np.dstack([self.masks[n] for n in names[i : i + 4]])
-            warped = cv2.warpAffine(
+        chans = [
+            cv2.warpAffine(
                 stack, m, (w, h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
                 borderMode=cv2.BORDER_CONSTANT, borderValue=0,
-            )
-            chans.append(warped.reshape(h, w, -1))
-        return np.concatenate(chans, axis=2)
+            ).reshape(h, w, -1)
+            for stack in (self._stacks if self.cfg.pen_marks else self._stacks[:1])
+        ]
+        return np.concatenate(chans, axis=2) if len(chans) > 1 else chans[0]
 
     def render(self, mpp: float, x: int, y: int, w: int, h: int) -> np.ndarray:
         """RGB uint8 (h, w, 3) of the region at resolution ``mpp`` with top-left (x, y) px."""
         normal, tumor, normal_b, tumor_b = self.textures(mpp)
         period = normal.shape[0] - (self.cfg.tile + 2)
-        names = ["tissue", "tumor", "blur", "pen_blue", "pen_green", "pen_black"]
-        m = self._mask_crop(names, mpp, x, y, w, h)
-        t, tu, bl = m[..., 0:1], m[..., 1:2], m[..., 2:3]
+        m = self._mask_crop(mpp, x, y, w, h)
         out = np.empty((h, w, 3), np.float32)
         step = self.cfg.tile
         for oy in range(0, h, step):  # texture crops are at most one tile (the padding)
             for ox in range(0, w, step):
                 hh, ww = min(step, h - oy), min(step, w - ox)
+                tsl = (slice(oy, oy + hh), slice(ox, ox + ww))
+                t, tu, bl = m[tsl + (slice(0, 1),)], m[tsl + (slice(1, 2),)], m[tsl + (slice(2, 3),)]
+                if not t.any():
+                    out[tsl] = _BACKGROUND
+                    continue
                 ty, tx = (y + oy) % period, (x + ox) % period
                 sl = (slice(ty, ty + hh), slice(tx, tx + ww))
-                tsl = (slice(oy, oy + hh), slice(ox, ox + ww))
-                tis = normal[sl] * (1 - tu[tsl]) + tumor[sl] * tu[tsl]
-                if self.cfg.blur:
-                    tis_b = normal_b[sl] * (1 - tu[tsl]) + tumor_b[sl] * tu[tsl]
-                    tis = tis * (1 - bl[tsl]) + tis_b * bl[tsl]
-                out[tsl] = _BACKGROUND * (1 - t[tsl]) + tis * t[tsl]
+                has_tumor, has_blur = tu.any(), bl.any()
+                tis = normal[sl] * (1 - tu) + tumor[sl] * tu if has_tumor else normal[sl]
+                if has_blur:
+                    tis_b = normal_b[sl] * (1 - tu) + tumor_b[sl] * tu if has_tumor else normal_b[sl]
+                    tis = tis * (1 - bl) + tis_b * bl
+                out[tsl] = _BACKGROUND + (tis - _BACKGROUND) * t
         if self.cfg.pen_marks:
             for k, color in enumerate(_PEN_COLORS.values()):
-                p = 0.85 * m[..., 3 + k : 4 + k]
-                out = out * (1 - p) + color * p
+                p = m[..., 3 + k : 4 + k]
+                if p.any():
+                    out += (color - out) * (0.85 * p)
         return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
     def level_sizes(self, min_size: int = 512) -> list[tuple[int, int, int]]:
@@ -366,6 +373,14 @@ def load_masks(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], flo
         return {k: data[k] > 127 for k in data.files if k != "mpp"}, mpp
 
 
+def _write_one(path: Path, cfg: SynthConfig) -> str:
+    masks = write_synthetic_slide(path, cfg)
+    save_masks(path.parent / "masks" / path.stem, masks)
+    with atomic_path(path.parent / "masks" / f"{path.stem}.json") as tmp:
+        tmp.write_text(_cfg_json(cfg))
+    return path.stem
+
+
 def make_cohort(
     out_dir: str | os.PathLike[str],
     n: int = 6,
@@ -377,7 +392,8 @@ def make_cohort(
     pen_marks: bool = False,
     blur: bool = False,
     n_empty: int = 0,
-    progress: "object | None" = None,
+    workers: int = 1,
+    progress: Callable[[str], None] | None = None,
 ) -> list[Path]:
     """Write ``n`` slides ``s000.svs`` … plus ``labels.csv`` and ``masks/``; return slide paths.
 
@@ -385,6 +401,7 @@ def make_cohort(
     ``tumor``), the others are ``normal``; the last ``n_empty`` slides have no
     tissue. Two consecutive slides share a patient id. Slides already present
     with the same configuration are kept, so an interrupted run can be resumed.
+    ``workers`` > 1 writes slides in parallel processes.
     """
     out = Path(out_dir)
     (out / "masks").mkdir(parents=True, exist_ok=True)
@@ -392,7 +409,7 @@ def make_cohort(
     n_pos = int(round(n * positive_fraction))
     positive = np.zeros(n, bool)
     positive[rng.permutation(max(n - n_empty, 0))[:n_pos]] = True
-    paths, rows = [], []
+    paths, rows, todo = [], [], []
     for i in range(n):
         cfg = SynthConfig(
             width=width, height=height, mpp=mpp, seed=seed * 1000 + i,
@@ -401,16 +418,27 @@ def make_cohort(
         sid = f"s{i:03d}"
         path = out / f"{sid}.svs"
         stamp = out / "masks" / f"{sid}.json"
-        if not (path.exists() and stamp.exists() and stamp.read_text() == _cfg_json(cfg)):
-            masks = write_synthetic_slide(path, cfg)
-            save_masks(out / "masks" / sid, masks)
-            with atomic_path(stamp) as tmp:
-                tmp.write_text(_cfg_json(cfg))
+        if path.exists() and stamp.exists() and stamp.read_text() == _cfg_json(cfg):
+            if progress is not None:
+                progress(sid)
+        else:
+            todo.append((path, cfg))
         paths.append(path)
         rows.append({"slide_id": sid, "label": "tumor" if cfg.tumor else "normal",
                      "patient_id": f"p{i // 2:03d}"})
-        if callable(progress):
-            progress(sid)
+    if workers > 1 and len(todo) > 1:
+        import concurrent.futures as cf
+        import multiprocessing as mp
+
+        with cf.ProcessPoolExecutor(min(workers, len(todo)), mp_context=mp.get_context("spawn")) as pool:
+            for sid in pool.map(_write_one, *zip(*todo)):
+                if progress is not None:
+                    progress(sid)
+    else:
+        for path, cfg in todo:
+            _write_one(path, cfg)
+            if progress is not None:
+                progress(path.stem)
     write_csv(out / "labels.csv", rows, ["slide_id", "label", "patient_id"])
     return paths
 

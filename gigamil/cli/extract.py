@@ -1,0 +1,106 @@
+"""`gigamil extract`: slides → one LMDB patch store per slide."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from gigamil.cli._common import EXIT_FAILED, cli_errors, err, progress_bar
+from gigamil.wsi.extract import ExtractConfig, SlideResult, extract_slides
+
+
+class Format(str, Enum):
+    jpeg = "jpeg"
+    png = "png"
+    raw = "raw"
+
+
+class BackendChoice(str, Enum):
+    auto = "auto"
+    openslide = "openslide"
+    cucim = "cucim"
+
+
+@cli_errors
+def extract(
+    inputs: Annotated[list[Path], typer.Argument(help="Slide files or directories of slides.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (patches/, extract.csv).")],
+    mpp: Annotated[float, typer.Option(min=0.01, help="Target µm per pixel (0.5 ≈ 20x, 0.25 ≈ 40x).")] = 0.5,
+    patch_size: Annotated[int, typer.Option(min=8, max=8192, help="Patch side in px at --mpp.")] = 256,
+    overlap: Annotated[int, typer.Option(min=0, help="Px shared by neighbouring patches.")] = 0,
+    min_tissue: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Minimum tissue fraction to keep a patch.")
+    ] = 0.5,
+    workers: Annotated[int, typer.Option(min=1, help="Slides processed in parallel.")] = 1,
+    fmt: Annotated[Format, typer.Option("--format", help="Patch encoding in the store.")] = Format.jpeg,
+    jpeg_quality: Annotated[int, typer.Option(min=1, max=100, help="JPEG quality.")] = 90,
+    backend: Annotated[BackendChoice, typer.Option(help="Slide reader.")] = BackendChoice.auto,
+    mpp_override: Annotated[
+        float | None, typer.Option(help="Level-0 µm/px for slides that do not record it.")
+    ] = None,
+    allow_upsample: Annotated[
+        bool, typer.Option(help="Allow --mpp finer than the scan (interpolates).")
+    ] = False,
+    tissue_mpp: Annotated[float, typer.Option(min=1.0, help="µm/px of the tissue-detection thumbnail.")] = 8.0,
+    coords_h5: Annotated[
+        bool, typer.Option(help="Also write coords/<slide_id>.h5 in the CLAM/TRIDENT layout.")
+    ] = False,
+    overwrite: Annotated[bool, typer.Option(help="Redo slides that are already complete.")] = False,
+    record_paths: Annotated[
+        bool, typer.Option(help="Store full source paths in the metadata (off: file names only).")
+    ] = False,
+) -> None:
+    """Detect tissue, cut patches at an exact µm/px and store them, one LMDB file per slide.
+
+    Outputs in OUT: patches/<slide_id>.lmdb, extract.csv (one row per slide:
+    ok / skipped / failed, patch count, seconds, error) and extract_config.json.
+    A rerun skips slides already extracted with the same parameters and redoes
+    interrupted or changed ones. Exit code 1 if any slide failed.
+    """
+    cfg = ExtractConfig(
+        mpp=mpp, patch_size=patch_size, overlap=overlap, min_tissue=min_tissue,
+        allow_upsample=allow_upsample, encoding=fmt.value, jpeg_quality=jpeg_quality,
+        backend=backend.value, mpp_override=mpp_override, tissue_mpp=tissue_mpp,
+        coords_h5=coords_h5, record_paths=record_paths,
+    )
+    counts = {"patches": 0}
+    with progress_bar() as bar:
+        task = bar.add_task("extract", total=None, info="")
+
+        def on_result(res: SlideResult) -> None:
+            counts["patches"] += res.n_patches if res.status != "skipped" else 0
+            bar.update(task, advance=1, info=f"{res.slide_id} {res.status}")
+
+        def on_patches(n: int) -> None:
+            counts["patches"] += n
+            bar.update(task, info=f"{counts['patches']} patches")
+
+        results = extract_slides(
+            inputs, out, cfg, workers=workers, overwrite=overwrite,
+            on_start=lambda n: bar.update(task, total=n),
+            on_result=on_result, on_patches=on_patches if workers == 1 else None,
+        )
+    _summary(results, out)
+    if any(r.status == "failed" for r in results):
+        raise typer.Exit(EXIT_FAILED)
+
+
+def _summary(results: list[SlideResult], out: Path) -> None:
+    by = {s: [r for r in results if r.status == s] for s in ("ok", "skipped", "failed")}
+    n_patches = sum(r.n_patches for r in results)
+    err.print(
+        f"[green]{len(by['ok'])} ok[/], {len(by['skipped'])} skipped, "
+        f"[{'red' if by['failed'] else 'green'}]{len(by['failed'])} failed[/] — "
+        f"{n_patches} patches in {out / 'patches'}; manifest {out / 'extract.csv'}",
+        highlight=False,
+    )
+    notes = [r for r in results if r.note and r.status == "ok"]
+    if by["failed"] or notes:
+        table = Table("slide", "status", "message", title_justify="left")
+        for r in by["failed"] + notes:
+            table.add_row(r.slide_id, r.status, r.error or r.note)
+        err.print(table)
