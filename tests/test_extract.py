@@ -135,7 +135,7 @@ def test_bad_inputs_are_reported_and_the_batch_goes_on(bad_slides: Path, tmp_pat
     for name in ("dup.svs", "dup.tif"):
         assert rows[name]["status"] == "failed" and "rename" in rows[name]["error"]
     assert not (tmp_path / "patches" / "dup.lmdb").exists()
-    assert sorted(p.name for p in (tmp_path / "patches").iterdir()) == ["blank.lmdb", "good.lmdb"]
+    assert sorted(p.name for p in (tmp_path / "patches").glob("[!.]*.lmdb*")) == ["blank.lmdb", "good.lmdb"]
     assert len(results) == 8
 
 
@@ -173,9 +173,12 @@ def test_coords_h5_is_clam_and_trident_readable(cohort: Path, tmp_path: Path) ->
     assert attrs["level0_magnification"] == 40 and attrs["target_magnification"] == 20
     assert attrs["overlap"] == 0 and attrs["name"] == "s000"
     assert (attrs["level0_width"], attrs["level0_height"]) == (6144, 4864)
-    # CLAM
-    assert attrs["patch_level"] == 0
     assert attrs["mpp"] == 0.5 and attrs["patch_size_um"] == 128
+    # CLAM reads `patch_size` px at `patch_level`: only written where that is the truth
+    assert "patch_level" not in attrs
+    extract_slide(cohort / "s000.svs", tmp_path / "native", ExtractConfig(mpp=0.25, coords_h5=True))
+    with h5py.File(tmp_path / "native" / "coords" / "s000.h5", "r") as f:
+        assert f["coords"].attrs["patch_level"] == 0 and f["coords"].attrs["patch_size"] == 256
 
 
 def test_no_paths_in_outputs_unless_asked(cohort: Path, tmp_path: Path) -> None:

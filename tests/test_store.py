@@ -46,7 +46,12 @@ def test_partial_store_is_never_read_as_complete(tmp_path: Path) -> None:
     target = tmp_path / "s.lmdb"
     writer = PatchStoreWriter(target, 3, 32, "raw")
     writer.add(_patches(1)[0])
-    # the process dies here: no finish()
+    writer._flush()
+    # a second writer while the first is alive is refused
+    with pytest.raises(StoreError, match="another process"):
+        PatchStoreWriter(target, 3, 32, "raw")
+    # the process dies here, without finish(): its lock goes with it
+    writer._release()
     assert writer.partial.exists() and not target.exists()
     with pytest.raises(StoreError, match="interrupted"):
         PatchStore(target)
@@ -108,3 +113,40 @@ def test_coords_h5_layout(tmp_path: Path) -> None:
         assert ds.dtype == np.int64 and ds.shape == (2, 2)
         assert ds.attrs["patch_size"] == 256 and ds.attrs["patch_level"] == 0
         np.testing.assert_array_equal(ds[:], coords)
+
+
+def test_multiscale_store(tmp_path: Path) -> None:
+    fine, coarse = _patches(4), _patches(1, size=32)
+    with PatchStoreWriter(tmp_path / "m.lmdb", 5, 32, "raw") as w:
+        for p in fine:
+            w.add(p)
+        w.add(coarse[0], scale="1")
+        w.finish({"": np.zeros((4, 2)), "1": np.ones((1, 2))},
+                 {"scales": [0.5, 1.0], "target_mpp": 0.5})
+    with PatchStore(tmp_path / "m.lmdb") as a, PatchStore(tmp_path / "m.lmdb", mpp=1.0) as b:
+        assert a.scales == [0.5, 1.0] and len(a) == 4 and len(b) == 1
+        assert b.coords.tolist() == [[1, 1]] and a.mpp == 0.5 and b.mpp == 1.0
+        np.testing.assert_array_equal(b[0], coarse[0])
+    with pytest.raises(StoreError, match="no patches at 2"):
+        len(PatchStore(tmp_path / "m.lmdb", mpp=2.0))
+
+
+def test_truncated_store_is_an_error_not_a_crash(tmp_path: Path) -> None:
+    path = _write(tmp_path / "s.lmdb", _patches(20, size=64))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(StoreError, match="truncated"):
+        len(PatchStore(path))
+
+
+def test_outputs_are_group_readable(tmp_path: Path) -> None:
+    write_coords_h5(tmp_path / "c.h5", np.zeros((1, 2)), {})
+    assert (tmp_path / "c.h5").stat().st_mode & 0o044 == 0o044 & ~_umask()
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -11,12 +11,18 @@ from rich.table import Table
 
 from gigamil.cli._common import EXIT_FAILED, cli_errors, err, progress_bar
 from gigamil.wsi.extract import ExtractConfig, SlideResult, extract_slides
+from gigamil.wsi.qc import QCConfig
 
 
 class Format(str, Enum):
     jpeg = "jpeg"
     png = "png"
     raw = "raw"
+
+
+class StainChoice(str, Enum):
+    macenko = "macenko"
+    reinhard = "reinhard"
 
 
 class BackendChoice(str, Enum):
@@ -29,7 +35,10 @@ class BackendChoice(str, Enum):
 def extract(
     inputs: Annotated[list[Path], typer.Argument(help="Slide files or directories of slides.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (patches/, extract.csv).")],
-    mpp: Annotated[float, typer.Option(min=0.01, help="Target µm per pixel (0.5 ≈ 20x, 0.25 ≈ 40x).")] = 0.5,
+    mpp: Annotated[
+        str, typer.Option(help="Target µm per pixel (0.5 ≈ 20x, 0.25 ≈ 40x); a list like "
+                          "0.5,1.0,2.0 stores aligned grids at several scales.")
+    ] = "0.5",
     patch_size: Annotated[int, typer.Option(min=8, max=8192, help="Patch side in px at --mpp.")] = 256,
     overlap: Annotated[int, typer.Option(min=0, help="Px shared by neighbouring patches.")] = 0,
     min_tissue: Annotated[
@@ -49,6 +58,25 @@ def extract(
     coords_h5: Annotated[
         bool, typer.Option(help="Also write coords/<slide_id>.h5 in the CLAM/TRIDENT layout.")
     ] = False,
+    qc_background_max: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Reject a patch with more glass than this (1 = off).")
+    ] = 0.75,
+    qc_pen_max: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Reject a patch with more marker ink than this (1 = off).")
+    ] = 0.10,
+    qc_blur_min: Annotated[
+        float, typer.Option(min=0.0, help="Reject a patch whose Laplacian variance is below this (0 = off).")
+    ] = 30.0,
+    stain_norm: Annotated[
+        StainChoice | None, typer.Option(help="Normalize stain, fitted once per slide.")
+    ] = None,
+    stain_reference: Annotated[
+        Path | None, typer.Option(exists=True, dir_okay=False,
+                                  help="Reference H&E image for --stain-norm (default: built-in).")
+    ] = None,
+    previews: Annotated[
+        bool, typer.Option(help="Write previews/<slide_id>.png: tissue, kept and rejected patches.")
+    ] = False,
     overwrite: Annotated[bool, typer.Option(help="Redo slides that are already complete.")] = False,
     record_paths: Annotated[
         bool, typer.Option(help="Store full source paths in the metadata (off: file names only).")
@@ -57,15 +85,22 @@ def extract(
     """Detect tissue, cut patches at an exact µm/px and store them, one LMDB file per slide.
 
     Outputs in OUT: patches/<slide_id>.lmdb, extract.csv (one row per slide:
-    ok / skipped / failed, patch count, seconds, error) and extract_config.json.
+    ok / skipped / failed, patch count, seconds, error, QC rejections by reason),
+    extract_config.json, and with --previews previews/<slide_id>.png.
+
+    Patch QC rejects glass, marker ink and blur; tune the thresholds by looking at
+    `gigamil inspect slide S --preview p.png` with the same options.
     A rerun skips slides already extracted with the same parameters and redoes
     interrupted or changed ones. Exit code 1 if any slide failed.
     """
     cfg = ExtractConfig(
-        mpp=mpp, patch_size=patch_size, overlap=overlap, min_tissue=min_tissue,
+        mpp=parse_mpps(mpp), patch_size=patch_size, overlap=overlap, min_tissue=min_tissue,
         allow_upsample=allow_upsample, encoding=fmt.value, jpeg_quality=jpeg_quality,
         backend=backend.value, mpp_override=mpp_override, tissue_mpp=tissue_mpp,
-        coords_h5=coords_h5, record_paths=record_paths,
+        qc=qc_config(qc_background_max, qc_pen_max, qc_blur_min),
+        stain_norm=stain_norm.value if stain_norm else None,
+        stain_reference=str(stain_reference) if stain_reference else None,
+        coords_h5=coords_h5, previews=previews, record_paths=record_paths,
     )
     counts = {"patches": 0}
     with progress_bar() as bar:
@@ -82,11 +117,31 @@ def extract(
         results = extract_slides(
             inputs, out, cfg, workers=workers, overwrite=overwrite,
             on_start=lambda n: bar.update(task, total=n),
-            on_result=on_result, on_patches=on_patches if workers == 1 else None,
+            on_result=on_result, on_patches=on_patches,
         )
     _summary(results, out)
     if any(r.status == "failed" for r in results):
         raise typer.Exit(EXIT_FAILED)
+
+
+def parse_mpps(text: str) -> tuple[float, ...]:
+    """``"0.5,1.0"`` → (0.5, 1.0)."""
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise typer.BadParameter(f"--mpp {text!r}: give numbers like 0.5 or 0.5,1.0,2.0") from None
+    if not values or any(v <= 0 for v in values):
+        raise typer.BadParameter(f"--mpp {text!r}: values must be positive")
+    return values
+
+
+def qc_config(background_max: float, pen_max: float, blur_min: float) -> QCConfig:
+    """CLI thresholds → QCConfig (1, 1 and 0 switch the filters off)."""
+    return QCConfig(
+        background_max=None if background_max >= 1 else background_max,
+        pen_max=None if pen_max >= 1 else pen_max,
+        blur_min=None if blur_min <= 0 else blur_min,
+    )
 
 
 def _summary(results: list[SlideResult], out: Path) -> None:

@@ -58,7 +58,8 @@ _CUCIM_EXTENSIONS = frozenset({".svs", ".tif", ".tiff"})
 
 #: Relative tolerance under which a level's mpp counts as equal to a target mpp.
 MPP_RTOL = 1e-2
-_MPP_RANGE = (0.01, 1000.0)
+#: Plausible level-0 resolutions; outside (e.g. 352.8 from a 72-dpi TIFF) counts as missing.
+_MPP_RANGE = (0.02, 20.0)
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,14 @@ def _valid_mpp(value: Any) -> float | None:
     return mpp
 
 
+def _valid_power(value: Any) -> float | None:
+    try:
+        power = float(value)
+    except (TypeError, ValueError):
+        return None
+    return power if math.isfinite(power) and 0.1 <= power <= 400 else None
+
+
 def _tiff_metadata(path: Path) -> tuple[float | None, float | None]:
     """(mpp, objective power) from TIFF tags of the first page, for any backend."""
     try:
@@ -113,7 +122,7 @@ def _tiff_metadata(path: Path) -> tuple[float | None, float | None]:
             page = tif.pages[0]
             aperio = _parse_aperio(str(page.description or ""))
             mpp = _valid_mpp(aperio.get("MPP"))
-            power = _valid_mpp(aperio.get("AppMag"))
+            power = _valid_power(aperio.get("AppMag"))
             if mpp is None:
                 tags = page.tags
                 unit = tags.get("ResolutionUnit")
@@ -164,6 +173,7 @@ class SlideReader:
     def __init__(self, path: str | os.PathLike[str], mpp_override: float | None = None) -> None:
         self.path = Path(path)
         self.mpp_override = mpp_override
+        self.mpp_source = "slide"  # or "override"
         self._handle: Any = None
         self._open()
 
@@ -226,24 +236,26 @@ class SlideReader:
     def mpp(self) -> float:
         """Level-0 resolution in µm per pixel.
 
-        From ``mpp_override``, else the backend's properties, else TIFF resolution
-        tags or the Aperio description. Raises :class:`MissingMppError` if none.
+        From the backend's properties, else TIFF resolution tags or the Aperio
+        description, else ``mpp_override`` (which never replaces a recorded value).
+        Raises :class:`MissingMppError` if there is none.
         """
+        mpp = self._native_mpp() or self._tiff_meta[0]
+        if mpp is not None:
+            return mpp
         if self.mpp_override is not None:
-            mpp = _valid_mpp(self.mpp_override)
-            if mpp is None:
+            override = _valid_mpp(self.mpp_override)
+            if override is None:
                 raise UsageError(
-                    f"--mpp-override {self.mpp_override} is not a valid resolution",
+                    f"--mpp-override {self.mpp_override} is not a plausible resolution",
                     "give µm per pixel of level 0, e.g. 0.25 for 40x or 0.5 for 20x",
                 )
-            return mpp
-        mpp = self._native_mpp() or self._tiff_meta[0]
-        if mpp is None:
-            raise MissingMppError(
-                f"{self.path.name} does not record its resolution (µm per pixel)",
-                "pass --mpp-override MPP (e.g. 0.25 for a 40x scan, 0.5 for 20x)",
-            )
-        return mpp
+            self.mpp_source = "override"
+            return override
+        raise MissingMppError(
+            f"{self.path.name} does not record its resolution (µm per pixel)",
+            "pass --mpp-override MPP (e.g. 0.25 for a 40x scan, 0.5 for 20x)",
+        )
 
     @functools.cached_property
     def objective_power(self) -> float | None:
@@ -342,6 +354,7 @@ class SlideReader:
             "width": self.dimensions[0],
             "height": self.dimensions[1],
             "mpp": mpp,
+            "mpp_source": self.mpp_source if mpp is not None else None,
             "objective_power": self.objective_power,
             "levels": levels,
             "associated_images": self.associated_names,
@@ -384,7 +397,7 @@ class OpenSlideReader(SlideReader):
     def _native_objective_power(self) -> float | None:
         import openslide
 
-        return _valid_mpp(self._handle.properties.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER))
+        return _valid_power(self._handle.properties.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER))
 
     @property
     def associated_names(self) -> list[str]:
@@ -480,7 +493,7 @@ class CuCIMReader(SlideReader):
 
     def _native_objective_power(self) -> float | None:
         aperio = self._metadata.get("aperio", {})
-        return _valid_mpp(aperio.get("AppMag")) if isinstance(aperio, dict) else None
+        return _valid_power(aperio.get("AppMag")) if isinstance(aperio, dict) else None
 
     @property
     def associated_names(self) -> list[str]:

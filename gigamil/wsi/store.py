@@ -35,6 +35,7 @@ __all__ = [
     "write_coords_h5",
     "PARTIAL_SUFFIX",
     "describe_store",
+    "scale_key",
 ]
 
 SCHEMA_VERSION = 1
@@ -42,10 +43,6 @@ PARTIAL_SUFFIX = ".partial"
 META_KEY = b"__meta__"
 COORDS_KEY = b"__coords__"
 Encoding = Literal["jpeg", "png", "raw"]
-
-
-def _key(index: int) -> bytes:
-    return f"{index:08d}".encode()
 
 
 def encode_patch(patch: np.ndarray, encoding: Encoding, quality: int = 90) -> bytes:
@@ -74,12 +71,29 @@ def decode_patch(data: bytes, encoding: Encoding, patch_size: int) -> np.ndarray
     return arr
 
 
+def scale_key(mpp: float) -> str:
+    """Key prefix of an extra scale in a multi-scale store (``1`` for 1.0 µm/px)."""
+    return f"{mpp:g}"
+
+
+def _patch_key(index: int, scale: str = "") -> bytes:
+    return (f"{scale}/{index:08d}" if scale else f"{index:08d}").encode()
+
+
+def _coords_key(scale: str = "") -> bytes:
+    return COORDS_KEY + (f"/{scale}".encode() if scale else b"")
+
+
 class PatchStoreWriter:
     """Writes one slide's store to ``<path>.partial``; :meth:`finish` renames it to ``path``.
 
     Patches are committed in large transactions. If the writer is left without
     :meth:`finish` (an exception, or the process is killed) the ``.partial`` file
-    is never mistaken for a store; the next run removes it.
+    is never mistaken for a store; the next run removes it. An exclusive lock on
+    ``<path>.lock`` keeps two processes from writing the same slide.
+
+    A multi-scale store has a primary scale (plain keys) and extra scales whose
+    keys carry a prefix (``add_encoded(data, scale="1")``).
     """
 
     def __init__(
@@ -99,10 +113,11 @@ class PatchStoreWriter:
         self.quality = quality
         self.patch_size = patch_size
         self._commit_bytes = commit_bytes
-        self._count = 0
+        self._counts: dict[str, int] = {}
         self._pending: list[tuple[bytes, bytes]] = []
         self._pending_bytes = 0
         self.partial.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = _exclusive_lock(self.path.with_name(f".{self.path.name}.lock"))
         for stale in (self.partial, Path(str(self.partial) + "-lock")):
             if stale.exists():
                 stale.unlink()
@@ -115,49 +130,65 @@ class PatchStoreWriter:
 
     @property
     def count(self) -> int:
-        return self._count
+        return self._counts.get("", 0)
 
-    def add(self, patch: np.ndarray) -> None:
-        self.add_encoded(encode_patch(patch, self.encoding, self.quality))
+    def add(self, patch: np.ndarray, scale: str = "") -> None:
+        self.add_encoded(encode_patch(patch, self.encoding, self.quality), scale)
 
-    def add_encoded(self, data: bytes) -> None:
-        self._pending.append((_key(self._count), data))
+    def add_encoded(self, data: bytes, scale: str = "") -> None:
+        index = self._counts.get(scale, 0)
+        self._pending.append((_patch_key(index, scale), data))
         self._pending_bytes += len(data)
-        self._count += 1
+        self._counts[scale] = index + 1
         if self._pending_bytes >= self._commit_bytes:
             self._flush()
 
     def _flush(self) -> None:
         if not self._pending:
             return
+        self._pending.sort()  # keys of one scale are increasing; sorted puts are fastest
         with self._env.begin(write=True) as txn:
             for key, value in self._pending:
-                txn.put(key, value, append=True)
+                txn.put(key, value)
         self._pending.clear()
         self._pending_bytes = 0
 
-    def finish(self, coords: np.ndarray, meta: dict[str, Any]) -> Path:
-        """Write coordinates and metadata, flush to disk and rename into place."""
-        coords = np.ascontiguousarray(coords, dtype="<i8").reshape(-1, 2)
-        if len(coords) != self._count:
-            raise StoreError(f"{len(coords)} coordinates for {self._count} patches")
+    def finish(self, coords: np.ndarray | dict[str, np.ndarray], meta: dict[str, Any]) -> Path:
+        """Write coordinates (per scale) and metadata, flush to disk and rename into place."""
+        by_scale = coords if isinstance(coords, dict) else {"": coords}
+        if "" not in by_scale:
+            raise StoreError("the primary scale needs coordinates")
+        for scale, xy in by_scale.items():
+            if len(xy) != self._counts.get(scale, 0):
+                raise StoreError(f"{len(xy)} coordinates for {self._counts.get(scale, 0)} patches"
+                                 f" at scale {scale or 'primary'}")
         self._flush()
         meta = {
             **meta,
             "schema_version": SCHEMA_VERSION,
-            "count": self._count,
+            "count": self.count,
             "patch_size": self.patch_size,
             "encoding": self.encoding,
             "jpeg_quality": self.quality if self.encoding == "jpeg" else None,
         }
+        if len(by_scale) > 1:
+            meta["scale_counts"] = {k: int(self._counts.get(k, 0)) for k in by_scale if k}
         with self._env.begin(write=True) as txn:
-            txn.put(COORDS_KEY, coords.tobytes())
+            for scale, xy in by_scale.items():
+                xy = np.ascontiguousarray(xy, dtype="<i8").reshape(-1, 2)
+                txn.put(_coords_key(scale), xy.tobytes())
             txn.put(META_KEY, json.dumps(meta, sort_keys=True).encode())
         self._env.sync(True)
         self._env.close()
         os.replace(self.partial, self.path)
         fsync_dir(self.path.parent)
+        self._release()
         return self.path
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.close()  # closing the descriptor drops the flock
+            self._lock = None
 
     def abort(self) -> None:
         """Close and delete the partial file."""
@@ -166,6 +197,7 @@ class PatchStoreWriter:
         finally:
             if self.partial.exists():
                 self.partial.unlink()
+            self._release()
 
     def __enter__(self) -> PatchStoreWriter:
         return self
@@ -173,6 +205,22 @@ class PatchStoreWriter:
     def __exit__(self, exc_type: object, *exc: object) -> None:
         if exc_type is not None:
             self.abort()
+
+
+def _exclusive_lock(path: Path) -> Any:
+    """Hold an exclusive ``flock`` on ``path`` (released when the process dies)."""
+    import fcntl
+
+    fh = open(path, "a+b")
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.close()
+        raise StoreError(
+            f"another process is writing {path.name[1:].removesuffix('.lock')}",
+            "wait for the other gigamil run to finish (or stop it) before rerunning",
+        ) from None
+    return fh
 
 
 # LMDB refuses to open one file twice in a process, so PatchStore objects of the
@@ -196,6 +244,12 @@ def _shared_env(path: Path) -> tuple[str, Any]:
     except lmdb.Error as exc:
         raise StoreError(f"cannot open patch store {path.name}: {exc}",
                          "the file is damaged; delete it and rerun `gigamil extract`") from exc
+    info, stat = env.info(), env.stat()
+    needed = (info["last_pgno"] + 1) * stat["psize"]
+    if needed > os.stat(path).st_size:  # a truncated copy: reading would SIGBUS
+        env.close()
+        raise StoreError(f"patch store {path.name} is truncated ({os.stat(path).st_size} of "
+                         f"{needed} bytes)", "delete it and rerun `gigamil extract`")
     _ENVS[key] = (os.getpid(), env, 1)
     return key, env
 
@@ -220,15 +274,22 @@ def _release_env(key: str) -> None:
         _ENVS[key] = (entry[0], entry[1], entry[2] - 1)
 
 
+def _scales(meta: dict[str, Any]) -> list[float]:
+    if "scales" in meta:
+        return [float(m) for m in meta["scales"]]
+    return [float(meta["target_mpp"])] if meta.get("target_mpp") is not None else []
+
+
 class PatchStore:
     """Read-only access to a finished patch store.
 
     ``len(store)``, ``store[i]`` (decoded RGB uint8), ``store.coords`` (N, 2),
-    ``store.meta``. Safe to pickle into DataLoader workers: each process opens
-    its own read-only, lock-free LMDB handle on first use.
+    ``store.meta``. ``PatchStore(path, mpp=1.0)`` selects another scale of a
+    multi-scale store (``store.scales`` lists them). Safe to pickle into
+    DataLoader workers: each process opens its own read-only, lock-free handle.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], mpp: float | None = None) -> None:
         self.path = Path(path)
         if self.path.name.endswith(PARTIAL_SUFFIX):
             raise StoreError(
@@ -244,6 +305,8 @@ class PatchStore:
         self._key = ""
         self._meta: dict[str, Any] | None = None
         self._coords: np.ndarray | None = None
+        self._mpp = mpp
+        self._scale = ""
 
     def _open(self) -> Any:
         if self._env is None:
@@ -261,16 +324,42 @@ class PatchStore:
             if raw is None:
                 raise StoreError(f"{self.path.name} has no metadata",
                                  "it is not a gigamil store; delete it and rerun `gigamil extract`")
-            self._meta = json.loads(raw)
-            if self._meta.get("schema_version", 0) > SCHEMA_VERSION:
-                raise StoreError(f"{self.path.name} has schema {self._meta['schema_version']}",
+            try:
+                meta = json.loads(raw)
+            except ValueError:
+                raise StoreError(f"{self.path.name} has corrupt metadata",
+                                 "delete it and rerun `gigamil extract`") from None
+            if meta.get("schema_version", 0) > SCHEMA_VERSION:
+                raise StoreError(f"{self.path.name} has schema {meta['schema_version']}",
                                  "upgrade gigamil to read it")
+            self._meta = meta
+            self._scale = self._select_scale(meta)
         return self._meta
+
+    def _select_scale(self, meta: dict[str, Any]) -> str:
+        scales = _scales(meta)
+        if self._mpp is None or (scales and abs(self._mpp - scales[0]) < 1e-9):
+            return ""
+        if not any(abs(self._mpp - m) < 1e-9 for m in scales[1:]):
+            raise StoreError(f"{self.path.name} has no patches at {self._mpp:g} µm/px",
+                             f"it holds {', '.join(f'{m:g}' for m in scales)}")
+        return scale_key(self._mpp)
+
+    @property
+    def scales(self) -> list[float]:
+        """µm/px of every scale in the store, the primary first."""
+        return _scales(self.meta)
+
+    @property
+    def mpp(self) -> float | None:
+        """µm/px of the selected scale (None for a store that does not record it)."""
+        return self._mpp if self._mpp is not None else (self.scales or [None])[0]
 
     @property
     def coords(self) -> np.ndarray:
         if self._coords is None:
-            raw = self._get(COORDS_KEY) or b""
+            _ = self.meta
+            raw = self._get(_coords_key(self._scale)) or b""
             self._coords = np.frombuffer(raw, dtype="<i8").reshape(-1, 2).astype(np.int64)
         return self._coords
 
@@ -283,12 +372,20 @@ class PatchStore:
         return self.meta["encoding"]
 
     def __len__(self) -> int:
-        return int(self.meta["count"])
+        meta = self.meta
+        if self._scale:
+            return int(meta["scale_counts"][self._scale])
+        return int(meta["count"])
+
+    def _check_index(self, index: int) -> int:
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(f"patch {index} out of range for {n} patches")
+        return index % n
 
     def get_encoded(self, index: int) -> bytes:
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"patch {index} out of range for {len(self)} patches")
-        data = self._get(_key(index % len(self)))
+        index = self._check_index(index)
+        data = self._get(_patch_key(index, self._scale))
         if data is None:
             raise StoreError(f"{self.path.name} lacks patch {index}", "re-extract the slide")
         return data
@@ -297,14 +394,27 @@ class PatchStore:
         return decode_patch(self.get_encoded(index), self.encoding, self.patch_size)
 
     def __iter__(self) -> Iterator[np.ndarray]:
-        with self._open().begin(buffers=True) as txn:
-            for i in range(len(self)):
-                yield decode_patch(bytes(txn.get(_key(i))), self.encoding, self.patch_size)
+        for data in self.iter_encoded():
+            yield decode_patch(data, self.encoding, self.patch_size)
+
+    def iter_encoded(self) -> Iterator[bytes]:
+        """Encoded patches in order, read in one transaction."""
+        n = len(self)
+        with self._open().begin(buffers=False) as txn:
+            for i in range(n):
+                data = txn.get(_patch_key(i, self._scale))
+                if data is None:
+                    raise StoreError(f"{self.path.name} lacks patch {i}", "re-extract the slide")
+                yield data
 
     def read_many(self, indices: Sequence[int]) -> list[bytes]:
         """Encoded bytes of several patches in one transaction."""
+        idx = [self._check_index(int(i)) for i in indices]
         with self._open().begin(buffers=False) as txn:
-            return [txn.get(_key(i)) for i in indices]
+            out = [txn.get(_patch_key(i, self._scale)) for i in idx]
+        if any(d is None for d in out):
+            raise StoreError(f"{self.path.name} lacks patches", "re-extract the slide")
+        return out  # type: ignore[return-value]
 
     def close(self) -> None:
         if self._env is not None:
@@ -355,6 +465,10 @@ def describe_store(store: PatchStore) -> dict[str, Any]:
         "count": len(store),
         "patch_size": meta.get("patch_size"),
         "target_mpp": meta.get("target_mpp"),
+        "scales": meta.get("scales", [meta.get("target_mpp")]),
+        "scale_counts": meta.get("scale_counts"),
+        "qc_rejected": meta.get("qc_rejected"),
+        "stain_norm": meta.get("stain_norm"),
         "level0_mpp": meta.get("level0_mpp"),
         "read_level": meta.get("read_level"),
         "encoding": meta.get("encoding"),
