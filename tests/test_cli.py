@@ -105,3 +105,17 @@ def test_missing_mpp_message_names_the_option(bad_slides: Path, tmp_path: Path) 
     res = runner.invoke(app, ["extract", str(bad_slides / "nompp.tiff"), "--out", str(tmp_path),
                               "--mpp-override", "0.25", "--min-tissue", "0.1"])
     assert res.exit_code == 0, res.output
+
+
+def test_inspect_slide_preview_and_extract_previews(tmp_path: Path, cohort: Path) -> None:
+    res = runner.invoke(app, ["inspect", "slide", str(cohort / "s000.svs"), "--preview",
+                              str(tmp_path / "p.png"), "--min-tissue", "0.8", "--json"])
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.stdout)
+    assert info["preview"]["kept"] > 0 and (tmp_path / "p.png").stat().st_size > 10_000
+    res = runner.invoke(app, ["extract", str(cohort / "s000.svs"), "--out", str(tmp_path / "o"),
+                              "--previews", "--mpp", "0.5,1.0", "--stain-norm", "macenko"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "o" / "previews" / "s000.png").exists()
+    rows = list(csv.DictReader(open(tmp_path / "o" / "extract.csv")))
+    assert {"qc_background", "qc_pen", "qc_blur"} <= set(rows[0])

@@ -227,3 +227,37 @@ def test_kill_9_then_rerun_equals_uninterrupted(cohort: Path, tmp_path: Path) ->
     assert not list((out / "patches").glob("*.partial"))
     for sid in ("s000", "s001", "s002", "s003"):
         _stores_equal(tmp_path / "ref" / "patches" / f"{sid}.lmdb", out / "patches" / f"{sid}.lmdb")
+
+
+def test_multiscale_grids_nest_exactly(cohort: Path, tmp_path: Path) -> None:
+    """A 1.0 µm/px patch covers exactly the 2×2 block of 0.5 µm/px patches under it."""
+    cfg = ExtractConfig(mpp=(0.5, 1.0, 2.0), patch_size=128, min_tissue=0.0, encoding="raw",
+                        backend="openslide")
+    res = extract_slide(cohort / "s002.svs", tmp_path, cfg)
+    assert res.status == "ok", res.error
+    path = tmp_path / "patches" / "s002.lmdb"
+    with PatchStore(path) as s05, PatchStore(path, mpp=1.0) as s1, \
+            PatchStore(path, mpp=2.0) as s2:
+        assert s05.scales == [0.5, 1.0, 2.0]
+        assert s05.meta["patch_size_level0"] == 256
+        fine = {tuple(c): i for i, c in enumerate(s05.coords.tolist())}
+        assert len(s1) > 0 and len(s2) > 0
+        for j, (x, y) in enumerate(s1.coords.tolist()):
+            assert x % 512 == 0 and y % 512 == 0  # on the fine grid
+            block = [fine.get((x + dx, y + dy)) for dy in (0, 256) for dx in (0, 256)]
+            if None in block:
+                continue
+            # the coarse patch shows the 2×2 fine block, halved; it is read from the slide's
+            # own 1 µm/px level, so pixels differ by that level's JPEG, not by position
+            quad = np.vstack([np.hstack([s05[block[0]], s05[block[1]]]),
+                              np.hstack([s05[block[2]], s05[block[3]]])])
+            a, b = resize_area(quad, 128).mean(-1).ravel(), s1[j].mean(-1).ravel()
+            assert np.abs(a - b).mean() < 6
+            if a.std() > 5:
+                assert np.corrcoef(a, b)[0, 1] > 0.9
+        assert (s2.coords % 1024 == 0).all()  # every 2.0 patch sits on 2×2 1.0 patches
+
+
+def test_multiscale_needs_integer_ratios(cohort: Path, tmp_path: Path) -> None:
+    res = extract_slide(cohort / "s000.svs", tmp_path, ExtractConfig(mpp=(0.5, 0.75)))
+    assert res.status == "failed" and "integer multiple" in res.error

@@ -7,7 +7,13 @@ import numpy as np
 import pytest
 
 from gigamil.wsi.reader import open_slide
-from gigamil.wsi.synthetic import MASK_MPP, SynthConfig, SyntheticSlideModel, load_masks, make_cohort
+from gigamil.wsi.synthetic import (
+    MASK_MPP,
+    SynthConfig,
+    SyntheticSlideModel,
+    load_masks,
+    make_cohort,
+)
 
 
 def test_cohort_layout(cohort: Path) -> None:

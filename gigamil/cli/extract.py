@@ -10,8 +10,23 @@ import typer
 from rich.table import Table
 
 from gigamil.cli._common import EXIT_FAILED, cli_errors, err, progress_bar
+from gigamil.cli.options import (
+    AllowUpsample,
+    Backend,
+    BackendChoice,
+    MinTissue,
+    Mpp,
+    MppOverride,
+    Overlap,
+    PatchSize,
+    QcBackground,
+    QcBlur,
+    QcPen,
+    TissueMpp,
+    parse_mpps,
+    qc_config,
+)
 from gigamil.wsi.extract import ExtractConfig, SlideResult, extract_slides
-from gigamil.wsi.qc import QCConfig
 
 
 class Format(str, Enum):
@@ -25,48 +40,29 @@ class StainChoice(str, Enum):
     reinhard = "reinhard"
 
 
-class BackendChoice(str, Enum):
-    auto = "auto"
-    openslide = "openslide"
-    cucim = "cucim"
-
-
 @cli_errors
 def extract(
     inputs: Annotated[list[Path], typer.Argument(help="Slide files or directories of slides.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (patches/, extract.csv).")],
-    mpp: Annotated[
-        str, typer.Option(help="Target µm per pixel (0.5 ≈ 20x, 0.25 ≈ 40x); a list like "
-                          "0.5,1.0,2.0 stores aligned grids at several scales.")
-    ] = "0.5",
-    patch_size: Annotated[int, typer.Option(min=8, max=8192, help="Patch side in px at --mpp.")] = 256,
-    overlap: Annotated[int, typer.Option(min=0, help="Px shared by neighbouring patches.")] = 0,
-    min_tissue: Annotated[
-        float, typer.Option(min=0.0, max=1.0, help="Minimum tissue fraction to keep a patch.")
-    ] = 0.5,
-    workers: Annotated[int, typer.Option(min=1, help="Slides processed in parallel.")] = 1,
+    mpp: Mpp = "0.5",
+    patch_size: PatchSize = 256,
+    overlap: Overlap = 0,
+    min_tissue: MinTissue = 0.5,
+    workers: Annotated[int, typer.Option(
+        min=1, help="CPU workers: slides run in parallel processes; with fewer slides than "
+                    "workers, each slide is read with several threads.")] = 1,
     fmt: Annotated[Format, typer.Option("--format", help="Patch encoding in the store.")] = Format.jpeg,
     jpeg_quality: Annotated[int, typer.Option(min=1, max=100, help="JPEG quality.")] = 90,
-    backend: Annotated[BackendChoice, typer.Option(help="Slide reader.")] = BackendChoice.auto,
-    mpp_override: Annotated[
-        float | None, typer.Option(help="Level-0 µm/px for slides that do not record it.")
-    ] = None,
-    allow_upsample: Annotated[
-        bool, typer.Option(help="Allow --mpp finer than the scan (interpolates).")
-    ] = False,
-    tissue_mpp: Annotated[float, typer.Option(min=1.0, help="µm/px of the tissue-detection thumbnail.")] = 8.0,
+    backend: Backend = BackendChoice.auto,
+    mpp_override: MppOverride = None,
+    allow_upsample: AllowUpsample = False,
+    tissue_mpp: TissueMpp = 8.0,
     coords_h5: Annotated[
         bool, typer.Option(help="Also write coords/<slide_id>.h5 in the CLAM/TRIDENT layout.")
     ] = False,
-    qc_background_max: Annotated[
-        float, typer.Option(min=0.0, max=1.0, help="Reject a patch with more glass than this (1 = off).")
-    ] = 0.75,
-    qc_pen_max: Annotated[
-        float, typer.Option(min=0.0, max=1.0, help="Reject a patch with more marker ink than this (1 = off).")
-    ] = 0.10,
-    qc_blur_min: Annotated[
-        float, typer.Option(min=0.0, help="Reject a patch whose Laplacian variance is below this (0 = off).")
-    ] = 30.0,
+    qc_background_max: QcBackground = 0.75,
+    qc_pen_max: QcPen = 0.10,
+    qc_blur_min: QcBlur = 30.0,
     stain_norm: Annotated[
         StainChoice | None, typer.Option(help="Normalize stain, fitted once per slide.")
     ] = None,
@@ -122,26 +118,6 @@ def extract(
     _summary(results, out)
     if any(r.status == "failed" for r in results):
         raise typer.Exit(EXIT_FAILED)
-
-
-def parse_mpps(text: str) -> tuple[float, ...]:
-    """``"0.5,1.0"`` → (0.5, 1.0)."""
-    try:
-        values = tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise typer.BadParameter(f"--mpp {text!r}: give numbers like 0.5 or 0.5,1.0,2.0") from None
-    if not values or any(v <= 0 for v in values):
-        raise typer.BadParameter(f"--mpp {text!r}: values must be positive")
-    return values
-
-
-def qc_config(background_max: float, pen_max: float, blur_min: float) -> QCConfig:
-    """CLI thresholds → QCConfig (1, 1 and 0 switch the filters off)."""
-    return QCConfig(
-        background_max=None if background_max >= 1 else background_max,
-        pen_max=None if pen_max >= 1 else pen_max,
-        blur_min=None if blur_min <= 0 else blur_min,
-    )
 
 
 def _summary(results: list[SlideResult], out: Path) -> None:

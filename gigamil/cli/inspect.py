@@ -10,6 +10,23 @@ import typer
 from rich.table import Table
 
 from gigamil.cli._common import cli_errors, err, out
+from gigamil.cli.options import (
+    AllowUpsample,
+    Backend,
+    BackendChoice,
+    MinTissue,
+    Mpp,
+    MppOverride,
+    Overlap,
+    PatchSize,
+    QcBackground,
+    QcBlur,
+    QcPen,
+    TissueMpp,
+    parse_mpps,
+    qc_config,
+)
+from gigamil.wsi.extract import ExtractConfig, preview_slide
 from gigamil.wsi.preview import patch_montage, save_png
 from gigamil.wsi.reader import open_slide
 from gigamil.wsi.store import PatchStore, describe_store
@@ -36,27 +53,54 @@ def _kv_table(title: str, info: dict[str, Any], skip: set[str]) -> Table:
 @cli_errors
 def inspect_slide(
     slide: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="A slide file.")],
-    backend: Annotated[str, typer.Option(help="auto, openslide or cucim.")] = "auto",
-    mpp_override: Annotated[float | None, typer.Option(help="Level-0 µm/px if the file lacks it.")] = None,
+    backend: Backend = BackendChoice.auto,
+    mpp_override: MppOverride = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+    preview: Annotated[Path | None, typer.Option(
+        help="Write a PNG of what `extract` would do with the options below: tissue contour, "
+             "kept patches, rejected patches coloured by reason. Nothing is extracted.")] = None,
+    mpp: Mpp = "0.5",
+    patch_size: PatchSize = 256,
+    overlap: Overlap = 0,
+    min_tissue: MinTissue = 0.5,
+    allow_upsample: AllowUpsample = False,
+    tissue_mpp: TissueMpp = 8.0,
+    qc_background_max: QcBackground = 0.75,
+    qc_pen_max: QcPen = 0.10,
+    qc_blur_min: QcBlur = 30.0,
 ) -> None:
     """Vendor, size, pyramid levels and their µm/px, objective power, backend, associated images.
 
     Associated images (label, macro) are listed by name only; their pixels, which
-    may show patient data, are never read.
+    may show patient data, are never read. With --preview, also draws what
+    extraction with the given options would keep and reject: the picture to tune
+    --min-tissue and the QC thresholds on.
     """
-    with open_slide(slide, backend, mpp_override) as s:
+    with open_slide(slide, backend.value, mpp_override) as s:
         info = s.describe()
+    if preview is not None:
+        cfg = ExtractConfig(
+            mpp=parse_mpps(mpp)[:1], patch_size=patch_size, overlap=overlap,
+            min_tissue=min_tissue, allow_upsample=allow_upsample, backend=backend.value,
+            mpp_override=mpp_override, tissue_mpp=tissue_mpp,
+            qc=qc_config(qc_background_max, qc_pen_max, qc_blur_min),
+        )
+        image, counts = preview_slide(slide, cfg)
+        save_png(preview, image)
+        info["preview"] = counts
     if as_json:
         out.print_json(json.dumps(info))
         return
-    out.print(_kv_table(f"slide {info['file']}", info, {"levels"}))
+    out.print(_kv_table(f"slide {info['file']}", info, {"levels", "preview"}))
     levels = Table("level", "width", "height", "downsample", "µm/px", title="levels", title_justify="left")
     for lv in info["levels"]:
         levels.add_row(*(str(lv[k]) for k in ("level", "width", "height", "downsample", "mpp")))
     out.print(levels)
     if info["mpp"] is None:
         err.print("[yellow]no resolution recorded[/]: extraction needs --mpp-override MPP")
+    if preview is not None:
+        err.print(f"[green]wrote[/] preview {preview}: " +
+                  ", ".join(f"{k} {v}" for k, v in info["preview"].items()), highlight=False)
 
 
 @app.command("store")

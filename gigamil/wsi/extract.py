@@ -19,7 +19,6 @@ import concurrent.futures as cf
 import dataclasses
 import hashlib
 import logging
-import math
 import multiprocessing as mp
 import os
 import time
@@ -39,7 +38,14 @@ from gigamil.wsi.preview import extraction_preview, save_png
 from gigamil.wsi.qc import QC_REASONS, QCConfig
 from gigamil.wsi.reader import SLIDE_EXTENSIONS, SlideReader, open_slide, resize_area, slide_id
 from gigamil.wsi.stain import StainNormalizer, create_stain_normalizer
-from gigamil.wsi.store import Encoding, PatchStore, PatchStoreWriter, encode_patch, scale_key, write_coords_h5
+from gigamil.wsi.store import (
+    Encoding,
+    PatchStore,
+    PatchStoreWriter,
+    encode_patch,
+    scale_key,
+    write_coords_h5,
+)
 from gigamil.wsi.tissue import TissueMask, detect_tissue
 
 __all__ = [
@@ -99,7 +105,7 @@ class ExtractConfig:
         if not mpps or len(set(mpps)) != len(mpps):
             raise UsageError(f"--mpp {self.mpp} needs distinct values", "e.g. --mpp 0.5,1.0,2.0")
         object.__setattr__(self, "mpp", mpps)
-        self.grids  # validates the grid options early
+        _ = self.grids  # validates the grid options early
         if self.encoding not in ("jpeg", "png", "raw"):
             raise UsageError(f"--format {self.encoding!r} is not supported", "use jpeg, png or raw")
         if not 1 <= self.jpeg_quality <= 100:

@@ -58,13 +58,17 @@ def extraction_preview(
     thumb_scale: float,
     reasons: list[str],
     title: str = "",
+    min_width: int = 1024,
 ) -> np.ndarray:
     """The thumbnail with the tissue contour, kept patches (outlines) and rejected patches
     (filled, coloured by reason), plus a legend with counts.
 
     ``thumb_scale`` is thumbnail px per level-0 px; ``reasons[i]`` is ``""`` for a kept patch.
     """
-    img = thumb.copy()
+    up = max(1, math.ceil(min_width / max(thumb.shape[1], 1)))  # small slides: enlarge to read
+    img = cv2.resize(thumb, (thumb.shape[1] * up, thumb.shape[0] * up),
+                     interpolation=cv2.INTER_LINEAR) if up > 1 else thumb.copy()
+    thumb_scale *= up
     overlay = img.copy()
     side = max(1, int(round(size0 * thumb_scale)))
     for (x, y), reason in zip(coords0, reasons):

@@ -121,7 +121,7 @@ class MacenkoNormalizer:
         conc *= (self.maxc_ref / self.maxc).astype(np.float32)[:, None]
         conc = np.maximum(conc, 0)
         out = _IO * np.exp(-(self.he_ref.astype(np.float32) @ conc))
-        return np.clip(out.T, 0, 255).astype(np.uint8).reshape(shape)
+        return np.ascontiguousarray(np.clip(out.T, 0, 255).astype(np.uint8).reshape(shape))
 
 
 #: Typical LAB statistics of H&E tissue, the Reinhard default target, in torchstain's
@@ -159,7 +159,7 @@ class ReinhardNormalizer:
         out = np.clip(np.nan_to_num(rgb) * 255 + 0.5, 0, 255).astype(np.uint8)
         glass = (img > _GLASS).all(axis=-1)  # unstained pixels stay as they are
         out[glass] = img[glass]
-        return out.reshape(shape)
+        return np.ascontiguousarray(out.reshape(shape))
 
 
 def _lab_stats(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,64 @@
+"""Options shared by several commands (one definition, the same help everywhere)."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Annotated
+
+import typer
+
+from gigamil.wsi.qc import QCConfig
+
+
+class BackendChoice(str, Enum):
+    auto = "auto"
+    openslide = "openslide"
+    cucim = "cucim"
+
+
+Mpp = Annotated[
+    str, typer.Option(help="Target µm per pixel (0.5 ≈ 20x, 0.25 ≈ 40x); a list like "
+                      "0.5,1.0,2.0 stores aligned grids at several scales.")
+]
+PatchSize = Annotated[int, typer.Option(min=8, max=8192, help="Patch side in px at --mpp.")]
+Overlap = Annotated[int, typer.Option(min=0, help="Px shared by neighbouring patches.")]
+MinTissue = Annotated[
+    float, typer.Option(min=0.0, max=1.0, help="Minimum tissue fraction to keep a patch.")
+]
+Backend = Annotated[BackendChoice, typer.Option(help="Slide reader.")]
+MppOverride = Annotated[
+    float | None, typer.Option(help="Level-0 µm/px for slides that do not record it "
+                               "(a recorded value is never replaced).")
+]
+AllowUpsample = Annotated[bool, typer.Option(help="Allow --mpp finer than the scan (interpolates).")]
+TissueMpp = Annotated[float, typer.Option(min=1.0, help="µm/px of the tissue-detection thumbnail.")]
+QcBackground = Annotated[
+    float, typer.Option(min=0.0, max=1.0, help="QC: reject a patch with more glass than this (1 = off).")
+]
+QcPen = Annotated[
+    float, typer.Option(min=0.0, max=1.0, help="QC: reject a patch with more marker ink than this (1 = off).")
+]
+QcBlur = Annotated[
+    float, typer.Option(min=0.0, help="QC: reject a patch whose focus score (median Laplacian "
+                        "variance of its 32-px blocks) is below this (0 = off).")
+]
+
+
+def parse_mpps(text: str) -> tuple[float, ...]:
+    """``"0.5,1.0"`` → (0.5, 1.0)."""
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise typer.BadParameter(f"--mpp {text!r}: give numbers like 0.5 or 0.5,1.0,2.0") from None
+    if not values or any(v <= 0 for v in values):
+        raise typer.BadParameter(f"--mpp {text!r}: values must be positive")
+    return values
+
+
+def qc_config(background_max: float, pen_max: float, blur_min: float) -> QCConfig:
+    """CLI thresholds → QCConfig (1, 1 and 0 switch the filters off)."""
+    return QCConfig(
+        background_max=None if background_max >= 1 else background_max,
+        pen_max=None if pen_max >= 1 else pen_max,
+        blur_min=None if blur_min <= 0 else blur_min,
+    )

@@ -1,0 +1,127 @@
+"""Review-driven regressions: each test here failed on an earlier version."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import tifffile
+
+from gigamil.wsi.extract import ExtractConfig, extract_slide, extract_slides
+from gigamil.wsi.reader import open_slide, resize_area
+from gigamil.wsi.store import PatchStore
+from gigamil.wsi.synthetic import SynthConfig, write_synthetic_slide
+
+
+def test_wsi_never_imports_torch() -> None:
+    code = ("import sys, gigamil.wsi.extract, gigamil.wsi.stain, gigamil.cli.main; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_odd_sized_slide_patches_equal_direct_reads(tmp_path: Path) -> None:
+    """Level 1 of a 4099-px-wide slide has downsample 4.0007: each patch is read on its own."""
+    path = tmp_path / "odd.svs"
+    write_synthetic_slide(path, SynthConfig(width=4099, height=3077, seed=9))
+    cfg = ExtractConfig(mpp=2.0, patch_size=64, encoding="raw", backend="openslide",
+                        min_tissue=0.3)
+    assert extract_slide(path, tmp_path, cfg).status == "ok"
+    with PatchStore(tmp_path / "patches" / "odd.lmdb") as store, \
+            open_slide(path, "openslide") as slide:
+        level = store.meta["read_level"]
+        assert level == 1 and slide.levels[1].downsample != 4.0
+        ds = slide.levels[1].downsample
+        for i in range(len(store)):
+            x, y = (int(round(c / ds)) for c in store.coords[i])
+            direct = resize_area(slide.read_region(level, x, y, 128, 128), 64)
+            np.testing.assert_array_equal(store[i], direct)
+
+
+def test_mpp_override_never_replaces_a_recorded_mpp(cohort: Path, tmp_path: Path) -> None:
+    res = extract_slide(cohort / "s000.svs", tmp_path, ExtractConfig(mpp_override=0.5))
+    with PatchStore(tmp_path / "patches" / "s000.lmdb") as store:
+        assert store.meta["level0_mpp"] == 0.25 and store.meta["mpp_source"] == "slide"
+    assert "override" not in res.note
+
+
+def test_72_dpi_tiff_counts_as_missing_mpp(tmp_path: Path) -> None:
+    path = tmp_path / "photo.tif"
+    tifffile.imwrite(path, np.zeros((512, 512, 3), np.uint8), tile=(256, 256),
+                     resolution=(72, 72), resolutionunit="INCH")
+    with open_slide(path, "openslide") as slide:
+        with pytest.raises(Exception, match="--mpp-override"):
+            _ = slide.mpp
+
+
+def test_changed_source_is_redone(cohort: Path, tmp_path: Path) -> None:
+    src = tmp_path / "in" / "s.svs"
+    src.parent.mkdir()
+    src.write_bytes((cohort / "s000.svs").read_bytes())
+    out = tmp_path / "out"
+    assert extract_slides([src], out, ExtractConfig())[0].status == "ok"
+    os.utime(src, (1, 1))  # touched: a new scan copied over the old one
+    assert extract_slides([src], out, ExtractConfig())[0].status == "ok"
+    assert extract_slides([src], out, ExtractConfig())[0].status == "skipped"
+
+
+def test_coords_h5_is_never_stale(cohort: Path, tmp_path: Path) -> None:
+    s = cohort / "s000.svs"
+    extract_slide(s, tmp_path, ExtractConfig(mpp=0.5, coords_h5=True))
+    extract_slide(s, tmp_path, ExtractConfig(mpp=1.0))  # redone without h5: old h5 removed
+    assert not (tmp_path / "coords" / "s000.h5").exists()
+    extract_slide(s, tmp_path, ExtractConfig(mpp=1.0, coords_h5=True))  # skipped, h5 rewritten
+    with PatchStore(tmp_path / "patches" / "s000.lmdb") as store, \
+            h5py.File(tmp_path / "coords" / "s000.h5", "r") as f:
+        np.testing.assert_array_equal(f["coords"][:], store.coords)
+        assert f["coords"].attrs["mpp"] == 1.0
+
+
+def test_corrupt_tiles_fail_the_slide_cleanly(cohort: Path, tmp_path: Path) -> None:
+    """IFDs intact, level-0 tile data garbage: the read fails, the batch goes on."""
+    path = tmp_path / "in" / "corrupt.svs"
+    path.parent.mkdir()
+    data = bytearray((cohort / "s001.svs").read_bytes())
+    with tifffile.TiffFile(cohort / "s001.svs") as tif:
+        page = tif.pages[0]
+        for off, n in zip(page.dataoffsets, page.databytecounts):
+            data[off : off + n] = b"\xff" * n
+    path.write_bytes(bytes(data))
+    (path.parent / "good.svs").write_bytes((cohort / "s002.svs").read_bytes())
+    res = {r.file: r for r in extract_slides([path.parent], tmp_path / "o",
+                                             ExtractConfig(backend="openslide"))}
+    assert res["corrupt.svs"].status == "failed" and res["corrupt.svs"].error
+    assert str(tmp_path) not in res["corrupt.svs"].error
+    assert res["good.svs"].status == "ok"
+
+
+@pytest.mark.slow
+def test_a_worker_that_dies_fails_only_its_slide(cohort: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real process death (os._exit in the worker, as a segfault in a slide library would)."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(textwrap.dedent("""
+        import os
+        if os.environ.get("GIGAMIL_TEST_DIE_ON"):
+            import gigamil.wsi.extract as ex
+            real = ex.extract_slide
+            def dying(path, *a, **k):
+                if os.path.basename(str(path)) == os.environ["GIGAMIL_TEST_DIE_ON"]:
+                    os._exit(3)
+                return real(path, *a, **k)
+            ex.extract_slide = dying
+    """))
+    monkeypatch.setenv("PYTHONPATH", f"{hook}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    monkeypatch.setenv("GIGAMIL_TEST_DIE_ON", "s001.svs")
+    results = extract_slides([cohort], tmp_path / "out", ExtractConfig(), workers=2)
+    by = {r.file: r for r in results}
+    assert by["s001.svs"].status == "failed" and "died" in by["s001.svs"].error
+    assert [by[f"s00{i}.svs"].status for i in (0, 2, 3)] == ["ok", "ok", "ok"]
+    assert len(results) == 4
