@@ -56,7 +56,7 @@ def test_jpeg_patches_are_close_to_direct_reads(cohort: Path, tmp_path: Path) ->
         for i in (0, len(store) // 2, len(store) - 1):
             x, y = store.coords[i]
             direct = resize_area(slide.read_region(0, int(x), int(y), 512, 512), 256)
-            assert np.abs(store[i].astype(int) - direct).mean() < 2.0
+            assert np.abs(store[i].astype(int) - direct).mean() < 4.0  # JPEG q90 4:4:4 on grainy tissue
 
 
 def test_patches_on_a_coarser_level(cohort: Path, tmp_path: Path) -> None:

@@ -93,3 +93,17 @@ def test_blank_and_flat_patches() -> None:
     assert laplacian_variance(white) == 0.0
     flat_pink = np.full((64, 64, 3), (230, 160, 200), np.uint8)
     assert QCConfig().reason(flat_pink) == "blur"
+
+
+def test_strip_qc_equals_patch_by_patch(marked_slide: Path) -> None:
+    """The fast path (one conversion per region strip) decides like the per-patch path."""
+    qc = QCConfig()
+    with open_slide(marked_slide / "marked.svs", "openslide") as slide:
+        differ = total = 0
+        for y in range(0, 10240 - 512 + 1, 1024):
+            region = resize_area(slide.read_region(0, 0, y, 12288, 512), (6144, 256))
+            strip_reasons = qc.check_strip(region, 24)
+            single = qc.check([region[:, i * 256 : (i + 1) * 256] for i in range(24)])
+            differ += sum(a != b for a, b in zip(strip_reasons, single))
+            total += 24
+    assert differ <= total * 0.01, (differ, total)

@@ -233,9 +233,7 @@ def _stain_sample(slide: SlideReader, grid: PatchGrid, n: int = 64, seed: int = 
     """A mosaic of up to ``n`` of the slide's tissue patches (fixed seed) to fit the stain on."""
     rng = np.random.default_rng(seed)
     idx = np.sort(rng.choice(len(grid), size=min(n, len(grid)), replace=False))
-    tiles = [resize_area(slide.read_region(grid.level, int(x), int(y), grid.read_size,
-                                           grid.read_size), grid.spec.patch_size)
-             for x, y in grid.read_xy[idx]]
+    tiles = [_read_run(slide, grid, int(i), int(i) + 1)[0][0] for i in idx]
     return np.concatenate(tiles, axis=0)
 
 
@@ -266,8 +264,13 @@ def _runs(grid: PatchGrid, max_block_px: int) -> list[tuple[int, int]]:
     return runs
 
 
-def _read_run(slide: SlideReader, grid: PatchGrid, i: int, j: int) -> list[np.ndarray]:
-    """Patches i..j-1 of the grid, each exactly as a direct read + area resize would give."""
+def _read_run(slide: SlideReader, grid: PatchGrid, i: int, j: int
+              ) -> tuple[list[np.ndarray], np.ndarray | None]:
+    """Patches i..j-1 of the grid, each exactly as a direct read + area resize would give.
+
+    Also returns the shrunk region when the patches tile it side by side (no gaps,
+    no overlap), so that QC can look at the whole strip at once; else None.
+    """
     rs, ps = grid.read_size, grid.spec.patch_size
     xy = grid.read_xy
     x0, y0 = int(xy[i, 0]), int(xy[i, 1])
@@ -276,31 +279,34 @@ def _read_run(slide: SlideReader, grid: PatchGrid, i: int, j: int) -> list[np.nd
     offsets = [int(xy[k, 0]) - x0 for k in range(i, j)]
     factor = rs / ps
     k = int(round(factor))
-    if (j - i > 1 and k > 1 and abs(factor - k) < 1e-9 and width % k == 0
-            and all(o % k == 0 for o in offsets)):
+    if k >= 1 and abs(factor - k) < 1e-9 and width % k == 0 and all(o % k == 0 for o in offsets):
         # integer shrink factor and aligned offsets: shrinking the region at once is
         # bit-identical to shrinking each patch (area interpolation = k×k box mean)
-        small = resize_area(region, (width // k, ps))
-        return [small[:, o // k : o // k + ps] for o in offsets]
-    return [np.ascontiguousarray(resize_area(region[:, o : o + rs], ps)) for o in offsets]
+        small = resize_area(region, (width // k, ps)) if k > 1 else region
+        patches = [small[:, o // k : o // k + ps] for o in offsets]
+        tiled = small.shape[1] == ps * len(offsets) and all(
+            o // k == n * ps for n, o in enumerate(offsets))
+        return patches, small if tiled else None
+    return [np.ascontiguousarray(resize_area(region[:, o : o + rs], ps)) for o in offsets], None
 
 
 def iter_patches(slide: SlideReader, grid: PatchGrid, max_block_px: int = 4096) -> Iterator[np.ndarray]:
     """Yield the grid's patches in order (RGB uint8), without QC or normalization."""
     for i, j in _runs(grid, max_block_px):
-        yield from _read_run(slide, grid, i, j)
+        yield from _read_run(slide, grid, i, j)[0]
 
 
 def _ordered_map(fn: Callable[[T], R], items: Iterable[T], threads: int) -> Iterator[R]:
-    """``map`` over a thread pool with bounded look-ahead, results in input order."""
-    if threads <= 1:
-        yield from map(fn, items)
-        return
-    with cf.ThreadPoolExecutor(threads, thread_name_prefix="gigamil-read") as pool:
+    """``map`` over a thread pool with bounded look-ahead, results in input order.
+
+    Even with one thread the work runs beside the caller, so that reading and
+    decoding overlap with the caller's writes (LMDB commits release the GIL).
+    """
+    with cf.ThreadPoolExecutor(max(1, threads), thread_name_prefix="gigamil-read") as pool:
         pending: deque[cf.Future[R]] = deque()
         for item in items:
             pending.append(pool.submit(fn, item))
-            if len(pending) >= 2 * threads:
+            if len(pending) >= 2 * max(1, threads) + 1:
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
@@ -319,8 +325,8 @@ def process_grid(
 
     def work(run: tuple[int, int]) -> RunResult:
         i, j = run
-        patches = _read_run(slide, grid, i, j)
-        reasons = qc.check(patches)
+        patches, strip = _read_run(slide, grid, i, j)
+        reasons = qc.check_strip(strip, len(patches)) if strip is not None else qc.check(patches)
         kept = [p for p, r in zip(patches, reasons) if not r]
         if normalizer is not None and kept:
             kept = list(normalizer.apply(np.stack(kept)))
@@ -649,10 +655,14 @@ def extract_slides(
 _PROGRESS: Any = None  # in a worker: the queue that patch counts go to
 
 
-def _worker_init(log_level: int, progress: Any = None) -> None:
-    """In each worker: die with the parent (Linux), log like it, report progress to it."""
+def _worker_init(log_level: int, progress: Any = None, cv2_threads: int = 1) -> None:
+    """In each worker: die with the parent (Linux), log like it, report progress to it,
+    and let OpenCV use only this worker's share of the cores (no oversubscription)."""
     global _PROGRESS
     _PROGRESS = progress
+    import cv2
+
+    cv2.setNumThreads(cv2_threads)
     try:
         import ctypes
         import signal
@@ -701,7 +711,7 @@ def _run_pool(
 
     while queue:
         pool = cf.ProcessPoolExecutor(processes, mp_context=ctx, initializer=_worker_init,
-                                      initargs=(level, progress))
+                                      initargs=(level, progress, threads))
         inflight: dict[cf.Future[SlideResult], tuple[Path, str]] = {}
         broken = False
         try:

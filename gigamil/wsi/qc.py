@@ -29,44 +29,72 @@ __all__ = ["QCConfig", "QC_REASONS", "background_fraction", "pen_fraction", "lap
 QC_REASONS = ("background", "pen", "blur")
 
 
-def _hsv(patch: np.ndarray) -> np.ndarray:
-    return cv2.cvtColor(patch, cv2.COLOR_RGB2HSV)  # H in [0, 180), S and V in [0, 255]
+def _hsv(patch: np.ndarray, step: int = 1) -> np.ndarray:
+    """HSV (H in [0, 180), S and V in [0, 255]), of every ``step``-th pixel."""
+    return cv2.cvtColor(np.ascontiguousarray(patch[::step, ::step]), cv2.COLOR_RGB2HSV)
+
+
+def _glass(hsv: np.ndarray) -> np.ndarray:
+    return (hsv[..., 2] > 210) & (hsv[..., 1] < 25)
 
 
 def background_fraction(patch: np.ndarray, hsv: np.ndarray | None = None) -> float:
     """Fraction of pixels that look like glass: bright (V > 210) and unsaturated (S < 25)."""
     hsv = _hsv(patch) if hsv is None else hsv
-    return float(((hsv[..., 2] > 210) & (hsv[..., 1] < 25)).mean())
+    return float(_glass(hsv).mean())
+
+
+def _pen_mask(hsv: np.ndarray) -> np.ndarray:
+    h, s, v = hsv[..., 0], hsv[..., 1], hsv[..., 2]
+    blue = (h >= 100) & (h <= 124) & (s >= 90) & (v >= 50)  # 200–248°
+    green = (h >= 35) & (h <= 90) & (s >= 60) & (v >= 40)  # 70–180°
+    black = (v < 80) & (s < 100)  # ink is dark and grey; nuclei are dark but saturated
+    return blue | green | black
 
 
 def pen_fraction(patch: np.ndarray, hsv: np.ndarray | None = None) -> float:
     """Fraction of pixels coloured like marker ink (blue, green or black)."""
     hsv = _hsv(patch) if hsv is None else hsv
-    h, s, v = hsv[..., 0], hsv[..., 1], hsv[..., 2]
-    blue = (h >= 100) & (h <= 124) & (s >= 90) & (v >= 50)  # 200–248°
-    green = (h >= 35) & (h <= 90) & (s >= 60) & (v >= 40)  # 70–180°
-    black = (v < 80) & (s < 100)  # ink is dark and grey; nuclei are dark but saturated
-    return float((blue | green | black).mean())
+    return float(_pen_mask(hsv).mean())
 
 
-def laplacian_variance(patch: np.ndarray, hsv: np.ndarray | None = None, block: int = 32) -> float:
+def _focus_scores(strip: np.ndarray, n: int, glass: np.ndarray, step: int,
+                  block: int = 32) -> np.ndarray:
+    """Per patch of the strip: median over its tissue blocks of the Laplacian's variance."""
+    h, w = strip.shape[:2]
+    side = w // n
+    block = min(block, side)
+    nb = side // block  # blocks per patch side
+    if nb == 0:
+        return np.zeros(n)
+    grey = cv2.cvtColor(np.ascontiguousarray(strip), cv2.COLOR_RGB2GRAY)
+    lap = cv2.Laplacian(grey, cv2.CV_32F, ksize=3)
+    crop = lap[: nb * block].reshape(nb * block, n, side)[:, :, : nb * block]
+    lap = np.ascontiguousarray(crop.reshape(nb * block, n * nb * block))
+    grid = (n * nb, nb)
+    mean = cv2.resize(lap, grid, interpolation=cv2.INTER_AREA)  # block means
+    var = cv2.resize(lap * lap, grid, interpolation=cv2.INTER_AREA) - mean * mean
+    gb = block // step
+    g = glass[: nb * gb].reshape(nb * gb, n, -1)[:, :, : nb * gb].astype(np.float32)
+    g = np.ascontiguousarray(g.reshape(nb * gb, n * nb * gb))
+    tissue = cv2.resize(g, grid, interpolation=cv2.INTER_AREA) < 0.5
+    var = var.reshape(nb, n, nb).transpose(1, 0, 2).reshape(n, -1)
+    tissue = tissue.reshape(nb, n, nb).transpose(1, 0, 2).reshape(n, -1)
+    out = np.zeros(n)
+    for i in range(n):
+        if tissue[i].any():
+            out[i] = float(np.median(var[i][tissue[i]]))
+    return out
+
+
+def laplacian_variance(patch: np.ndarray, block: int = 32) -> float:
     """Focus score: the median, over tissue blocks of ``block`` px, of the Laplacian's variance.
 
     The median (not the whole-patch variance) makes a patch that is mostly out of
     focus score low even when a sharp edge crosses one corner of it.
     """
-    grey = cv2.cvtColor(patch, cv2.COLOR_RGB2GRAY)
-    lap = cv2.Laplacian(grey, cv2.CV_32F, ksize=3)
-    hsv = _hsv(patch) if hsv is None else hsv
-    glass = (hsv[..., 2] > 210) & (hsv[..., 1] < 25)
-    h, w = (grey.shape[0] // block) * block, (grey.shape[1] // block) * block
-    if h == 0 or w == 0:
-        block, h, w = min(grey.shape), grey.shape[0], grey.shape[1]
-    tiles = lap[:h, :w].reshape(h // block, block, w // block, block).swapaxes(1, 2)
-    glass_frac = glass[:h, :w].reshape(h // block, block, w // block, block).mean(axis=(1, 3))
-    var = tiles.reshape(tiles.shape[0], tiles.shape[1], -1).var(axis=2)
-    tissue = glass_frac < 0.5
-    return float(np.median(var[tissue])) if tissue.any() else 0.0
+    step = 4 if min(patch.shape[:2]) >= 32 else 1
+    return float(_focus_scores(patch, 1, _glass(_hsv(patch, step)), step, block)[0])
 
 
 @dataclass(frozen=True)
@@ -91,16 +119,41 @@ class QCConfig:
 
     def reason(self, patch: np.ndarray) -> str:
         """Why ``patch`` fails QC, or ``""`` if it passes."""
-        if not self.enabled:
-            return ""
-        hsv = _hsv(patch)
-        if self.background_max is not None and background_fraction(patch, hsv) > self.background_max:
-            return "background"
-        if self.pen_max is not None and pen_fraction(patch, hsv) > self.pen_max:
-            return "pen"
-        if self.blur_min is not None and laplacian_variance(patch, hsv) < self.blur_min:
-            return "blur"
-        return ""
+        return self.check_strip(patch, 1)[0]
 
     def check(self, patches: list[np.ndarray]) -> list[str]:
         return [self.reason(p) for p in patches]
+
+    def check_strip(self, strip: np.ndarray, n: int) -> list[str]:
+        """QC of ``n`` equal square patches laid side by side in ``strip`` (h, n*h, 3).
+
+        One colour conversion and one Laplacian for the whole strip: several times
+        faster than patch by patch, with the same thresholds.
+        """
+        if not self.enabled:
+            return [""] * n
+        h, w = strip.shape[:2]
+        side = w // n
+        reasons = [""] * n
+        step = 4 if side >= 32 else 1  # fractions need no full resolution
+        hsv = _hsv(strip, step)
+        sh, sw = hsv.shape[0], (hsv.shape[1] // n) * n
+        per = sw // n
+
+        def frac(mask: np.ndarray) -> np.ndarray:
+            return mask[:, :sw].reshape(sh, n, per).mean(axis=(0, 2))
+
+        glass = _glass(hsv)
+        if self.background_max is not None:
+            bg = frac(glass)
+            for i in np.flatnonzero(bg > self.background_max):
+                reasons[i] = "background"
+        if self.pen_max is not None:
+            pen = frac(_pen_mask(hsv))
+            for i in np.flatnonzero(pen > self.pen_max):
+                reasons[i] = reasons[i] or "pen"
+        if self.blur_min is not None:
+            scores = _focus_scores(strip, n, glass, step)
+            for i in np.flatnonzero(scores < self.blur_min):
+                reasons[i] = reasons[i] or "blur"
+        return reasons

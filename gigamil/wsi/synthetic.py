@@ -171,8 +171,12 @@ class SyntheticSlideModel:
         stroma[:] = np.array([236.0, 168.0, 200.0]) - 25 * shade - 18 * fibres
         normal = self._draw_nuclei(stroma.copy(), rng, spacing=16, radius=2.6, color=(95, 55, 140))
         tumor = self._draw_nuclei(stroma.copy(), rng, spacing=10, radius=4.2, color=(62, 30, 105))
-        normal = cv2.GaussianBlur(normal, (0, 0), 0.6)
-        tumor = cv2.GaussianBlur(tumor, (0, 0), 0.6)
+        # fine grain (chromatin, fibre detail) at ~0.4 µm: real tissue is busy at the
+        # pixel level, which is what makes its JPEG tiles large and slow to decode
+        grain = _periodic_field(rng, n, 0.4 / _TEXTURE_MPP)[..., None]
+        grain = 1.0 + 0.9 * (grain - grain.mean())
+        normal = cv2.GaussianBlur(normal * grain, (0, 0), 0.6)
+        tumor = cv2.GaussianBlur(tumor * grain, (0, 0), 0.6)
         sigma = 4.0 / _TEXTURE_MPP  # strong defocus, ~4 µm
         pad = int(3 * sigma)
         blurred = [
@@ -279,12 +283,53 @@ class SyntheticSlideModel:
             ds *= 4
         return sizes
 
-    def iter_tiles(self, level_w: int, level_h: int, ds: int) -> Iterator[np.ndarray]:
+    def _tile_kind(self, mpp: float, x: int, y: int) -> str:
+        """``background``, ``interior`` (plain normal tissue) or ``mixed``, from the masks."""
+        t = self.cfg.tile
+        f = mpp / MASK_MPP
+        x0, y0 = max(0, int(x * f) - 2), max(0, int(y * f) - 2)
+        x1, y1 = int((x + t) * f) + 3, int((y + t) * f) + 3
+        win = {k: v[y0:y1, x0:x1] for k, v in self.masks.items()}
+        if win["tissue"].size == 0:
+            return "background"
+        others = max(float(v.max()) if v.size else 0.0 for k, v in win.items() if k != "tissue")
+        if others > 1e-6:
+            return "mixed"
+        lo, hi = float(win["tissue"].min()), float(win["tissue"].max())
+        if hi <= 1e-6:
+            return "background"
+        if lo >= 0.999 and y1 <= self.masks["tissue"].shape[0] and x1 <= self.masks["tissue"].shape[1]:
+            return "interior"
+        return "mixed"
+
+    def iter_tiles(self, level_w: int, level_h: int, ds: int) -> Iterator[bytes]:
+        """JPEG-encoded tiles of one level, row by row, as tifffile writes them.
+
+        Background tiles and plain-tissue tiles repeat (the texture is periodic),
+        so they are rendered and encoded once and reused: large slides write fast.
+        """
+        import imagecodecs
+
         t = self.cfg.tile
         mpp = self.cfg.mpp * ds
+        period = self.textures(mpp)[0].shape[0] - (t + 2)
+        cache: dict[tuple[int, ...], bytes] = {}
         for ty in range(0, level_h, t):
             for tx in range(0, level_w, t):
-                yield self.render(mpp, tx, ty, t, t)
+                kind = self._tile_kind(mpp, tx, ty) if tx + t <= level_w and ty + t <= level_h \
+                    else "mixed"
+                key = (0,) if kind == "background" else (1, tx % period, ty % period) \
+                    if kind == "interior" else None
+                if key is not None and key in cache:
+                    yield cache[key]
+                    continue
+                data = imagecodecs.jpeg8_encode(
+                    self.render(mpp, tx, ty, t, t), level=self.cfg.jpeg_quality,
+                    colorspace="RGB", outcolorspace="YCBCR", subsampling=(2, 2),
+                )
+                if key is not None:
+                    cache[key] = data
+                yield data
 
 
 def _fake_label(width: int = 400, height: int = 400) -> np.ndarray:
