@@ -155,6 +155,8 @@ def main() -> None:
         t_jpeg, _ = gigamil_run(slide, Path(tmp) / "jpeg",
                                 ExtractConfig(mpp=0.5, encoding="jpeg", backend=args.backend), 1)
         t_raw2, _ = gigamil_run(slide, Path(tmp) / "raw2", cfg, 2)
+        t_jpeg2, _ = gigamil_run(slide, Path(tmp) / "jpeg2",
+                                 ExtractConfig(mpp=0.5, encoding="jpeg", backend=args.backend), 2)
         t_raw_os, _ = gigamil_run(slide, Path(tmp) / "raw_os",
                                   ExtractConfig(mpp=0.5, encoding="raw", backend="openslide"), 1)
 
@@ -164,6 +166,7 @@ def main() -> None:
         "gigamil raw, 1 worker": n_raw / t_raw,
         "gigamil jpeg, 1 worker": n_raw / t_jpeg,
         "gigamil raw, 2 workers": n_raw / t_raw2,
+        "gigamil jpeg, 2 workers": n_raw / t_jpeg2,
         "gigamil raw, 1 worker, openslide": n_raw / t_raw_os,
     }
     print(f"\n{n} tissue patches ({n_raw} after QC), tissue {tissue:.0%} of the slide, "
@@ -175,7 +178,8 @@ def main() -> None:
         "jpeg / decode limit (≥ 0.35)": pps["gigamil jpeg, 1 worker"] / pps["decode limit"],
         "raw / baseline (≥ 3)": pps["gigamil raw, 1 worker"] / pps["baseline (read_region per patch)"],
         "jpeg / baseline (≥ 3)": pps["gigamil jpeg, 1 worker"] / pps["baseline (read_region per patch)"],
-        "2 workers / 1 worker (≥ 1.7)": pps["gigamil raw, 2 workers"] / pps["gigamil raw, 1 worker"],
+        "2 workers / 1 worker, raw (≥ 1.7)": pps["gigamil raw, 2 workers"] / pps["gigamil raw, 1 worker"],
+        "2 workers / 1 worker, jpeg (≥ 1.7)": pps["gigamil jpeg, 2 workers"] / pps["gigamil jpeg, 1 worker"],
     }
     print("ratios:")
     for name, v in ratios.items():

@@ -95,22 +95,21 @@ def _parse_aperio(description: str) -> dict[str, str]:
     return out
 
 
-def _valid_mpp(value: Any) -> float | None:
+def _number_in(value: Any, lo: float, hi: float) -> float | None:
+    """``value`` as a float if it parses and lies in (lo, hi); else None."""
     try:
-        mpp = float(value)
+        x = float(value)
     except (TypeError, ValueError):
         return None
-    if not math.isfinite(mpp) or not _MPP_RANGE[0] < mpp < _MPP_RANGE[1]:
-        return None
-    return mpp
+    return x if math.isfinite(x) and lo < x < hi else None
+
+
+def _valid_mpp(value: Any) -> float | None:
+    return _number_in(value, *_MPP_RANGE)
 
 
 def _valid_power(value: Any) -> float | None:
-    try:
-        power = float(value)
-    except (TypeError, ValueError):
-        return None
-    return power if math.isfinite(power) and 0.1 <= power <= 400 else None
+    return _number_in(value, 0.1, 400.0)
 
 
 def _tiff_metadata(path: Path) -> tuple[float | None, float | None]:

@@ -103,7 +103,7 @@ class PatchStoreWriter:
         patch_size: int,
         encoding: Encoding = "jpeg",
         quality: int = 90,
-        commit_bytes: int = 64 << 20,
+        commit_bytes: int = 16 << 20,
     ) -> None:
         import lmdb
 
@@ -126,8 +126,8 @@ class PatchStoreWriter:
         map_size = max(64 << 20, int(n_patches * raw * 1.25) + (32 << 20))
         self._env = lmdb.open(
             str(self.partial), subdir=False, map_size=map_size, lock=False,
-            sync=False, metasync=False, readahead=False, meminit=False, writemap=True,
-        )  # writemap: puts go straight into the file's pages, no second copy at commit
+            sync=False, metasync=False, readahead=False, meminit=False,
+        )  # no writemap: written pages would stay mapped, and RSS would grow with the store
 
     @property
     def count(self) -> int:
@@ -182,12 +182,8 @@ class PatchStoreWriter:
                 xy = np.ascontiguousarray(xy, dtype="<i8").reshape(-1, 2)
                 txn.put(_coords_key(scale), xy.tobytes())
             txn.put(META_KEY, json.dumps(meta, sort_keys=True).encode())
-        used = (self._env.info()["last_pgno"] + 1) * self._env.stat()["psize"]
         self._env.sync(True)
         self._env.close()
-        with open(self.partial, "r+b") as fh:  # writemap grew the file to map_size (sparse)
-            fh.truncate(used)
-            os.fsync(fh.fileno())
         os.replace(self.partial, self.path)
         fsync_dir(self.path.parent)
         self._release()

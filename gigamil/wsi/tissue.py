@@ -46,7 +46,7 @@ class TissueMask:
         if len(coords0) == 0:
             return np.zeros(0, np.float32)
         h, w = self.mask.shape
-        integral = cv2.integral(self.mask.astype(np.uint8), sdepth=cv2.CV_64F)
+        integral = cv2.integral(self.mask.astype(np.uint8), sdepth=cv2.CV_32S)  # counts fit int32
         f = mpp0 / self.mpp
         x0 = np.clip(np.round(coords0[:, 0] * f), 0, w - 1).astype(np.int64)
         y0 = np.clip(np.round(coords0[:, 1] * f), 0, h - 1).astype(np.int64)
