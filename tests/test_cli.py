@@ -119,3 +119,8 @@ def test_inspect_slide_preview_and_extract_previews(tmp_path: Path, cohort: Path
     assert (tmp_path / "o" / "previews" / "s000.png").exists()
     rows = list(csv.DictReader(open(tmp_path / "o" / "extract.csv")))
     assert {"qc_background", "qc_pen", "qc_blur"} <= set(rows[0])
+    # the preview predicts exactly what extraction with the same options keeps
+    res = runner.invoke(app, ["extract", str(cohort / "s000.svs"), "--out", str(tmp_path / "q"),
+                              "--min-tissue", "0.8"])
+    row = next(csv.DictReader(open(tmp_path / "q" / "extract.csv")))
+    assert int(row["n_patches"]) == info["preview"]["kept"]

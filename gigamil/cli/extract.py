@@ -103,12 +103,12 @@ def extract(
         task = bar.add_task("extract", total=None, info="")
 
         def on_result(res: SlideResult) -> None:
-            counts["patches"] += res.n_patches if res.status != "skipped" else 0
-            bar.update(task, advance=1, info=f"{res.slide_id} {res.status}")
+            bar.update(task, advance=1, info=f"{counts['patches']} patches read · "
+                                             f"{res.slide_id} {res.status}")
 
-        def on_patches(n: int) -> None:
+        def on_patches(n: int) -> None:  # every patch read, kept or rejected, all scales
             counts["patches"] += n
-            bar.update(task, info=f"{counts['patches']} patches")
+            bar.update(task, info=f"{counts['patches']} patches read")
 
         results = extract_slides(
             inputs, out, cfg, workers=workers, overwrite=overwrite,

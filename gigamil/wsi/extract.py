@@ -35,7 +35,7 @@ from gigamil.io import write_csv, write_json
 from gigamil.versions import gigamil_version, package_versions
 from gigamil.wsi.grid import GridSpec, PatchGrid, make_grid
 from gigamil.wsi.preview import extraction_preview, save_png
-from gigamil.wsi.qc import QC_REASONS, QCConfig
+from gigamil.wsi.qc import QC_REASONS, QCConfig, pen_mask
 from gigamil.wsi.reader import SLIDE_EXTENSIONS, SlideReader, open_slide, resize_area, slide_id
 from gigamil.wsi.stain import StainNormalizer, create_stain_normalizer
 from gigamil.wsi.store import (
@@ -213,7 +213,7 @@ def plan_slide(slide: SlideReader, cfg: ExtractConfig, sid: str) -> SlidePlan:
     normalizer = None
     if cfg.stain_norm is not None and len(grids[0]):
         normalizer = create_stain_normalizer(cfg.stain_norm, cfg.stain_reference)
-        normalizer.fit_slide(_stain_sample(slide, grids[0]))
+        normalizer.fit_slide(_stain_sample(slide, grids[0], cfg.qc))
     return SlidePlan(tissue, thumb, grids, normalizer)
 
 
@@ -229,12 +229,27 @@ def _check_aligned(grids: list[PatchGrid], sid: str) -> None:
                 "(or --overlap is set)", "use scales like 0.5,1.0,2.0 and no overlap")
 
 
-def _stain_sample(slide: SlideReader, grid: PatchGrid, n: int = 64, seed: int = 0) -> np.ndarray:
-    """A mosaic of up to ``n`` of the slide's tissue patches (fixed seed) to fit the stain on."""
+def _stain_sample(slide: SlideReader, grid: PatchGrid, qc: QCConfig, n: int = 64,
+                  seed: int = 0) -> np.ndarray:
+    """A mosaic of up to ``n`` of the slide's tissue patches (fixed seed) to fit the stain on.
+
+    Patches that QC rejects are skipped and ink pixels are blanked to glass, so that
+    marker ink never becomes a "stain" vector.
+    """
     rng = np.random.default_rng(seed)
-    idx = np.sort(rng.choice(len(grid), size=min(n, len(grid)), replace=False))
-    tiles = [_read_run(slide, grid, int(i), int(i) + 1)[0][0] for i in idx]
-    return np.concatenate(tiles, axis=0)
+    order = rng.permutation(len(grid))
+    tiles: list[np.ndarray] = []
+    for i in order[: 4 * n]:
+        patch = _read_run(slide, grid, int(i), int(i) + 1)[0][0]
+        if qc.reason(patch) == "":
+            tiles.append(patch)
+            if len(tiles) == n:
+                break
+    if not tiles:  # everything fails QC: fit on what there is rather than fail
+        tiles = [_read_run(slide, grid, int(i), int(i) + 1)[0][0] for i in order[:n]]
+    mosaic = np.concatenate(tiles, axis=0).copy()
+    mosaic[pen_mask(mosaic)] = 255
+    return mosaic
 
 
 # ---- reading --------------------------------------------------------------------
@@ -660,6 +675,9 @@ def _worker_init(log_level: int, progress: Any = None, cv2_threads: int = 1) -> 
     and let OpenCV use only this worker's share of the cores (no oversubscription)."""
     global _PROGRESS
     _PROGRESS = progress
+    if progress is not None:
+        # a worker killed while writing must not leave the next ones blocked on the pipe
+        progress.cancel_join_thread()
     import cv2
 
     cv2.setNumThreads(cv2_threads)
@@ -700,7 +718,7 @@ def _run_pool(
     crashes: dict[str, int] = {}
     ctx = mp.get_context("spawn")
     level = logging.getLogger("gigamil").getEffectiveLevel()
-    progress = ctx.Queue() if on_patches is not None else None
+    progress: Any = None
 
     def drain() -> None:
         while progress is not None and on_patches is not None:
@@ -710,6 +728,7 @@ def _run_pool(
                 return
 
     while queue:
+        progress = ctx.Queue() if on_patches is not None else None  # a fresh one per pool
         pool = cf.ProcessPoolExecutor(processes, mp_context=ctx, initializer=_worker_init,
                                       initargs=(level, progress, threads))
         inflight: dict[cf.Future[SlideResult], tuple[Path, str]] = {}
@@ -760,3 +779,4 @@ def _run_pool(
                         queue.appendleft(job)  # a suspect: retried alone
         finally:
             pool.shutdown(wait=not broken, cancel_futures=True)
+            drain()

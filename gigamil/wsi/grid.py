@@ -88,11 +88,16 @@ def make_grid(
             f"{spec.patch_size} px patch at {spec.mpp:g} µm/px",
             "use a smaller --patch-size or a finer --mpp",
         )
-    xs = np.round(np.arange(nx) * stride).astype(np.int64)
-    ys = np.round(np.arange(ny) * stride).astype(np.int64)
-    gy, gx = np.meshgrid(ys, xs, indexing="ij")  # row-major: y, then x
-    read_xy = np.stack([gx.ravel(), gy.ravel()], axis=1)
-    coords = np.round(read_xy * lv.downsample).astype(np.int64)
+    # positions are laid out in level-0 px (so grids at several scales nest exactly)
+    # and then mapped to the read level
+    stride0 = (spec.patch_size - spec.overlap) * spec.mpp / levels[0].mpp
+    xs0 = np.round(np.arange(nx) * stride0).astype(np.int64)
+    ys0 = np.round(np.arange(ny) * stride0).astype(np.int64)
+    gy, gx = np.meshgrid(ys0, xs0, indexing="ij")  # row-major: y, then x
+    coords = np.stack([gx.ravel(), gy.ravel()], axis=1)
+    read_xy = np.round(coords / lv.downsample).astype(np.int64)
+    inside = (read_xy[:, 0] + read_size <= lv.width) & (read_xy[:, 1] + read_size <= lv.height)
+    coords, read_xy = coords[inside], read_xy[inside]
     size0 = spec.patch_size * spec.mpp / levels[0].mpp
     if tissue is None:
         frac = np.ones(len(coords), np.float32)

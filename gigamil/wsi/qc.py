@@ -24,7 +24,8 @@ import numpy as np
 
 from gigamil.errors import UsageError
 
-__all__ = ["QCConfig", "QC_REASONS", "background_fraction", "pen_fraction", "laplacian_variance"]
+__all__ = ["QCConfig", "QC_REASONS", "background_fraction", "pen_fraction", "pen_mask",
+           "laplacian_variance"]
 
 QC_REASONS = ("background", "pen", "blur")
 
@@ -32,6 +33,11 @@ QC_REASONS = ("background", "pen", "blur")
 def _hsv(patch: np.ndarray, step: int = 1) -> np.ndarray:
     """HSV (H in [0, 180), S and V in [0, 255]), of every ``step``-th pixel."""
     return cv2.cvtColor(np.ascontiguousarray(patch[::step, ::step]), cv2.COLOR_RGB2HSV)
+
+
+def _step(side: int) -> int:
+    """Subsampling step for colour fractions: divides the patch side, keeps ≥ 16 samples."""
+    return next(s for s in (4, 2, 1) if side % s == 0 and side // s >= 16 or s == 1)
 
 
 def _glass(hsv: np.ndarray) -> np.ndarray:
@@ -52,6 +58,11 @@ def _pen_mask(hsv: np.ndarray) -> np.ndarray:
     return blue | green | black
 
 
+def pen_mask(rgb: np.ndarray) -> np.ndarray:
+    """Boolean mask of the pixels of ``rgb`` coloured like marker ink."""
+    return _pen_mask(_hsv(rgb))
+
+
 def pen_fraction(patch: np.ndarray, hsv: np.ndarray | None = None) -> float:
     """Fraction of pixels coloured like marker ink (blue, green or black)."""
     hsv = _hsv(patch) if hsv is None else hsv
@@ -69,6 +80,11 @@ def _focus_scores(strip: np.ndarray, n: int, glass: np.ndarray, step: int,
         return np.zeros(n)
     grey = cv2.cvtColor(np.ascontiguousarray(strip), cv2.COLOR_RGB2GRAY)
     lap = cv2.Laplacian(grey, cv2.CV_32F, ksize=3)
+    # a patch's edge pixels would see its neighbour in the strip: zero them (in both paths),
+    # so a patch scores the same whichever run it is read in
+    edges = lap.reshape(h, n, side)
+    edges[:, :, 0] = edges[:, :, -1] = 0
+    lap[0, :] = lap[-1, :] = 0
     crop = lap[: nb * block].reshape(nb * block, n, side)[:, :, : nb * block]
     lap = np.ascontiguousarray(crop.reshape(nb * block, n * nb * block))
     grid = (n * nb, nb)
@@ -93,7 +109,7 @@ def laplacian_variance(patch: np.ndarray, block: int = 32) -> float:
     The median (not the whole-patch variance) makes a patch that is mostly out of
     focus score low even when a sharp edge crosses one corner of it.
     """
-    step = 4 if min(patch.shape[:2]) >= 32 else 1
+    step = _step(patch.shape[1])
     return float(_focus_scores(patch, 1, _glass(_hsv(patch, step)), step, block)[0])
 
 
@@ -135,7 +151,7 @@ class QCConfig:
         h, w = strip.shape[:2]
         side = w // n
         reasons = [""] * n
-        step = 4 if side >= 32 else 1  # fractions need no full resolution
+        step = _step(side)  # fractions need no full resolution
         hsv = _hsv(strip, step)
         sh, sw = hsv.shape[0], (hsv.shape[1] // n) * n
         per = sw // n

@@ -121,7 +121,11 @@ class MacenkoNormalizer:
         conc *= (self.maxc_ref / self.maxc).astype(np.float32)[:, None]
         conc = np.maximum(conc, 0)
         out = _IO * np.exp(-(self.he_ref.astype(np.float32) @ conc))
-        return np.ascontiguousarray(np.clip(out.T, 0, 255).astype(np.uint8).reshape(shape))
+        out = np.clip(out.T, 0, 255).astype(np.uint8)
+        flat = patches.reshape(-1, 3)
+        glass = (flat > _GLASS).all(axis=-1)  # unstained pixels stay as they are (not Io grey)
+        out[glass] = flat[glass]
+        return np.ascontiguousarray(out.reshape(shape))
 
 
 #: Typical LAB statistics of H&E tissue, the Reinhard default target, in torchstain's

@@ -149,10 +149,17 @@ class PatchStoreWriter:
             return
         self._pending.sort()
         # appending (keys above every key so far) is several times faster than inserting
+        import lmdb
+
         append = self._pending[0][0] > self._last_key
-        with self._env.begin(write=True) as txn:
-            for key, value in self._pending:
-                txn.put(key, value, append=append)
+        while True:
+            try:
+                with self._env.begin(write=True) as txn:
+                    for key, value in self._pending:
+                        txn.put(key, value, append=append)
+                break
+            except lmdb.MapFullError:  # incompressible patches: grow the map and redo the batch
+                self._env.set_mapsize(self._env.info()["map_size"] * 2)
         self._last_key = max(self._last_key, self._pending[-1][0])
         self._pending.clear()
         self._pending_bytes = 0
