@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from gigamil.cli import demo, extract, inspect, synth
+from gigamil.cli import demo, embed, extract, inspect, synth
 from gigamil.cli._common import err, setup_logging
 from gigamil.versions import gigamil_version
 
@@ -44,6 +44,8 @@ def _root(
 
 app.command("synth")(synth.synth)
 app.command("extract")(extract.extract)
+app.command("embed")(embed.embed)
+app.command("encoders")(embed.encoders)
 app.command("demo")(demo.demo)
 app.add_typer(inspect.app, name="inspect")
 

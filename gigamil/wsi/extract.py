@@ -33,6 +33,7 @@ import numpy as np
 from gigamil.errors import GigamilError, StoreError, UsageError
 from gigamil.io import write_csv, write_json
 from gigamil.versions import gigamil_version, package_versions
+from gigamil.wsi.features import trident_attrs
 from gigamil.wsi.grid import GridSpec, PatchGrid, make_grid
 from gigamil.wsi.preview import extraction_preview, save_png
 from gigamil.wsi.qc import QC_REASONS, QCConfig, pen_mask
@@ -385,34 +386,6 @@ def json_roundtrip(obj: Any) -> Any:
     return json.loads(json.dumps(obj))
 
 
-def _coords_h5_attrs(meta: dict[str, Any]) -> dict[str, Any]:
-    """CLAM/TRIDENT attributes from a store's metadata (no need to reopen the slide)."""
-    mpp0 = float(meta["level0_mpp"])
-    power = meta.get("objective_power") or 10.0 / mpp0
-    target = float(meta["target_mpp"])
-    attrs: dict[str, Any] = {
-        # TRIDENT
-        "patch_size": int(meta["patch_size"]),
-        "patch_size_level0": int(round(meta["patch_size_level0"])),
-        "level0_magnification": float(power),
-        "target_magnification": float(power * mpp0 / target),
-        "overlap": int(meta["params"]["overlap"]),
-        "name": meta["slide_id"],
-        "level0_width": int(meta["level0_width"]),
-        "level0_height": int(meta["level0_height"]),
-        # gigamil
-        "mpp": target,
-        "level0_mpp": mpp0,
-        "patch_size_um": int(meta["patch_size"]) * target,
-        "schema_version": 1,
-    }
-    if int(meta["read_size"]) == int(meta["patch_size"]):
-        # CLAM reads `patch_size` px at `patch_level`: only true without a resize. Otherwise
-        # the attribute is left out, so that CLAM fails loudly instead of reading the wrong µm.
-        attrs["patch_level"] = int(meta["read_level"])
-    return attrs
-
-
 def _safe_message(exc: BaseException, *paths: Path) -> str:
     """An error message without directory paths (they may hold patient data)."""
     if isinstance(exc, GigamilError):
@@ -455,7 +428,7 @@ def extract_slide(
             if n is not None:
                 with PatchStore(store_path) as store:
                     if cfg.coords_h5:  # rewritten from the store: never stale
-                        write_coords_h5(h5_path, store.coords, _coords_h5_attrs(store.meta))
+                        write_coords_h5(h5_path, store.coords, trident_attrs(store.meta))
                     result.qc = dict(store.meta.get("qc_rejected_total", {}))
                 result.status, result.n_patches = "skipped", n
                 result.note = "already extracted with the same parameters"
@@ -492,7 +465,7 @@ def extract_slide(
                 meta = _store_meta(sid, path, slide, plan, cfg, rejected)
                 writer.finish(coords, meta)
             if cfg.coords_h5:
-                write_coords_h5(h5_path, coords[""], _coords_h5_attrs(meta))
+                write_coords_h5(h5_path, coords[""], trident_attrs(meta))
             if cfg.previews:
                 g = plan.grids[0]
                 scale = plan.thumb.shape[1] / slide.dimensions[0]

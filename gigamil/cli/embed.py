@@ -1,0 +1,85 @@
+"""`gigamil embed` and `gigamil encoders`: patch stores → feature bags (HDF5)."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from gigamil.cli._common import EXIT_FAILED, cli_errors, err, out, progress_bar
+
+
+class PrecisionChoice(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+@cli_errors
+def embed(
+    data: Annotated[Path, typer.Argument(exists=True, file_okay=False,
+                                         help="The --out of `gigamil extract` (holds patches/).")],
+    encoder: Annotated[str, typer.Option(help="A preset (see `gigamil encoders`) or any timm "
+                                              "model name, or hf-hub:org/name.")] = "resnet50",
+    weights: Annotated[Path | None, typer.Option(
+        exists=True, dir_okay=False,
+        help="Local weights: .safetensors, or a .pth/.bin state_dict (loaded weights_only).")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Patches per forward pass.")] = 256,
+    workers: Annotated[int, typer.Option(min=0, help="DataLoader processes decoding patches.")] = 4,
+    precision: Annotated[PrecisionChoice, typer.Option(
+        help="auto = bf16 on GPU, fp32 on CPU.")] = PrecisionChoice.auto,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    shard: Annotated[str | None, typer.Option(
+        help="Take share i of n of the slides (sorted by id), e.g. 3/16 for SLURM arrays.")] = None,
+    compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the encoder.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Redo slides that already have features.")] = False,
+    out_dir: Annotated[Path | None, typer.Option(
+        "--out", help="Where features/<encoder>/ goes (default: DATA).")] = None,
+) -> None:
+    """Turn every patch store in DATA/patches into DATA/features/<encoder>/<slide_id>.h5.
+
+    The files hold `features` (N, D) float32 and `coords` (N, 2) with TRIDENT's
+    attributes, so CLAM and TRIDENT readers open them. Each slide is written as
+    soon as it is done; a rerun skips finished slides. Corrupt patches are
+    skipped and counted in features/<encoder>/embed.csv. Under torchrun each rank
+    takes its share of the slides.
+    """
+    from gigamil.mil.embed import EmbedConfig, embed_stores, parse_shard
+
+    cfg = EmbedConfig(encoder=encoder, weights=str(weights) if weights else None,
+                      batch_size=batch_size, workers=workers, precision=precision.value,
+                      device=device, shard=parse_shard(shard), compile=compile_model,
+                      overwrite=overwrite)
+    with progress_bar() as bar:
+        task = bar.add_task("embed", total=None, info="")
+        results = embed_stores(
+            data, cfg, out_dir,
+            on_result=lambda r: bar.update(task, info=f"{r.slide_id} {r.status}"),
+            on_batch=lambda n: bar.update(task, advance=n),
+        )
+    failed = [r for r in results if r.status == "failed"]
+    err.print(f"[green]{sum(r.status == 'ok' for r in results)} embedded[/], "
+              f"{sum(r.status == 'skipped' for r in results)} skipped, "
+              f"[{'red' if failed else 'green'}]{len(failed)} failed[/]", highlight=False)
+    for r in failed + [r for r in results if r.n_bad]:
+        err.print(f"  {r.slide_id}: {r.error}", highlight=False)
+    if failed:
+        raise typer.Exit(EXIT_FAILED)
+
+
+@cli_errors
+def encoders() -> None:
+    """Registered encoders: architecture, feature size, input size, normalization, weights."""
+    from gigamil.mil.encoders import list_encoders
+
+    table = Table("name", "dim", "input", "timm architecture", "mean / std", "expected weights",
+                  title="encoders (any timm model name works too)", title_justify="left")
+    for spec in list_encoders():
+        norm = f"{tuple(round(m, 3) for m in spec.mean)} / {tuple(round(s, 3) for s in spec.std)}"
+        table.add_row(spec.name, str(spec.feature_dim or "?"), str(spec.input_size), spec.arch,
+                      norm, spec.weights or "-")
+    out.print(table)

@@ -1,0 +1,1 @@
+"""Where code runs: distributed setup, SLURM, checkpoints, Ray."""

@@ -1,0 +1,267 @@
+"""``gigamil embed``: patch stores → feature bags, one HDF5 file per slide.
+
+A single DataLoader streams the patches of every pending slide in order; its
+worker processes decode JPEG (libjpeg-turbo) into uint8 tensors, the main
+process normalizes on the device and runs the encoder under autocast. A slide's
+bag is written (temporary name, flush, rename) as soon as its last batch is
+done, so a killed job loses at most the slides in flight and a rerun skips the
+finished ones. Patches that fail to decode are dropped and counted, never
+turned into NaN features.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from gigamil.cluster.distributed import dist_env
+from gigamil.errors import StoreError, UsageError
+from gigamil.io import write_csv, write_json
+from gigamil.mil.encoders import Encoder, create_encoder
+from gigamil.versions import gigamil_version, package_versions
+from gigamil.wsi.features import read_bag, trident_attrs, write_bag
+from gigamil.wsi.store import PatchStore
+
+__all__ = ["EmbedConfig", "EmbedResult", "embed_stores", "parse_shard", "EMBED_FIELDS"]
+
+log = logging.getLogger("gigamil.embed")
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+EMBED_FIELDS = ["slide_id", "status", "n_patches", "n_bad", "seconds", "error"]
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    """Every option of ``gigamil embed``; saved beside the features."""
+
+    encoder: str = "resnet50"
+    weights: str | None = None
+    batch_size: int = 256
+    workers: int = 4
+    precision: Precision = "auto"
+    device: str = "auto"
+    shard: tuple[int, int] | None = None  # (i, n), 1-based
+    compile: bool = False
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise UsageError("--batch-size must be at least 1")
+        if self.shard is not None and not 1 <= self.shard[0] <= self.shard[1]:
+            raise UsageError(f"--shard {self.shard[0]}/{self.shard[1]} is out of range",
+                             "use i/n with 1 ≤ i ≤ n, e.g. --shard 3/16")
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise UsageError("--device cuda but no GPU is visible", "use --device cpu")
+        return torch.device(self.device)
+
+    def autocast_dtype(self, device: torch.device) -> torch.dtype | None:
+        precision = self.precision
+        if precision == "auto":
+            precision = "bf16" if device.type == "cuda" else "fp32"
+        return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+@dataclass
+class EmbedResult:
+    slide_id: str
+    status: str
+    n_patches: int = 0
+    n_bad: int = 0
+    seconds: float = 0.0
+    error: str = ""
+
+    def row(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "seconds": round(self.seconds, 3)}
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """``"3/16"`` → (3, 16)."""
+    if not text:
+        return None
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise UsageError(f"--shard {text!r} is not i/n", "e.g. --shard 3/16") from None
+    return i, n
+
+
+class _Patches(Dataset):
+    """(slide, patch) pairs of several stores → (uint8 HWC patch, ok, slide index, patch index)."""
+
+    def __init__(self, stores: Sequence[PatchStore], items: np.ndarray) -> None:
+        self.stores = list(stores)
+        self.items = items  # (N, 2) int64: slide index, patch index
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, bool, int, int]:
+        s, i = (int(v) for v in self.items[k])
+        store = self.stores[s]
+        try:
+            patch = store[i]
+            ok = True
+        except Exception:  # a corrupt patch: dropped and counted, never a NaN feature
+            patch = np.zeros((store.patch_size, store.patch_size, 3), np.uint8)
+            ok = False
+        return torch.from_numpy(np.ascontiguousarray(patch)), ok, s, i
+
+
+def _select(stores: list[Path], shard: tuple[int, int] | None) -> list[Path]:
+    """The share of the slides for this shard and this rank (deterministic: sorted by name)."""
+    stores = sorted(stores)
+    if shard is not None:
+        i, n = shard
+        stores = stores[i - 1 :: n]
+    env = dist_env()
+    return stores[env.rank :: env.world_size]
+
+
+def _is_done(h5: Path, store: PatchStore, encoder: Encoder) -> bool:
+    if not h5.is_file():
+        return False
+    try:
+        bag = read_bag(h5)
+    except StoreError:
+        return False
+    a = bag.attrs
+    return (a.get("encoder") == encoder.spec.name
+            and (a.get("encoder_sha256") or "") == (encoder.weights_sha256 or "")
+            and a.get("store_count") == len(store)
+            and len(bag) == len(store) - int(a.get("n_bad", 0)))
+
+
+def embed_stores(
+    data_dir: str | Path,
+    cfg: EmbedConfig,
+    out_dir: str | Path | None = None,
+    on_result: Callable[[EmbedResult], None] | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[EmbedResult]:
+    """Embed every store in ``data_dir/patches`` into ``out_dir/features/<encoder>/``."""
+    data = Path(data_dir)
+    patch_dir = data / "patches" if (data / "patches").is_dir() else data
+    paths = sorted(patch_dir.glob("*.lmdb"))
+    if not paths:
+        raise UsageError(f"no patch stores in {patch_dir}", "run `gigamil extract` first")
+    device = cfg.resolved_device()
+    encoder = create_encoder(cfg.encoder, cfg.weights, device)
+    feat_dir = Path(out_dir or data) / "features" / cfg.encoder.replace("/", "_").replace(":", "_")
+    feat_dir.mkdir(parents=True, exist_ok=True)
+    write_json(feat_dir / "embed_config.json", {
+        "config": dataclasses.asdict(cfg), "encoder": dataclasses.asdict(encoder.spec)
+        | {"kwargs": {k: str(v) for k, v in encoder.spec.kwargs.items()}},
+        "feature_dim": encoder.feature_dim, "encoder_sha256": encoder.weights_sha256,
+        "versions": {"gigamil": gigamil_version(), **package_versions(), "torch": torch.__version__},
+    })
+    results: list[EmbedResult] = []
+
+    def record(res: EmbedResult) -> None:
+        results.append(res)
+        name = "embed.csv" if dist_env().world_size == 1 else f"embed.rank{dist_env().rank}.csv"
+        write_csv(feat_dir / name, [r.row() for r in results], EMBED_FIELDS)
+        if on_result is not None:
+            on_result(res)
+
+    pending: list[PatchStore] = []
+    for path in _select(paths, cfg.shard):
+        store = PatchStore(path)
+        sid = path.stem
+        try:
+            if not cfg.overwrite and _is_done(feat_dir / f"{sid}.h5", store, encoder):
+                record(EmbedResult(sid, "skipped", len(store)))
+            elif len(store) == 0:
+                _write(feat_dir / f"{sid}.h5", np.zeros((0, encoder.feature_dim), np.float32),
+                       store.coords[:0], store, encoder, 0)
+                record(EmbedResult(sid, "ok", 0))
+            else:
+                pending.append(store)
+        except StoreError as exc:
+            record(EmbedResult(sid, "failed", error=str(exc)))
+    if pending:
+        _run(pending, encoder, cfg, device, feat_dir, record, on_batch)
+    return results
+
+
+def _write(path: Path, feats: np.ndarray, coords: np.ndarray, store: PatchStore,
+           encoder: Encoder, n_bad: int) -> None:
+    attrs = {**trident_attrs(store.meta), "encoder": encoder.spec.name,
+             "encoder_arch": encoder.spec.arch, "encoder_sha256": encoder.weights_sha256 or "",
+             "feature_dim": encoder.feature_dim, "store_count": len(store), "n_bad": n_bad}
+    write_bag(path, feats, coords, attrs)
+
+
+def _run(stores: list[PatchStore], encoder: Encoder, cfg: EmbedConfig, device: torch.device,
+         feat_dir: Path, record: Callable[[EmbedResult], None],
+         on_batch: Callable[[int], None] | None) -> None:
+    counts = [len(s) for s in stores]
+    items = np.concatenate([np.stack([np.full(n, k), np.arange(n)], axis=1)
+                            for k, n in enumerate(counts)]).astype(np.int64)
+    loader = DataLoader(
+        _Patches(stores, items), batch_size=cfg.batch_size, shuffle=False,
+        num_workers=cfg.workers, pin_memory=device.type == "cuda",
+        persistent_workers=cfg.workers > 0, prefetch_factor=4 if cfg.workers > 0 else None,
+        multiprocessing_context="spawn" if cfg.workers > 0 else None,
+    )
+    model = encoder.model
+    if cfg.compile:
+        model = torch.compile(model)
+    dtype = cfg.autocast_dtype(device)
+    feats: dict[int, list[np.ndarray]] = {}
+    seen = [0] * len(stores)
+    bad = [0] * len(stores)
+    ok_rows: dict[int, list[np.ndarray]] = {}
+    started = {k: time.perf_counter() for k in range(len(stores))}
+    with torch.inference_mode():
+        for patches, ok, slide_idx, patch_idx in loader:
+            x = encoder.preprocess(patches.to(device, non_blocking=True))
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                out = model(x)
+            out = out.float().cpu().numpy()
+            ok = ok.numpy().astype(bool)
+            s_idx, p_idx = slide_idx.numpy(), patch_idx.numpy()
+            for k in np.unique(s_idx):
+                sel = s_idx == k
+                good = sel & ok
+                feats.setdefault(int(k), []).append(out[good])
+                ok_rows.setdefault(int(k), []).append(p_idx[good])
+                seen[k] += int(sel.sum())
+                bad[k] += int((sel & ~ok).sum())
+                if seen[k] == counts[k]:  # the slide is complete: write it now
+                    _finish(int(k), stores, encoder, feats, ok_rows, bad, started, feat_dir, record)
+            if on_batch is not None:
+                on_batch(len(p_idx))
+
+
+def _finish(k: int, stores: list[PatchStore], encoder: Encoder, feats: dict, rows: dict,
+            bad: list[int], started: dict, feat_dir: Path, record: Callable) -> None:
+    store = stores[k]
+    sid = store.path.stem
+    f = np.concatenate(feats.pop(k)) if k in feats else np.zeros((0, encoder.feature_dim))
+    idx = np.concatenate(rows.pop(k)) if k in rows else np.zeros(0, np.int64)
+    res = EmbedResult(sid, "ok", len(f), bad[k])
+    try:
+        if not np.isfinite(f).all():
+            raise StoreError(f"{sid}: the encoder produced NaN/inf features",
+                             "check the weights, or use --precision fp32")
+        _write(feat_dir / f"{sid}.h5", f, store.coords[idx], store, encoder, bad[k])
+        if bad[k]:
+            res.error = f"{bad[k]} corrupt patch(es) skipped"
+            log.warning("%s: %d corrupt patches skipped", sid, bad[k])
+    except Exception as exc:
+        res.status, res.error = "failed", str(exc)
+    res.seconds = time.perf_counter() - started[k]
+    record(res)
+

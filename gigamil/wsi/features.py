@@ -1,0 +1,133 @@
+"""Feature bags on disk: ``features/<encoder>/<slide_id>.h5`` (CLAM/TRIDENT-readable).
+
+Layout written (schema version 1):
+
+- ``features``: float32 (N, D), chunked in row blocks;
+- ``coords``: int64 (N, 2) level-0 top-left x, y, with TRIDENT's attributes
+  (``patch_size``, ``patch_size_level0``, ``level0_magnification``,
+  ``target_magnification``, ``overlap``, ``name``, ``level0_width``,
+  ``level0_height``) and gigamil's (``mpp``, ``patch_size_um``, ``encoder``,
+  ``encoder_sha256``, ``schema_version``).
+
+Files are written to a temporary name, flushed and renamed. :func:`read_bag`
+also reads CLAM files (``features`` + ``coords`` with ``patch_level``) and STAMP
+files (``feats`` + ``coords``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gigamil.errors import StoreError
+from gigamil.io import atomic_path
+
+__all__ = ["FeatureBag", "write_bag", "read_bag", "trident_attrs", "FEATURE_SCHEMA_VERSION"]
+
+FEATURE_SCHEMA_VERSION = 1
+_ROW_BLOCK = 1024
+
+
+@dataclass
+class FeatureBag:
+    """One slide's features (N, D), coordinates (N, 2) and the attributes that describe them."""
+
+    features: np.ndarray
+    coords: np.ndarray
+    attrs: dict[str, Any] = field(default_factory=dict)
+    layout: str = "gigamil"  # or "clam", "trident", "stamp": what the file looked like
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+
+def write_bag(path: str | os.PathLike[str], features: np.ndarray, coords: np.ndarray,
+              attrs: dict[str, Any]) -> Path:
+    """Write a feature file atomically; ``attrs`` go on ``coords`` (TRIDENT's convention)."""
+    import h5py
+
+    features = np.ascontiguousarray(features, np.float32)
+    coords = np.ascontiguousarray(coords, np.int64).reshape(-1, 2)
+    if features.ndim != 2 or len(features) != len(coords):
+        raise StoreError(f"features {features.shape} and coords {coords.shape} do not match")
+    if not np.isfinite(features).all():
+        raise StoreError("features contain NaN or infinity", "check the encoder and its weights")
+    rows = max(1, min(len(features), _ROW_BLOCK))
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("features", data=features, chunks=(rows, features.shape[1]),
+                             maxshape=(None, features.shape[1]))
+            ds = f.create_dataset("coords", data=coords, chunks=(rows, 2), maxshape=(None, 2))
+            for key, value in {**attrs, "schema_version": FEATURE_SCHEMA_VERSION}.items():
+                if value is not None:
+                    ds.attrs[key] = value
+    return path
+
+
+def read_bag(path: str | os.PathLike[str]) -> FeatureBag:
+    """Read a gigamil, TRIDENT, CLAM or STAMP feature file."""
+    import h5py
+
+    path = Path(path)
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise StoreError(f"cannot read feature file {path.name}: {exc}",
+                         "it may be truncated; delete it and rerun `gigamil embed`") from exc
+    with f:
+        if "features" in f:
+            feats = f["features"][:]
+            layout = "gigamil"
+        elif "feats" in f:
+            feats = f["feats"][:]
+            layout = "stamp"
+        else:
+            raise StoreError(f"{path.name} has neither `features` nor `feats`",
+                             "it is not a CLAM/TRIDENT/STAMP/gigamil feature file")
+        if feats.ndim == 3 and feats.shape[0] == 1:  # some writers keep a batch axis
+            feats = feats[0]
+        coords = f["coords"][:] if "coords" in f else np.zeros((len(feats), 2), np.int64)
+        if coords.ndim == 3 and coords.shape[0] == 1:
+            coords = coords[0]
+        attrs = dict(f["coords"].attrs) if "coords" in f else {}
+        attrs.update({k: v for k, v in f.attrs.items() if k not in attrs})
+    if layout == "gigamil" and "encoder" not in attrs:
+        layout = "clam" if "patch_level" in attrs and "level0_magnification" not in attrs \
+            else "trident"
+    if len(coords) != len(feats):
+        raise StoreError(f"{path.name}: {len(feats)} features but {len(coords)} coordinates")
+    return FeatureBag(np.asarray(feats, np.float32), np.asarray(coords, np.int64).reshape(-1, 2),
+                      attrs, layout)
+
+
+def trident_attrs(meta: dict[str, Any]) -> dict[str, Any]:
+    """TRIDENT/CLAM ``coords`` attributes from a patch store's ``__meta__``."""
+    mpp0 = float(meta["level0_mpp"])
+    power = meta.get("objective_power") or 10.0 / mpp0
+    target = float(meta["target_mpp"])
+    attrs: dict[str, Any] = {
+        # TRIDENT
+        "patch_size": int(meta["patch_size"]),
+        "patch_size_level0": int(round(meta["patch_size_level0"])),
+        "level0_magnification": float(power),
+        "target_magnification": float(power * mpp0 / target),
+        "overlap": int(meta["params"]["overlap"]),
+        "name": meta["slide_id"],
+        "level0_width": int(meta["level0_width"]),
+        "level0_height": int(meta["level0_height"]),
+        # gigamil
+        "mpp": target,
+        "level0_mpp": mpp0,
+        "patch_size_um": int(meta["patch_size"]) * target,
+        "schema_version": 1,
+    }
+    if int(meta["read_size"]) == int(meta["patch_size"]):
+        # CLAM reads `patch_size` px at `patch_level`: only true without a resize. Otherwise
+        # the attribute is left out, so that CLAM fails loudly instead of reading the wrong µm.
+        attrs["patch_level"] = int(meta["read_level"])
+    return attrs

@@ -1,0 +1,184 @@
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import lmdb
+import numpy as np
+import pytest
+import torch
+
+from gigamil.errors import UsageError
+from gigamil.mil.embed import EmbedConfig, _select, embed_stores, parse_shard
+from gigamil.mil.encoders import create_encoder, list_encoders
+from gigamil.wsi.extract import ExtractConfig, extract_slides
+from gigamil.wsi.features import read_bag, write_bag
+from gigamil.wsi.store import PatchStore
+
+
+@pytest.fixture(scope="module")
+def data(cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("embed_data")
+    cfg = ExtractConfig(mpp=1.0, patch_size=64, encoding="jpeg")
+    assert all(r.status == "ok" for r in extract_slides([cohort], out, cfg, workers=2))
+    return out
+
+
+def _copy(data: Path, dst: Path) -> Path:
+    shutil.copytree(data / "patches", dst / "patches",
+                    ignore=shutil.ignore_patterns(".*"))
+    return dst
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_features_equal_a_direct_forward(data: Path, tmp_path: Path, workers: int) -> None:
+    """fp32 on CPU: the pipeline's features equal the model applied to the stored patches."""
+    d = _copy(data, tmp_path)
+    enc = create_encoder("tiny-vit")
+    w = tmp_path / "w.safetensors"  # one random init, shared by the pipeline and the reference
+    from safetensors.torch import save_file
+
+    save_file(enc.model.state_dict(), str(w))
+    cfg = EmbedConfig(encoder="tiny-vit", weights=str(w), batch_size=17, workers=workers,
+                      device="cpu", overwrite=True)
+    assert [r.status for r in embed_stores(d, cfg)] == ["ok"] * 4
+    for sid in ("s000", "s003"):
+        bag = read_bag(d / "features" / "tiny-vit" / f"{sid}.h5")
+        with PatchStore(d / "patches" / f"{sid}.lmdb") as store:
+            x = torch.from_numpy(np.stack(list(store)))
+            np.testing.assert_array_equal(bag.coords, store.coords)
+        with torch.no_grad():
+            ref = enc.model(enc.preprocess(x)).numpy()
+        np.testing.assert_allclose(bag.features, ref, atol=1e-5, rtol=0)
+        assert bag.attrs["encoder_sha256"] == __import__("hashlib").sha256(w.read_bytes()).hexdigest()
+
+
+def test_h5_layout_is_what_clam_and_trident_read(data: Path, tmp_path: Path) -> None:
+    d = _copy(data, tmp_path)
+    embed_stores(d, EmbedConfig(encoder="tiny-cnn", workers=0, device="cpu"))
+    path = d / "features" / "tiny-cnn" / "s001.h5"
+    with h5py.File(path, "r") as f:
+        # CLAM's Dataset_All_Bags / TRIDENT's readers: f['features'][:], f['coords'][:]
+        assert f["features"].dtype == np.float32 and f["features"].ndim == 2
+        assert f["coords"].dtype == np.int64 and f["coords"].shape[1] == 2
+        assert f["features"].shape[0] == f["coords"].shape[0] > 0
+        assert f["features"].chunks[0] > 1  # row blocks, not single rows
+        attrs = dict(f["coords"].attrs)
+    for key in ("patch_size", "patch_size_level0", "level0_magnification", "target_magnification",
+                "overlap", "name", "level0_width", "level0_height", "mpp", "patch_size_um",
+                "encoder", "encoder_sha256", "schema_version"):
+        assert key in attrs, key
+    assert attrs["patch_size"] == 64 and attrs["mpp"] == 1.0 and attrs["encoder"] == "tiny-cnn"
+
+
+def test_reader_opens_clam_trident_and_stamp_files(tmp_path: Path) -> None:
+    feats = np.random.default_rng(0).normal(size=(5, 8)).astype(np.float32)
+    coords = np.arange(10, dtype=np.int64).reshape(5, 2)
+    with h5py.File(tmp_path / "clam.h5", "w") as f:
+        f["features"] = feats
+        f["coords"] = coords
+        f["coords"].attrs["patch_level"] = 0
+        f["coords"].attrs["patch_size"] = 256
+    with h5py.File(tmp_path / "trident.h5", "w") as f:
+        f["features"] = feats
+        f["coords"] = coords
+        f["coords"].attrs["level0_magnification"] = 40
+    with h5py.File(tmp_path / "stamp.h5", "w") as f:
+        f["feats"] = feats
+        f["coords"] = coords.astype(np.float64)
+    for name, layout in (("clam", "clam"), ("trident", "trident"), ("stamp", "stamp")):
+        bag = read_bag(tmp_path / f"{name}.h5")
+        assert bag.layout == layout
+        np.testing.assert_array_equal(bag.features, feats)
+        np.testing.assert_array_equal(bag.coords, coords)
+    write_bag(tmp_path / "ours.h5", feats, coords, {"encoder": "x"})
+    assert read_bag(tmp_path / "ours.h5").layout == "gigamil"
+
+
+def test_rerun_skips_and_shards_split_the_slides(data: Path, tmp_path: Path) -> None:
+    d = _copy(data, tmp_path)
+    cfg = EmbedConfig(encoder="tiny-cnn", workers=0, device="cpu")
+    assert [r.status for r in embed_stores(d, cfg)] == ["ok"] * 4
+    assert [r.status for r in embed_stores(d, cfg)] == ["skipped"] * 4
+    paths = [Path(f"s{i:03d}.lmdb") for i in range(10)]
+    shares = [_select(paths, (i, 3)) for i in (1, 2, 3)]
+    assert sorted(p for s in shares for p in s) == paths  # disjoint, complete, deterministic
+    assert shares[0] == _select(list(reversed(paths)), (1, 3))
+    assert parse_shard("3/16") == (3, 16)
+    with pytest.raises(UsageError):
+        EmbedConfig(shard=(17, 16))
+
+
+def test_corrupt_patch_is_skipped_and_reported(data: Path, tmp_path: Path) -> None:
+    d = _copy(data, tmp_path)
+    path = d / "patches" / "s002.lmdb"
+    with PatchStore(path) as store:
+        n = len(store)
+    env = lmdb.open(str(path), subdir=False, lock=False)
+    with env.begin(write=True) as txn:
+        txn.put(b"00000003", b"\xff\xd8 not a jpeg")
+    env.close()
+    results = {r.slide_id: r for r in embed_stores(d, EmbedConfig(encoder="tiny-cnn", workers=1,
+                                                                  device="cpu"))}
+    assert results["s002"].status == "ok" and results["s002"].n_bad == 1
+    assert "corrupt" in results["s002"].error
+    bag = read_bag(d / "features" / "tiny-cnn" / "s002.h5")
+    assert len(bag) == n - 1 and np.isfinite(bag.features).all()
+    with PatchStore(path) as store:
+        assert not (bag.coords == store.coords[3]).all(axis=1).any()  # its row is gone
+
+
+def test_wrong_weights_name_the_encoder_and_file(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file(create_encoder("tiny-cnn").model.state_dict(), str(tmp_path / "cnn.safetensors"))
+    with pytest.raises(UsageError, match=r"cnn\.safetensors.*tiny-vit"):
+        create_encoder("tiny-vit", tmp_path / "cnn.safetensors")
+    torch.save({"fc.weight": torch.zeros(3, 3)}, tmp_path / "bad.pth")
+    with pytest.raises(UsageError, match="bad.pth"):
+        create_encoder("tiny-cnn", tmp_path / "bad.pth")
+
+
+def test_presets_declare_their_size() -> None:
+    specs = {s.name: s for s in list_encoders()}
+    assert {"uni", "uni2-h", "virchow2", "phikon", "h-optimus-0", "gigapath"} <= set(specs)
+    for name in ("tiny-vit", "tiny-cnn"):
+        assert create_encoder(name).feature_dim == specs[name].feature_dim
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_gives_the_same_features(data: Path, tmp_path: Path) -> None:
+    ref = _copy(data, tmp_path / "ref")
+    killed = _copy(data, tmp_path / "killed")
+    w = tmp_path / "w.safetensors"
+    from safetensors.torch import save_file
+
+    save_file(create_encoder("tiny-vit").model.state_dict(), str(w))
+    args = [sys.executable, "-m", "gigamil", "embed", "--encoder", "tiny-vit", "--weights", str(w),
+            "--workers", "0", "--batch-size", "8", "--device", "cpu"]
+    subprocess.run([*args, str(ref)], check=True, capture_output=True)
+    proc = subprocess.Popen([*args, str(killed)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    out = killed / "features" / "tiny-vit"
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        if out.exists() and len(list(out.glob("s*.h5"))) >= 1:
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "finished before it could be killed"
+    done = len(list(out.glob("s*.h5")))
+    assert 1 <= done < 4
+    subprocess.run([*args, str(killed)], check=True, capture_output=True)
+    for sid in ("s000", "s001", "s002", "s003"):
+        a = read_bag(ref / "features" / "tiny-vit" / f"{sid}.h5")
+        b = read_bag(out / f"{sid}.h5")
+        np.testing.assert_array_equal(a.features, b.features)
+        np.testing.assert_array_equal(a.coords, b.coords)
