@@ -124,3 +124,22 @@ def test_inspect_slide_preview_and_extract_previews(tmp_path: Path, cohort: Path
                               "--min-tissue", "0.8"])
     row = next(csv.DictReader(open(tmp_path / "q" / "extract.csv")))
     assert int(row["n_patches"]) == info["preview"]["kept"]
+
+
+def test_encoders_and_embed_commands(tmp_path: Path, cohort: Path) -> None:
+    res = runner.invoke(app, ["encoders"])
+    assert res.exit_code == 0 and "uni2-h" in res.output and "virchow2" in res.output
+    res = runner.invoke(app, ["extract", str(cohort / "s000.svs"), "--out", str(tmp_path),
+                              "--mpp", "2.0", "--patch-size", "64"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["embed", str(tmp_path), "--encoder", "tiny-cnn", "--workers", "0",
+                              "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "features" / "tiny-cnn" / "s000.h5").exists()
+    assert "1 embedded" in res.output
+    res = runner.invoke(app, ["embed", str(tmp_path), "--encoder", "no_such_model_xyz",
+                              "--workers", "0", "--device", "cpu"])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    res = runner.invoke(app, ["embed", str(tmp_path), "--device", "cuda", "--encoder", "tiny-cnn"])
+    if not __import__("torch").cuda.is_available():
+        assert res.exit_code == 2 and "--device cpu" in res.output

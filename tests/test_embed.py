@@ -182,3 +182,34 @@ def test_kill_9_then_resume_gives_the_same_features(data: Path, tmp_path: Path) 
         b = read_bag(out / f"{sid}.h5")
         np.testing.assert_array_equal(a.features, b.features)
         np.testing.assert_array_equal(a.coords, b.coords)
+
+
+def test_from_slides_matches_the_store_path(cohort: Path, tmp_path: Path) -> None:
+    """--from-slides: the same patches as extract → embed, without a store."""
+    from safetensors.torch import save_file
+
+    from gigamil.mil.embed import embed_slides
+
+    w = tmp_path / "w.safetensors"
+    save_file(create_encoder("tiny-cnn").model.state_dict(), str(w))
+    ecfg = ExtractConfig(mpp=1.0, patch_size=64, encoding="png")  # lossless: identical pixels
+    cfg = EmbedConfig(encoder="tiny-cnn", weights=str(w), workers=2, device="cpu", batch_size=16)
+    extract_slides([cohort / "s001.svs"], tmp_path / "a", ecfg)
+    embed_stores(tmp_path / "a", cfg)
+    res = embed_slides([cohort / "s001.svs"], tmp_path / "b", cfg, ecfg)
+    assert [r.status for r in res] == ["ok"]
+    a = read_bag(tmp_path / "a" / "features" / "tiny-cnn" / "s001.h5")
+    b = read_bag(tmp_path / "b" / "features" / "tiny-cnn" / "s001.h5")
+    np.testing.assert_array_equal(a.coords, b.coords)
+    np.testing.assert_allclose(a.features, b.features, atol=1e-5)
+    assert b.attrs["mpp"] == 1.0 and b.attrs["patch_size"] == 64
+
+
+def test_ranks_take_disjoint_shares(monkeypatch: pytest.MonkeyPatch) -> None:
+    paths = [Path(f"s{i:03d}.lmdb") for i in range(7)]
+    shares = []
+    for rank in range(2):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        shares.append(_select(paths, None))
+    assert sorted(shares[0] + shares[1]) == paths and not set(shares[0]) & set(shares[1])

@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from gigamil.cli._common import EXIT_FAILED, cli_errors, err, out, progress_bar
+from gigamil.errors import UsageError
 
 
 class PrecisionChoice(str, Enum):
@@ -21,8 +22,8 @@ class PrecisionChoice(str, Enum):
 
 @cli_errors
 def embed(
-    data: Annotated[Path, typer.Argument(exists=True, file_okay=False,
-                                         help="The --out of `gigamil extract` (holds patches/).")],
+    data: Annotated[Path, typer.Argument(exists=True, help="The --out of `gigamil extract` "
+                                         "(holds patches/), or slides with --from-slides.")],
     encoder: Annotated[str, typer.Option(help="A preset (see `gigamil encoders`) or any timm "
                                               "model name, or hf-hub:org/name.")] = "resnet50",
     weights: Annotated[Path | None, typer.Option(
@@ -39,6 +40,14 @@ def embed(
     overwrite: Annotated[bool, typer.Option(help="Redo slides that already have features.")] = False,
     out_dir: Annotated[Path | None, typer.Option(
         "--out", help="Where features/<encoder>/ goes (default: DATA).")] = None,
+    from_slides: Annotated[bool, typer.Option(
+        help="DATA holds slides: cut patches on the fly (tissue, grid, QC), store none.")] = False,
+    mpp: Annotated[float, typer.Option(help="With --from-slides: target µm/px.")] = 0.5,
+    patch_size: Annotated[int, typer.Option(help="With --from-slides: patch px.")] = 256,
+    min_tissue: Annotated[float, typer.Option(help="With --from-slides: min tissue.")] = 0.5,
+    backend: Annotated[str, typer.Option(help="With --from-slides: auto, openslide, cucim.")] = "auto",
+    mpp_override: Annotated[float | None, typer.Option(
+        help="With --from-slides: level-0 µm/px for slides that lack it.")] = None,
 ) -> None:
     """Turn every patch store in DATA/patches into DATA/features/<encoder>/<slide_id>.h5.
 
@@ -56,11 +65,19 @@ def embed(
                       overwrite=overwrite)
     with progress_bar() as bar:
         task = bar.add_task("embed", total=None, info="")
-        results = embed_stores(
-            data, cfg, out_dir,
-            on_result=lambda r: bar.update(task, info=f"{r.slide_id} {r.status}"),
-            on_batch=lambda n: bar.update(task, advance=n),
-        )
+        on_result = lambda r: bar.update(task, info=f"{r.slide_id} {r.status}")  # noqa: E731
+        on_batch = lambda n: bar.update(task, advance=n)  # noqa: E731
+        if from_slides:
+            from gigamil.mil.embed import embed_slides
+            from gigamil.wsi.extract import ExtractConfig
+
+            if out_dir is None:
+                raise UsageError("--from-slides needs --out", "e.g. --out data/")
+            extract = ExtractConfig(mpp=mpp, patch_size=patch_size, min_tissue=min_tissue,
+                                    backend=backend, mpp_override=mpp_override)
+            results = embed_slides([data], out_dir, cfg, extract, on_result, on_batch)
+        else:
+            results = embed_stores(data, cfg, out_dir, on_result=on_result, on_batch=on_batch)
     failed = [r for r in results if r.status == "failed"]
     err.print(f"[green]{sum(r.status == 'ok' for r in results)} embedded[/], "
               f"{sum(r.status == 'skipped' for r in results)} skipped, "

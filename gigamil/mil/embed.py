@@ -28,10 +28,12 @@ from gigamil.errors import StoreError, UsageError
 from gigamil.io import write_csv, write_json
 from gigamil.mil.encoders import Encoder, create_encoder
 from gigamil.versions import gigamil_version, package_versions
+from gigamil.wsi.extract import ExtractConfig
 from gigamil.wsi.features import read_bag, trident_attrs, write_bag
 from gigamil.wsi.store import PatchStore
 
-__all__ = ["EmbedConfig", "EmbedResult", "embed_stores", "parse_shard", "EMBED_FIELDS"]
+__all__ = ["EmbedConfig", "EmbedResult", "embed_stores", "embed_slides", "parse_shard",
+           "EMBED_FIELDS"]
 
 log = logging.getLogger("gigamil.embed")
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
@@ -265,3 +267,84 @@ def _finish(k: int, stores: list[PatchStore], encoder: Encoder, feats: dict, row
     res.seconds = time.perf_counter() - started[k]
     record(res)
 
+
+
+def _forward(encoder: Encoder, patches: list[np.ndarray], device: torch.device,
+             dtype: torch.dtype | None) -> np.ndarray:
+    x = encoder.preprocess(torch.from_numpy(np.stack(patches)).to(device))
+    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype,
+                                                enabled=dtype is not None):
+        return encoder.model(x).float().cpu().numpy()
+
+
+def embed_slides(
+    inputs: Sequence[str | Path],
+    out_dir: str | Path,
+    cfg: EmbedConfig,
+    extract: ExtractConfig,
+    on_result: Callable[[EmbedResult], None] | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[EmbedResult]:
+    """``--from-slides``: patches straight from the slides through the extraction code
+    (tissue, grid, QC, stain), no patch store. Reading runs in ``cfg.workers`` threads
+    beside the model; each slide's bag is written as soon as it is done.
+    """
+    from gigamil.wsi.extract import discover_slides, plan_slide, process_grid, store_meta
+    from gigamil.wsi.reader import open_slide, slide_id
+
+    device = cfg.resolved_device()
+    encoder = create_encoder(cfg.encoder, cfg.weights, device)
+    feat_dir = Path(out_dir) / "features" / cfg.encoder.replace("/", "_").replace(":", "_")
+    feat_dir.mkdir(parents=True, exist_ok=True)
+    dtype = cfg.autocast_dtype(device)
+    results: list[EmbedResult] = []
+    paths = [p for p in _select([Path(p) for p in discover_slides(inputs)], cfg.shard)]
+    for path in paths:
+        sid = slide_id(path)
+        h5 = feat_dir / f"{sid}.h5"
+        t0 = time.perf_counter()
+        res = EmbedResult(sid, "ok")
+        try:
+            if h5.exists() and not cfg.overwrite:
+                attrs = read_bag(h5).attrs
+                if attrs.get("encoder") == encoder.spec.name and attrs.get("source_size") == \
+                        path.stat().st_size:
+                    res.status, res.n_patches = "skipped", int(len(read_bag(h5)))
+                    results.append(res)
+                    continue
+            with open_slide(path, extract.backend, extract.mpp_override) as slide:
+                plan = plan_slide(slide, extract, sid)
+                grid = plan.grids[0]
+                feats, kept = [], []
+                buf: list[np.ndarray] = []
+                for run in process_grid(slide, grid, extract, plan.normalizer,
+                                        threads=max(1, cfg.workers), encode=False,
+                                        keep_patches=True):
+                    kept.extend(i for i, r in zip(run.indices, run.reasons) if not r)
+                    for patch in run.patches or []:
+                        buf.append(patch)
+                        if len(buf) == cfg.batch_size:
+                            feats.append(_forward(encoder, buf, device, dtype))
+                            if on_batch is not None:
+                                on_batch(len(buf))
+                            buf = []
+                if buf:
+                    feats.append(_forward(encoder, buf, device, dtype))
+                    if on_batch is not None:
+                        on_batch(len(buf))
+                meta = store_meta(sid, path, slide, plan, extract, {})
+            f = np.concatenate(feats) if feats else np.zeros((0, encoder.feature_dim), np.float32)
+            attrs = {**trident_attrs(meta), "encoder": encoder.spec.name,
+                     "encoder_arch": encoder.spec.arch,
+                     "encoder_sha256": encoder.weights_sha256 or "",
+                     "feature_dim": encoder.feature_dim, "source_size": path.stat().st_size}
+            write_bag(h5, f, grid.coords[kept], attrs)
+            res.n_patches = len(f)
+        except Exception as exc:  # one bad slide never stops the batch
+            res.status, res.error = "failed", str(exc)
+        res.seconds = time.perf_counter() - t0
+        results.append(res)
+        write_csv(feat_dir / "embed.csv", [r.row() for r in results], EMBED_FIELDS)
+        if on_result is not None:
+            on_result(res)
+    return results

@@ -60,6 +60,7 @@ __all__ = [
     "extract_slide",
     "extract_slides",
     "preview_slide",
+    "store_meta",
     "MANIFEST_FIELDS",
 ]
 
@@ -179,6 +180,7 @@ class RunResult:
     indices: list[int]
     reasons: list[str]
     encoded: list[bytes | None]
+    patches: list[np.ndarray] | None = None  # the kept patches, when asked for (no encoding)
 
 
 def discover_slides(inputs: Sequence[str | os.PathLike[str]]) -> list[Path]:
@@ -335,6 +337,7 @@ def process_grid(
     normalizer: StainNormalizer | None = None,
     threads: int = 1,
     encode: bool = True,
+    keep_patches: bool = False,
 ) -> Iterator[RunResult]:
     """Read, QC, normalize and encode the grid's patches; results in grid order."""
     qc = cfg.qc
@@ -354,7 +357,7 @@ def process_grid(
             else:
                 patch = next(it)
                 encoded.append(encode_patch(patch, cfg.encoding, cfg.jpeg_quality) if encode else b"")
-        return RunResult(list(range(i, j)), reasons, encoded)
+        return RunResult(list(range(i, j)), reasons, encoded, kept if keep_patches else None)
 
     yield from _ordered_map(work, _runs(grid, cfg.read_block_px), threads)
 
@@ -462,7 +465,7 @@ def extract_slide(
                             on_patches(len(run.indices))
                     coords[key] = grid.coords[kept]
                     rejected[f"{grid.spec.mpp:g}"] = dict(counts)
-                meta = _store_meta(sid, path, slide, plan, cfg, rejected)
+                meta = store_meta(sid, path, slide, plan, cfg, rejected)
                 writer.finish(coords, meta)
             if cfg.coords_h5:
                 write_coords_h5(h5_path, coords[""], trident_attrs(meta))
@@ -495,7 +498,7 @@ def extract_slide(
     return result
 
 
-def _store_meta(
+def store_meta(
     sid: str, path: Path, slide: SlideReader, plan: SlidePlan, cfg: ExtractConfig,
     rejected: dict[str, dict[str, int]],
 ) -> dict[str, Any]:
