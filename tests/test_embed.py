@@ -213,3 +213,15 @@ def test_ranks_take_disjoint_shares(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv("WORLD_SIZE", "2")
         shares.append(_select(paths, None))
     assert sorted(shares[0] + shares[1]) == paths and not set(shares[0]) & set(shares[1])
+
+
+def test_stain_norm_at_embed_time(data: Path, tmp_path: Path) -> None:
+    d = _copy(data, tmp_path)
+    plain = embed_stores(d, EmbedConfig(encoder="tiny-cnn", workers=0, device="cpu"))
+    a = read_bag(d / "features" / "tiny-cnn" / "s001.h5")
+    normed = embed_stores(d, EmbedConfig(encoder="tiny-cnn", workers=0, device="cpu",
+                                         stain_norm="macenko"))
+    assert [r.status for r in plain] == [r.status for r in normed] == ["ok"] * 4  # not skipped
+    b = read_bag(d / "features" / "tiny-cnn" / "s001.h5")
+    assert b.attrs["stain_norm"] == "macenko" and np.isfinite(b.features).all()
+    assert a.features.shape == b.features.shape and not np.allclose(a.features, b.features)

@@ -40,6 +40,10 @@ def embed(
     overwrite: Annotated[bool, typer.Option(help="Redo slides that already have features.")] = False,
     out_dir: Annotated[Path | None, typer.Option(
         "--out", help="Where features/<encoder>/ goes (default: DATA).")] = None,
+    stain_norm: Annotated[str | None, typer.Option(
+        help="macenko or reinhard: normalize stain, fitted once per slide.")] = None,
+    stain_reference: Annotated[Path | None, typer.Option(
+        exists=True, dir_okay=False, help="Reference image for --stain-norm.")] = None,
     from_slides: Annotated[bool, typer.Option(
         help="DATA holds slides: cut patches on the fly (tissue, grid, QC), store none.")] = False,
     mpp: Annotated[float, typer.Option(help="With --from-slides: target µm/px.")] = 0.5,
@@ -62,7 +66,8 @@ def embed(
     cfg = EmbedConfig(encoder=encoder, weights=str(weights) if weights else None,
                       batch_size=batch_size, workers=workers, precision=precision.value,
                       device=device, shard=parse_shard(shard), compile=compile_model,
-                      overwrite=overwrite)
+                      overwrite=overwrite, stain_norm=stain_norm,
+                      stain_reference=str(stain_reference) if stain_reference else None)
     with progress_bar() as bar:
         task = bar.add_task("embed", total=None, info="")
         on_result = lambda r: bar.update(task, info=f"{r.slide_id} {r.status}")  # noqa: E731
@@ -74,7 +79,9 @@ def embed(
             if out_dir is None:
                 raise UsageError("--from-slides needs --out", "e.g. --out data/")
             extract = ExtractConfig(mpp=mpp, patch_size=patch_size, min_tissue=min_tissue,
-                                    backend=backend, mpp_override=mpp_override)
+                                    backend=backend, mpp_override=mpp_override,
+                                    stain_norm=stain_norm,
+                                    stain_reference=cfg.stain_reference)
             results = embed_slides([data], out_dir, cfg, extract, on_result, on_batch)
         else:
             results = embed_stores(data, cfg, out_dir, on_result=on_result, on_batch=on_batch)

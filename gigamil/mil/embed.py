@@ -53,6 +53,8 @@ class EmbedConfig:
     shard: tuple[int, int] | None = None  # (i, n), 1-based
     compile: bool = False
     overwrite: bool = False
+    stain_norm: str | None = None  # fitted per slide on a sample of its stored patches
+    stain_reference: str | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -102,9 +104,11 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
 class _Patches(Dataset):
     """(slide, patch) pairs of several stores → (uint8 HWC patch, ok, slide index, patch index)."""
 
-    def __init__(self, stores: Sequence[PatchStore], items: np.ndarray) -> None:
+    def __init__(self, stores: Sequence[PatchStore], items: np.ndarray,
+                 normalizers: Sequence[Any] | None = None) -> None:
         self.stores = list(stores)
         self.items = items  # (N, 2) int64: slide index, patch index
+        self.normalizers = list(normalizers) if normalizers else None
 
     def __len__(self) -> int:
         return len(self.items)
@@ -114,6 +118,8 @@ class _Patches(Dataset):
         store = self.stores[s]
         try:
             patch = store[i]
+            if self.normalizers is not None:
+                patch = self.normalizers[s].apply(patch[None])[0]
             ok = True
         except Exception:  # a corrupt patch: dropped and counted, never a NaN feature
             patch = np.zeros((store.patch_size, store.patch_size, 3), np.uint8)
@@ -131,7 +137,7 @@ def _select(stores: list[Path], shard: tuple[int, int] | None) -> list[Path]:
     return stores[env.rank :: env.world_size]
 
 
-def _is_done(h5: Path, store: PatchStore, encoder: Encoder) -> bool:
+def _is_done(h5: Path, store: PatchStore, encoder: Encoder, cfg: EmbedConfig) -> bool:
     if not h5.is_file():
         return False
     try:
@@ -141,6 +147,7 @@ def _is_done(h5: Path, store: PatchStore, encoder: Encoder) -> bool:
     a = bag.attrs
     return (a.get("encoder") == encoder.spec.name
             and (a.get("encoder_sha256") or "") == (encoder.weights_sha256 or "")
+            and (a.get("stain_norm") or "") == (cfg.stain_norm or "")
             and a.get("store_count") == len(store)
             and len(bag) == len(store) - int(a.get("n_bad", 0)))
 
@@ -182,11 +189,11 @@ def embed_stores(
         store = PatchStore(path)
         sid = path.stem
         try:
-            if not cfg.overwrite and _is_done(feat_dir / f"{sid}.h5", store, encoder):
+            if not cfg.overwrite and _is_done(feat_dir / f"{sid}.h5", store, encoder, cfg):
                 record(EmbedResult(sid, "skipped", len(store)))
             elif len(store) == 0:
                 _write(feat_dir / f"{sid}.h5", np.zeros((0, encoder.feature_dim), np.float32),
-                       store.coords[:0], store, encoder, 0)
+                       store.coords[:0], store, encoder, 0, cfg.stain_norm)
                 record(EmbedResult(sid, "ok", 0))
             else:
                 pending.append(store)
@@ -198,8 +205,8 @@ def embed_stores(
 
 
 def _write(path: Path, feats: np.ndarray, coords: np.ndarray, store: PatchStore,
-           encoder: Encoder, n_bad: int) -> None:
-    attrs = {**trident_attrs(store.meta), "encoder": encoder.spec.name,
+           encoder: Encoder, n_bad: int, stain_norm: str | None) -> None:
+    attrs = {**trident_attrs(store.meta), "encoder": encoder.spec.name, "stain_norm": stain_norm or "",
              "encoder_arch": encoder.spec.arch, "encoder_sha256": encoder.weights_sha256 or "",
              "feature_dim": encoder.feature_dim, "store_count": len(store), "n_bad": n_bad}
     write_bag(path, feats, coords, attrs)
@@ -211,8 +218,11 @@ def _run(stores: list[PatchStore], encoder: Encoder, cfg: EmbedConfig, device: t
     counts = [len(s) for s in stores]
     items = np.concatenate([np.stack([np.full(n, k), np.arange(n)], axis=1)
                             for k, n in enumerate(counts)]).astype(np.int64)
+    normalizers = None
+    if cfg.stain_norm is not None:
+        normalizers = [_fit_stain(s, cfg) for s in stores]
     loader = DataLoader(
-        _Patches(stores, items), batch_size=cfg.batch_size, shuffle=False,
+        _Patches(stores, items, normalizers), batch_size=cfg.batch_size, shuffle=False,
         num_workers=cfg.workers, pin_memory=device.type == "cuda",
         persistent_workers=cfg.workers > 0, prefetch_factor=4 if cfg.workers > 0 else None,
         multiprocessing_context="spawn" if cfg.workers > 0 else None,
@@ -242,13 +252,25 @@ def _run(stores: list[PatchStore], encoder: Encoder, cfg: EmbedConfig, device: t
                 seen[k] += int(sel.sum())
                 bad[k] += int((sel & ~ok).sum())
                 if seen[k] == counts[k]:  # the slide is complete: write it now
-                    _finish(int(k), stores, encoder, feats, ok_rows, bad, started, feat_dir, record)
+                    _finish(int(k), stores, encoder, feats, ok_rows, bad, started, feat_dir, record,
+                            cfg.stain_norm)
             if on_batch is not None:
                 on_batch(len(p_idx))
 
 
+def _fit_stain(store: PatchStore, cfg: EmbedConfig) -> Any:
+    """A normalizer fitted once on up to 64 evenly spaced patches of the slide."""
+    from gigamil.wsi.stain import create_stain_normalizer
+
+    norm = create_stain_normalizer(cfg.stain_norm or "macenko", cfg.stain_reference)
+    idx = np.linspace(0, len(store) - 1, min(64, len(store))).astype(int)
+    norm.fit_slide(np.concatenate([store[int(i)] for i in idx], axis=0))
+    return norm
+
+
 def _finish(k: int, stores: list[PatchStore], encoder: Encoder, feats: dict, rows: dict,
-            bad: list[int], started: dict, feat_dir: Path, record: Callable) -> None:
+            bad: list[int], started: dict, feat_dir: Path, record: Callable,
+            stain_norm: str | None) -> None:
     store = stores[k]
     sid = store.path.stem
     f = np.concatenate(feats.pop(k)) if k in feats else np.zeros((0, encoder.feature_dim))
@@ -258,7 +280,7 @@ def _finish(k: int, stores: list[PatchStore], encoder: Encoder, feats: dict, row
         if not np.isfinite(f).all():
             raise StoreError(f"{sid}: the encoder produced NaN/inf features",
                              "check the weights, or use --precision fp32")
-        _write(feat_dir / f"{sid}.h5", f, store.coords[idx], store, encoder, bad[k])
+        _write(feat_dir / f"{sid}.h5", f, store.coords[idx], store, encoder, bad[k], stain_norm)
         if bad[k]:
             res.error = f"{bad[k]} corrupt patch(es) skipped"
             log.warning("%s: %d corrupt patches skipped", sid, bad[k])

@@ -12,6 +12,7 @@ downloaded: ``pretrained=False`` plus a local ``weights`` file, or an
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from collections.abc import Callable
@@ -191,7 +192,9 @@ def create_encoder(name: str, weights: str | os.PathLike[str] | None = None,
         kwargs.update(_swiglu())
     pretrained = spec.arch.startswith("hf-hub:") and weights is None
     try:
-        model = timm.create_model(spec.arch, pretrained=pretrained, num_classes=0, **kwargs)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # random init is reproducible: reruns and tests agree
+            model = timm.create_model(spec.arch, pretrained=pretrained, num_classes=0, **kwargs)
     except RuntimeError as exc:
         raise UsageError(f"timm cannot build encoder {name!r}: {exc}",
                          "see `gigamil encoders` for presets, or give a timm model name") from exc
@@ -209,6 +212,12 @@ def create_encoder(name: str, weights: str | os.PathLike[str] | None = None,
                              f"the {name} preset expects {spec.weights or 'weights for ' + spec.arch}")
         model.load_state_dict(state, strict=False)
         sha = sha256_file(path)
+    if name not in ENCODERS:  # a plain timm name: preprocessing from its own data config
+        from timm.data import resolve_data_config
+
+        dc = resolve_data_config({}, model=model)
+        spec = dataclasses.replace(spec, mean=tuple(dc["mean"]), std=tuple(dc["std"]),
+                                   input_size=int(dc["input_size"][-1]))
     if spec.pooling == "cls+mean":
         model = _ClsMeanPool(model)
     model = model.eval().to(device)
