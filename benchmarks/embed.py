@@ -53,10 +53,12 @@ def bare_forward(stores: list[Path], encoder: str, batch: int) -> tuple[float, i
 def pipeline(data: Path, encoder: str, batch: int, workers: int) -> tuple[float, float, int]:
     first: list[float] = []
     n = [0]
+    first_n = [0]
 
     def on_batch(k: int) -> None:
-        if not first:
+        if not first:  # the clock starts after the first batch: do not count its patches
             first.append(time.perf_counter())
+            first_n[0] = k
         n[0] += k
 
     t0 = time.perf_counter()
@@ -64,7 +66,7 @@ def pipeline(data: Path, encoder: str, batch: int, workers: int) -> tuple[float,
                       overwrite=True)
     embed_stores(data, cfg, on_batch=on_batch)
     t1 = time.perf_counter()
-    return t1 - t0, t1 - first[0], n[0]
+    return t1 - t0, (t1 - first[0]) * n[0] / max(n[0] - first_n[0], 1), n[0]
 
 
 def peak_rss(cmd: list[str]) -> float:

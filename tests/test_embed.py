@@ -44,7 +44,7 @@ def test_features_equal_a_direct_forward(data: Path, tmp_path: Path, workers: in
     w = tmp_path / "w.safetensors"  # one random init, shared by the pipeline and the reference
     from safetensors.torch import save_file
 
-    save_file(enc.model.state_dict(), str(w))
+    save_file({k: v.contiguous() for k, v in enc.model.state_dict().items()}, str(w))
     cfg = EmbedConfig(encoder="tiny-vit", weights=str(w), batch_size=17, workers=workers,
                       device="cpu", overwrite=True)
     assert [r.status for r in embed_stores(d, cfg)] == ["ok"] * 4
@@ -134,15 +134,40 @@ def test_corrupt_patch_is_skipped_and_reported(data: Path, tmp_path: Path) -> No
         assert not (bag.coords == store.coords[3]).all(axis=1).any()  # its row is gone
 
 
+def test_checkpoint_wrappers_and_prefixes_load(tmp_path: Path) -> None:
+    ref = create_encoder("tiny-cnn")
+    sd = ref.model.state_dict()
+    x = torch.zeros(2, 64, 64, 3, dtype=torch.uint8) + 120
+    want = ref.model(ref.preprocess(x)).detach()
+    for i, obj in enumerate([
+        {"model": sd},
+        {"teacher": {f"backbone.{k}": v for k, v in sd.items()} | {"head.mlp.weight": torch.ones(2)}},
+        {f"_orig_mod.{k}": v for k, v in sd.items()},
+        {"state_dict": {f"module.{k}": v for k, v in sd.items()}},
+    ]):
+        torch.save(obj, tmp_path / f"w{i}.pth")
+        enc = create_encoder("tiny-cnn", tmp_path / f"w{i}.pth")
+        torch.testing.assert_close(enc.model(enc.preprocess(x)).detach(), want)
+
+
 def test_wrong_weights_name_the_encoder_and_file(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
-    save_file(create_encoder("tiny-cnn").model.state_dict(), str(tmp_path / "cnn.safetensors"))
+    sd = {k: v.contiguous() for k, v in create_encoder("tiny-cnn").model.state_dict().items()}
+    save_file(sd, str(tmp_path / "cnn.safetensors"))
     with pytest.raises(UsageError, match=r"cnn\.safetensors.*tiny-vit"):
         create_encoder("tiny-vit", tmp_path / "cnn.safetensors")
     torch.save({"fc.weight": torch.zeros(3, 3)}, tmp_path / "bad.pth")
     with pytest.raises(UsageError, match="bad.pth"):
         create_encoder("tiny-cnn", tmp_path / "bad.pth")
+    sd = create_encoder("tiny-cnn").model.state_dict()
+    k = next(k for k, v in sd.items() if v.ndim == 4)
+    torch.save({**sd, k: torch.zeros(1, 1, 1, 1)}, tmp_path / "shape.pth")
+    with pytest.raises(UsageError, match="shape mismatch"):
+        create_encoder("tiny-cnn", tmp_path / "shape.pth")
+    torch.save({kk: v for kk, v in sd.items() if kk != k}, tmp_path / "partial.pth")
+    with pytest.raises(UsageError, match="missing"):
+        create_encoder("tiny-cnn", tmp_path / "partial.pth")
 
 
 def test_presets_declare_their_size() -> None:
@@ -159,7 +184,7 @@ def test_kill_9_then_resume_gives_the_same_features(data: Path, tmp_path: Path) 
     w = tmp_path / "w.safetensors"
     from safetensors.torch import save_file
 
-    save_file(create_encoder("tiny-vit").model.state_dict(), str(w))
+    save_file({k: v.contiguous() for k, v in create_encoder("tiny-vit").model.state_dict().items()}, str(w))
     args = [sys.executable, "-m", "gigamil", "embed", "--encoder", "tiny-vit", "--weights", str(w),
             "--workers", "0", "--batch-size", "8", "--device", "cpu"]
     subprocess.run([*args, str(ref)], check=True, capture_output=True)
@@ -191,7 +216,7 @@ def test_from_slides_matches_the_store_path(cohort: Path, tmp_path: Path) -> Non
     from gigamil.mil.embed import embed_slides
 
     w = tmp_path / "w.safetensors"
-    save_file(create_encoder("tiny-cnn").model.state_dict(), str(w))
+    save_file({k: v.contiguous() for k, v in create_encoder("tiny-cnn").model.state_dict().items()}, str(w))
     ecfg = ExtractConfig(mpp=1.0, patch_size=64, encoding="png")  # lossless: identical pixels
     cfg = EmbedConfig(encoder="tiny-cnn", weights=str(w), workers=2, device="cpu", batch_size=16)
     extract_slides([cohort / "s001.svs"], tmp_path / "a", ecfg)
@@ -206,13 +231,18 @@ def test_from_slides_matches_the_store_path(cohort: Path, tmp_path: Path) -> Non
 
 
 def test_ranks_take_disjoint_shares(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gigamil.cluster.distributed import dist_env
+
     paths = [Path(f"s{i:03d}.lmdb") for i in range(7)]
     shares = []
     for rank in range(2):
         monkeypatch.setenv("RANK", str(rank))
         monkeypatch.setenv("WORLD_SIZE", "2")
-        shares.append(_select(paths, None))
+        env = dist_env()
+        shares.append(_select(paths, (1, 1), env.rank, env.world_size))
     assert sorted(shares[0] + shares[1]) == paths and not set(shares[0]) & set(shares[1])
+    cfg = EmbedConfig(shard=(2, 4), rank=1, world_size=2)
+    assert cfg.manifest_name == "embed.shard2of4.rank1.csv"
 
 
 def test_stain_norm_at_embed_time(data: Path, tmp_path: Path) -> None:

@@ -61,9 +61,11 @@ def embed(
     skipped and counted in features/<encoder>/embed.csv. Under torchrun each rank
     takes its share of the slides.
     """
+    from gigamil.cluster.distributed import dist_env
     from gigamil.mil.embed import EmbedConfig, embed_stores, parse_shard
 
-    cfg = EmbedConfig(encoder=encoder, weights=str(weights) if weights else None,
+    env = dist_env()
+    cfg = EmbedConfig(rank=env.rank, world_size=env.world_size, local_rank=env.local_rank,encoder=encoder, weights=str(weights) if weights else None,
                       batch_size=batch_size, workers=workers, precision=precision.value,
                       device=device, shard=parse_shard(shard), compile=compile_model,
                       overwrite=overwrite, stain_norm=stain_norm,

@@ -23,8 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from gigamil.cluster.distributed import dist_env
-from gigamil.errors import StoreError, UsageError
+from gigamil.errors import GigamilError, StoreError, UsageError
 from gigamil.io import write_csv, write_json
 from gigamil.mil.encoders import Encoder, create_encoder
 from gigamil.versions import gigamil_version, package_versions
@@ -55,6 +54,9 @@ class EmbedConfig:
     overwrite: bool = False
     stain_norm: str | None = None  # fitted per slide on a sample of its stored patches
     stain_reference: str | None = None
+    rank: int = 0  # this process's place in a multi-process job (set by the caller,
+    world_size: int = 1  # from torchrun/SLURM via gigamil.cluster.distributed)
+    local_rank: int = 0
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -65,10 +67,24 @@ class EmbedConfig:
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            if not torch.cuda.is_available():
+                return torch.device("cpu")
+            return torch.device(f"cuda:{self.local_rank % torch.cuda.device_count()}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise UsageError("--device cuda but no GPU is visible", "use --device cpu")
+        if self.device == "cuda":  # one GPU per rank
+            return torch.device(f"cuda:{self.local_rank % torch.cuda.device_count()}")
         return torch.device(self.device)
+
+    @property
+    def manifest_name(self) -> str:
+        """embed.csv, or one file per shard/rank so parallel jobs never overwrite each other."""
+        parts = []
+        if self.shard is not None:
+            parts.append(f"shard{self.shard[0]}of{self.shard[1]}")
+        if self.world_size > 1:
+            parts.append(f"rank{self.rank}")
+        return "embed" + "".join(f".{p}" for p in parts) + ".csv"
 
     def autocast_dtype(self, device: torch.device) -> torch.dtype | None:
         precision = self.precision
@@ -102,54 +118,71 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
 
 
 class _Patches(Dataset):
-    """(slide, patch) pairs of several stores → (uint8 HWC patch, ok, slide index, patch index)."""
+    """Patches of several stores in order → (uint8 HWC patch, ok, slide index, patch index).
 
-    def __init__(self, stores: Sequence[PatchStore], items: np.ndarray,
-                 normalizers: Sequence[Any] | None = None) -> None:
+    Holds per-slide offsets, not one row per patch, and keeps only the store it
+    is reading open, so memory and open files do not grow with the cohort.
+    """
+
+    def __init__(self, stores: Sequence[PatchStore], normalizers: Sequence[Any] | None = None
+                 ) -> None:
         self.stores = list(stores)
-        self.items = items  # (N, 2) int64: slide index, patch index
+        self.offsets = np.cumsum([0] + [len(st) for st in self.stores])
         self.normalizers = list(normalizers) if normalizers else None
+        self._current = -1
 
     def __len__(self) -> int:
-        return len(self.items)
+        return int(self.offsets[-1])
 
     def __getitem__(self, k: int) -> tuple[torch.Tensor, bool, int, int]:
-        s, i = (int(v) for v in self.items[k])
+        s = int(np.searchsorted(self.offsets, k, side="right") - 1)
+        i = int(k - self.offsets[s])
+        if s != self._current:
+            if self._current >= 0:
+                self.stores[self._current].close()
+            self._current = s
         store = self.stores[s]
         try:
             patch = store[i]
-            if self.normalizers is not None:
-                patch = self.normalizers[s].apply(patch[None])[0]
             ok = True
-        except Exception:  # a corrupt patch: dropped and counted, never a NaN feature
+        except Exception as exc:  # a corrupt patch: dropped and counted, never a NaN feature
+            log.warning("%s: patch %d unreadable (%s: %s)", store.path.stem, i,
+                        type(exc).__name__, exc)
             patch = np.zeros((store.patch_size, store.patch_size, 3), np.uint8)
             ok = False
+        if ok and self.normalizers is not None:
+            patch = self.normalizers[s].apply(patch[None])[0]
         return torch.from_numpy(np.ascontiguousarray(patch)), ok, s, i
 
 
-def _select(stores: list[Path], shard: tuple[int, int] | None) -> list[Path]:
+def _select(stores: list[Path], shard: tuple[int, int] | None, rank: int = 0,
+            world_size: int = 1) -> list[Path]:
     """The share of the slides for this shard and this rank (deterministic: sorted by name)."""
     stores = sorted(stores)
     if shard is not None:
         i, n = shard
         stores = stores[i - 1 :: n]
-    env = dist_env()
-    return stores[env.rank :: env.world_size]
+    return stores[rank::world_size]
 
 
 def _is_done(h5: Path, store: PatchStore, encoder: Encoder, cfg: EmbedConfig) -> bool:
+    """A finished bag of this store, encoder, weights and stain setting (attributes only)."""
+    import h5py
+
     if not h5.is_file():
         return False
     try:
-        bag = read_bag(h5)
-    except StoreError:
+        with h5py.File(h5, "r") as f:
+            a = dict(f["coords"].attrs)
+            n = f["features"].shape[0]
+    except Exception:  # unreadable or partial: redo it
         return False
-    a = bag.attrs
     return (a.get("encoder") == encoder.spec.name
             and (a.get("encoder_sha256") or "") == (encoder.weights_sha256 or "")
             and (a.get("stain_norm") or "") == (cfg.stain_norm or "")
             and a.get("store_count") == len(store)
-            and len(bag) == len(store) - int(a.get("n_bad", 0)))
+            and a.get("store_mtime") == int(store.path.stat().st_mtime)
+            and n == len(store) - int(a.get("n_bad", 0)))
 
 
 def embed_stores(
@@ -179,50 +212,58 @@ def embed_stores(
 
     def record(res: EmbedResult) -> None:
         results.append(res)
-        name = "embed.csv" if dist_env().world_size == 1 else f"embed.rank{dist_env().rank}.csv"
-        write_csv(feat_dir / name, [r.row() for r in results], EMBED_FIELDS)
+        write_csv(feat_dir / cfg.manifest_name, [r.row() for r in results], EMBED_FIELDS)
         if on_result is not None:
             on_result(res)
 
     pending: list[PatchStore] = []
-    for path in _select(paths, cfg.shard):
+    for path in _select(paths, cfg.shard, cfg.rank, cfg.world_size):
         store = PatchStore(path)
         sid = path.stem
         try:
             if not cfg.overwrite and _is_done(feat_dir / f"{sid}.h5", store, encoder, cfg):
                 record(EmbedResult(sid, "skipped", len(store)))
+                store.close()
             elif len(store) == 0:
                 _write(feat_dir / f"{sid}.h5", np.zeros((0, encoder.feature_dim), np.float32),
                        store.coords[:0], store, encoder, 0, cfg.stain_norm)
                 record(EmbedResult(sid, "ok", 0))
+                store.close()
             else:
                 pending.append(store)
-        except StoreError as exc:
+        except GigamilError as exc:
             record(EmbedResult(sid, "failed", error=str(exc)))
+    normalizers = None
+    if cfg.stain_norm is not None:  # fitted once per slide; a slide that cannot be fitted fails
+        fitted = []
+        for store in list(pending):
+            try:
+                fitted.append(_fit_stain(store, cfg))
+            except Exception as exc:
+                pending.remove(store)
+                record(EmbedResult(store.path.stem, "failed", error=str(exc)))
+        normalizers = fitted
     if pending:
-        _run(pending, encoder, cfg, device, feat_dir, record, on_batch)
+        _run(pending, normalizers, encoder, cfg, device, feat_dir, record, on_batch)
     return results
 
 
 def _write(path: Path, feats: np.ndarray, coords: np.ndarray, store: PatchStore,
            encoder: Encoder, n_bad: int, stain_norm: str | None) -> None:
     attrs = {**trident_attrs(store.meta), "encoder": encoder.spec.name, "stain_norm": stain_norm or "",
+             "store_mtime": int(store.path.stat().st_mtime),
+             "encoder_weights": "file" if encoder.weights_sha256 else "random-init",
              "encoder_arch": encoder.spec.arch, "encoder_sha256": encoder.weights_sha256 or "",
              "feature_dim": encoder.feature_dim, "store_count": len(store), "n_bad": n_bad}
     write_bag(path, feats, coords, attrs)
 
 
-def _run(stores: list[PatchStore], encoder: Encoder, cfg: EmbedConfig, device: torch.device,
-         feat_dir: Path, record: Callable[[EmbedResult], None],
-         on_batch: Callable[[int], None] | None) -> None:
+def _run(stores: list[PatchStore], normalizers: list[Any] | None, encoder: Encoder,
+         cfg: EmbedConfig, device: torch.device, feat_dir: Path,
+         record: Callable[[EmbedResult], None], on_batch: Callable[[int], None] | None) -> None:
     counts = [len(s) for s in stores]
-    items = np.concatenate([np.stack([np.full(n, k), np.arange(n)], axis=1)
-                            for k, n in enumerate(counts)]).astype(np.int64)
-    normalizers = None
-    if cfg.stain_norm is not None:
-        normalizers = [_fit_stain(s, cfg) for s in stores]
     loader = DataLoader(
-        _Patches(stores, items, normalizers), batch_size=cfg.batch_size, shuffle=False,
+        _Patches(stores, normalizers), batch_size=cfg.batch_size, shuffle=False,
         num_workers=cfg.workers, pin_memory=device.type == "cuda",
         persistent_workers=cfg.workers > 0, prefetch_factor=4 if cfg.workers > 0 else None,
         multiprocessing_context="spawn" if cfg.workers > 0 else None,
@@ -235,7 +276,7 @@ def _run(stores: list[PatchStore], encoder: Encoder, cfg: EmbedConfig, device: t
     seen = [0] * len(stores)
     bad = [0] * len(stores)
     ok_rows: dict[int, list[np.ndarray]] = {}
-    started = {k: time.perf_counter() for k in range(len(stores))}
+    started: dict[int, float] = {}
     with torch.inference_mode():
         for patches, ok, slide_idx, patch_idx in loader:
             x = encoder.preprocess(patches.to(device, non_blocking=True))
@@ -245,6 +286,7 @@ def _run(stores: list[PatchStore], encoder: Encoder, cfg: EmbedConfig, device: t
             ok = ok.numpy().astype(bool)
             s_idx, p_idx = slide_idx.numpy(), patch_idx.numpy()
             for k in np.unique(s_idx):
+                started.setdefault(int(k), time.perf_counter())
                 sel = s_idx == k
                 good = sel & ok
                 feats.setdefault(int(k), []).append(out[good])
@@ -287,6 +329,7 @@ def _finish(k: int, stores: list[PatchStore], encoder: Encoder, feats: dict, row
     except Exception as exc:
         res.status, res.error = "failed", str(exc)
     res.seconds = time.perf_counter() - started[k]
+    store.close()
     record(res)
 
 
@@ -320,18 +363,26 @@ def embed_slides(
     feat_dir.mkdir(parents=True, exist_ok=True)
     dtype = cfg.autocast_dtype(device)
     results: list[EmbedResult] = []
-    paths = [p for p in _select([Path(p) for p in discover_slides(inputs)], cfg.shard)]
+    paths = _select([Path(p) for p in discover_slides(inputs)], cfg.shard, cfg.rank,
+                    cfg.world_size)
     for path in paths:
         sid = slide_id(path)
         h5 = feat_dir / f"{sid}.h5"
         t0 = time.perf_counter()
         res = EmbedResult(sid, "ok")
         try:
+            bag = None
             if h5.exists() and not cfg.overwrite:
-                attrs = read_bag(h5).attrs
-                if attrs.get("encoder") == encoder.spec.name and attrs.get("source_size") == \
-                        path.stat().st_size:
-                    res.status, res.n_patches = "skipped", int(len(read_bag(h5)))
+                try:
+                    bag = read_bag(h5)
+                except StoreError:
+                    bag = None  # unreadable: redo it
+            if bag is not None:
+                if (bag.attrs.get("encoder") == encoder.spec.name
+                        and (bag.attrs.get("encoder_sha256") or "") == (encoder.weights_sha256 or "")
+                        and bag.attrs.get("source_size") == path.stat().st_size
+                        and bag.attrs.get("extract_params") == repr(extract.output_params())):
+                    res.status, res.n_patches = "skipped", len(bag)
                     results.append(res)
                     continue
             with open_slide(path, extract.backend, extract.mpp_override) as slide:
@@ -359,14 +410,16 @@ def embed_slides(
             attrs = {**trident_attrs(meta), "encoder": encoder.spec.name,
                      "encoder_arch": encoder.spec.arch,
                      "encoder_sha256": encoder.weights_sha256 or "",
-                     "feature_dim": encoder.feature_dim, "source_size": path.stat().st_size}
+                     "feature_dim": encoder.feature_dim, "source_size": path.stat().st_size,
+                     "extract_params": repr(extract.output_params()),
+                     "stain_norm": extract.stain_norm or ""}
             write_bag(h5, f, grid.coords[kept], attrs)
             res.n_patches = len(f)
         except Exception as exc:  # one bad slide never stops the batch
             res.status, res.error = "failed", str(exc)
         res.seconds = time.perf_counter() - t0
         results.append(res)
-        write_csv(feat_dir / "embed.csv", [r.row() for r in results], EMBED_FIELDS)
+        write_csv(feat_dir / cfg.manifest_name, [r.row() for r in results], EMBED_FIELDS)
         if on_result is not None:
             on_result(res)
     return results

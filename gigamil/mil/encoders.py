@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +29,8 @@ from gigamil.registry import Registry
 
 __all__ = ["EncoderSpec", "Encoder", "ENCODERS", "create_encoder", "list_encoders",
            "IMAGENET_MEAN", "IMAGENET_STD"]
+
+log = logging.getLogger("gigamil.encoders")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -134,6 +137,11 @@ def _resolve(name: str) -> EncoderSpec:
     return EncoderSpec(name, name, {}, description="timm model")
 
 
+_WRAPPERS = ("state_dict", "model", "model_state_dict", "teacher", "student", "module")
+_PREFIXES = ("module.", "_orig_mod.", "model.", "backbone.", "encoder.", "teacher.", "student.",
+             "trunk.")
+
+
 def _load_weights(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise UsageError(f"weights file {path.name} not found", "check --weights")
@@ -146,18 +154,28 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
     except Exception as exc:
         raise GigamilError(f"cannot load {path.name} safely: {exc}",
                            "give a .safetensors file or a plain state_dict saved with torch.save") from exc
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
+    while isinstance(state, dict) and not any(isinstance(v, torch.Tensor) for v in state.values()):
+        inner = next((state[k] for k in _WRAPPERS if isinstance(state.get(k), dict)), None)
+        if inner is None:
+            break
+        state = inner  # {"model": {...}}, {"teacher": {...}}, … (DINO, Lightning checkpoints)
     if not isinstance(state, dict):
         raise GigamilError(f"{path.name} does not hold a state_dict", "save model.state_dict()")
-    return state
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
-def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    for prefix in ("module.", "model.", "backbone.", "encoder."):
-        if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
-    return state
+def _match_keys(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]
+                ) -> dict[str, torch.Tensor]:
+    """Strip wrapper prefixes (``module.``, ``backbone.``, …) while that matches more keys."""
+    best = state
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _PREFIXES:
+            stripped = {k.removeprefix(prefix): v for k, v in best.items()}
+            if sum(k in own for k in stripped) > sum(k in own for k in best):
+                best, changed = stripped, True
+    return best
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -195,23 +213,30 @@ def create_encoder(name: str, weights: str | os.PathLike[str] | None = None,
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)  # random init is reproducible: reruns and tests agree
             model = timm.create_model(spec.arch, pretrained=pretrained, num_classes=0, **kwargs)
-    except RuntimeError as exc:
-        raise UsageError(f"timm cannot build encoder {name!r}: {exc}",
-                         "see `gigamil encoders` for presets, or give a timm model name") from exc
+    except Exception as exc:  # unknown name, no network for hf-hub, bad kwargs
+        raise UsageError(f"timm cannot build encoder {name!r}: {type(exc).__name__}: {exc}",
+                         "see `gigamil encoders` for presets, give a timm model name, or "
+                         "--weights for a local file") from exc
     sha = None
     if weights is not None:
         path = Path(weights)
-        state = _strip_prefixes(_load_weights(path))
         own = model.state_dict()
+        state = _match_keys(_load_weights(path), own)
         bad = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
         missing = [k for k in own if k not in state]
-        if bad or len(missing) > 0.1 * len(own):
+        extra = [k for k in state if k not in own
+                 and not k.startswith(("head.", "fc.", "classifier.", "head_drop."))]
+        if bad or missing or extra:
             detail = (f"shape mismatch in {', '.join(bad[:3])}" if bad
-                      else f"{len(missing)} of {len(own)} tensors missing, e.g. {missing[0]}")
+                      else f"{len(missing)} of {len(own)} tensors missing, e.g. {missing[0]}"
+                      if missing else f"unexpected tensors, e.g. {extra[0]}")
             raise UsageError(f"weights {path.name} do not fit encoder {name!r} ({spec.arch}): {detail}",
                              f"the {name} preset expects {spec.weights or 'weights for ' + spec.arch}")
-        model.load_state_dict(state, strict=False)
+        model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=True)
         sha = sha256_file(path)
+    elif not pretrained and not name.startswith("tiny-"):
+        log.warning("encoder %s has no --weights: features come from a RANDOM initialization "
+                    "(fine for plumbing tests, useless for science)", name)
     if name not in ENCODERS:  # a plain timm name: preprocessing from its own data config
         from timm.data import resolve_data_config
 
@@ -220,7 +245,7 @@ def create_encoder(name: str, weights: str | os.PathLike[str] | None = None,
                                    input_size=int(dc["input_size"][-1]))
     if spec.pooling == "cls+mean":
         model = _ClsMeanPool(model)
-    model = model.eval().to(device)
+    model = model.eval().to(device).to(memory_format=torch.channels_last)
     with torch.no_grad():
         dim = int(model(torch.zeros(1, 3, spec.input_size, spec.input_size, device=device)).shape[-1])
     mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1) * 255
