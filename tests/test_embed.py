@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import signal
@@ -56,7 +57,7 @@ def test_features_equal_a_direct_forward(data: Path, tmp_path: Path, workers: in
         with torch.no_grad():
             ref = enc.model(enc.preprocess(x)).numpy()
         np.testing.assert_allclose(bag.features, ref, atol=1e-5, rtol=0)
-        assert bag.attrs["encoder_sha256"] == __import__("hashlib").sha256(w.read_bytes()).hexdigest()
+        assert bag.attrs["encoder_sha256"] == hashlib.sha256(w.read_bytes()).hexdigest()
 
 
 def test_h5_layout_is_what_clam_and_trident_read(data: Path, tmp_path: Path) -> None:
