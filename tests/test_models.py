@@ -5,7 +5,7 @@ import torch
 
 from gigamil.mil.models import MILOutput, create_model, list_models
 
-NAMES = ["abmil", "abmil_gated", "mean", "max", "transmil"]
+NAMES = ["abmil", "abmil_gated", "mean", "max", "transmil", "clam_sb", "clam_mb"]
 
 
 def _bags(lengths: list[int], dim: int = 12, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,14 +33,16 @@ def test_padded_batch_equals_one_bag_at_a_time(name: str) -> None:
     with torch.no_grad():
         out = model(x, mask)
         assert isinstance(out, MILOutput) and out.logits.shape == (3, 3)
-        assert out.attention.shape == (3, 9)
+        attn = out.attention if out.attention.ndim == 2 else out.attention[:, 0]
+        assert attn.shape == (3, 9)
         for i, n in enumerate([5, 9, 1]):
             single = model(x[i : i + 1, :n], mask[i : i + 1, :n])
             if name != "transmil" or n == 9:  # the longest bag: the same square either way
                 torch.testing.assert_close(out.logits[i], single.logits[0], atol=1e-5, rtol=1e-4)
             assert torch.isfinite(single.logits).all()
-    assert (out.attention[~mask] == 0).all()
-    torch.testing.assert_close(out.attention.sum(-1), torch.ones(3), atol=1e-5, rtol=0)
+    assert (attn[~mask] == 0).all()
+    torch.testing.assert_close(out.attention.sum(-1), torch.ones(out.attention.shape[:-1]),
+                               atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("name", ["abmil", "abmil_gated", "mean", "max"])
@@ -80,3 +82,28 @@ def test_models_command_lists_options() -> None:
     res = CliRunner().invoke(app, ["models"])
     assert res.exit_code == 0, res.output
     assert "transmil" in res.output and "gated" in res.output
+
+
+@pytest.mark.parametrize("name", ["clam_sb", "clam_mb"])
+def test_clam_instance_loss(name: str) -> None:
+    model = create_model(name, in_dim=12, n_classes=2, k_sample=3)
+    x, mask = _bags([10, 7])
+    out = model(x, mask, label=torch.tensor([1, 0]))
+    assert out.aux_loss is not None and torch.isfinite(out.aux_loss) and out.aux_loss > 0
+    (out.logits.sum() + out.aux_loss).backward()
+    assert model.instance_classifiers[0].weight.grad is not None
+    assert model.instance_classifiers[1].weight.grad is not None
+    assert model(x, mask).aux_loss is None  # no labels at inference
+
+
+def test_evidential_head() -> None:
+    from gigamil.mil.models import dirichlet, evidential_loss
+
+    logits = torch.tensor([[0.0, 0.0], [8.0, -8.0]])
+    probs, unc = dirichlet(logits)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2))
+    assert unc[0] > unc[1] and ((unc > 0) & (unc <= 1)).all()
+    target = torch.tensor([0, 0])
+    right = evidential_loss(torch.tensor([[6.0, -6.0]] * 2), target)
+    wrong = evidential_loss(torch.tensor([[-6.0, 6.0]] * 2), target)
+    assert torch.isfinite(right) and right < wrong

@@ -20,7 +20,8 @@ def models() -> None:
         factory = MODELS.get(name)
         model = factory(in_dim=8)
         sig = inspect.signature(type(model).__init__)
-        fixed = {"abmil_gated": "gated", "mean": "mode", "max": "mode"}.get(name)
+        fixed = {"abmil_gated": "gated", "mean": "mode", "max": "mode", "clam_sb": "multi_branch",
+                 "clam_mb": "multi_branch"}.get(name)
         opts = ", ".join(f"{p.name}={p.default!r}" if p.default is not inspect.Parameter.empty
                          else p.name for p in list(sig.parameters.values())[1:]
                          if p.name != fixed)

@@ -21,6 +21,7 @@ class MILOutput:
     logits: torch.Tensor  # (B, C)
     attention: torch.Tensor  # (B, N) instance weights (0 on padding), or (B, H, N)
     embedding: torch.Tensor | None = None  # (B, E) bag embedding before the classifier
+    aux_loss: torch.Tensor | None = None  # a model's own extra loss (CLAM's instance loss)
 
 
 def create_model(name: str, **kwargs: object) -> nn.Module:
