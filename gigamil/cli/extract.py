@@ -9,23 +9,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from gigamil.cli import options as opt
 from gigamil.cli._common import EXIT_FAILED, cli_errors, err, progress_bar
-from gigamil.cli.options import (
-    AllowUpsample,
-    Backend,
-    BackendChoice,
-    MinTissue,
-    Mpp,
-    MppOverride,
-    Overlap,
-    PatchSize,
-    QcBackground,
-    QcBlur,
-    QcPen,
-    TissueMpp,
-    parse_mpps,
-    qc_config,
-)
 from gigamil.wsi.extract import ExtractConfig, SlideResult, extract_slides
 
 
@@ -44,25 +29,25 @@ class StainChoice(str, Enum):
 def extract(
     inputs: Annotated[list[Path], typer.Argument(help="Slide files or directories of slides.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (patches/, extract.csv).")],
-    mpp: Mpp = "0.5",
-    patch_size: PatchSize = 256,
-    overlap: Overlap = 0,
-    min_tissue: MinTissue = 0.5,
+    mpp: opt.Mpp = "0.5",
+    patch_size: opt.PatchSize = 256,
+    overlap: opt.Overlap = 0,
+    min_tissue: opt.MinTissue = 0.5,
     workers: Annotated[int, typer.Option(
         min=1, help="CPU workers: slides run in parallel processes; with fewer slides than "
                     "workers, each slide is read with several threads.")] = 1,
     fmt: Annotated[Format, typer.Option("--format", help="Patch encoding in the store.")] = Format.jpeg,
     jpeg_quality: Annotated[int, typer.Option(min=1, max=100, help="JPEG quality.")] = 90,
-    backend: Backend = BackendChoice.auto,
-    mpp_override: MppOverride = None,
-    allow_upsample: AllowUpsample = False,
-    tissue_mpp: TissueMpp = 8.0,
+    backend: opt.Backend = opt.BackendChoice.auto,
+    mpp_override: opt.MppOverride = None,
+    allow_upsample: opt.AllowUpsample = False,
+    tissue_mpp: opt.TissueMpp = 8.0,
     coords_h5: Annotated[
         bool, typer.Option(help="Also write coords/<slide_id>.h5 in the CLAM/TRIDENT layout.")
     ] = False,
-    qc_background_max: QcBackground = 0.75,
-    qc_pen_max: QcPen = 0.10,
-    qc_blur_min: QcBlur = 30.0,
+    qc_background_max: opt.QcBackground = 0.75,
+    qc_pen_max: opt.QcPen = 0.10,
+    qc_blur_min: opt.QcBlur = 30.0,
     stain_norm: Annotated[
         StainChoice | None, typer.Option(help="Normalize stain, fitted once per slide.")
     ] = None,
@@ -90,10 +75,10 @@ def extract(
     interrupted or changed ones. Exit code 1 if any slide failed.
     """
     cfg = ExtractConfig(
-        mpp=parse_mpps(mpp), patch_size=patch_size, overlap=overlap, min_tissue=min_tissue,
+        mpp=opt.parse_mpps(mpp), patch_size=patch_size, overlap=overlap, min_tissue=min_tissue,
         allow_upsample=allow_upsample, encoding=fmt.value, jpeg_quality=jpeg_quality,
         backend=backend.value, mpp_override=mpp_override, tissue_mpp=tissue_mpp,
-        qc=qc_config(qc_background_max, qc_pen_max, qc_blur_min),
+        qc=opt.qc_config(qc_background_max, qc_pen_max, qc_blur_min),
         stain_norm=stain_norm.value if stain_norm else None,
         stain_reference=str(stain_reference) if stain_reference else None,
         coords_h5=coords_h5, previews=previews, record_paths=record_paths,

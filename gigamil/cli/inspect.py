@@ -9,23 +9,8 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from gigamil.cli import options as opt
 from gigamil.cli._common import cli_errors, err, out
-from gigamil.cli.options import (
-    AllowUpsample,
-    Backend,
-    BackendChoice,
-    MinTissue,
-    Mpp,
-    MppOverride,
-    Overlap,
-    PatchSize,
-    QcBackground,
-    QcBlur,
-    QcPen,
-    TissueMpp,
-    parse_mpps,
-    qc_config,
-)
 from gigamil.wsi.extract import ExtractConfig, preview_slide
 from gigamil.wsi.preview import patch_montage, save_png
 from gigamil.wsi.reader import open_slide
@@ -53,21 +38,21 @@ def _kv_table(title: str, info: dict[str, Any], skip: set[str]) -> Table:
 @cli_errors
 def inspect_slide(
     slide: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="A slide file.")],
-    backend: Backend = BackendChoice.auto,
-    mpp_override: MppOverride = None,
+    backend: opt.Backend = opt.BackendChoice.auto,
+    mpp_override: opt.MppOverride = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
     preview: Annotated[Path | None, typer.Option(
         help="Write a PNG of what `extract` would do with the options below: tissue contour, "
              "kept patches, rejected patches coloured by reason. Nothing is extracted.")] = None,
-    mpp: Mpp = "0.5",
-    patch_size: PatchSize = 256,
-    overlap: Overlap = 0,
-    min_tissue: MinTissue = 0.5,
-    allow_upsample: AllowUpsample = False,
-    tissue_mpp: TissueMpp = 8.0,
-    qc_background_max: QcBackground = 0.75,
-    qc_pen_max: QcPen = 0.10,
-    qc_blur_min: QcBlur = 30.0,
+    mpp: opt.Mpp = "0.5",
+    patch_size: opt.PatchSize = 256,
+    overlap: opt.Overlap = 0,
+    min_tissue: opt.MinTissue = 0.5,
+    allow_upsample: opt.AllowUpsample = False,
+    tissue_mpp: opt.TissueMpp = 8.0,
+    qc_background_max: opt.QcBackground = 0.75,
+    qc_pen_max: opt.QcPen = 0.10,
+    qc_blur_min: opt.QcBlur = 30.0,
 ) -> None:
     """Vendor, size, pyramid levels and their µm/px, objective power, backend, associated images.
 
@@ -80,10 +65,10 @@ def inspect_slide(
         info = s.describe()
     if preview is not None:
         cfg = ExtractConfig(
-            mpp=parse_mpps(mpp)[:1], patch_size=patch_size, overlap=overlap,
+            mpp=opt.parse_mpps(mpp)[:1], patch_size=patch_size, overlap=overlap,
             min_tissue=min_tissue, allow_upsample=allow_upsample, backend=backend.value,
             mpp_override=mpp_override, tissue_mpp=tissue_mpp,
-            qc=qc_config(qc_background_max, qc_pen_max, qc_blur_min),
+            qc=opt.qc_config(qc_background_max, qc_pen_max, qc_blur_min),
         )
         image, counts = preview_slide(slide, cfg)
         save_png(preview, image)

@@ -17,14 +17,9 @@ def models() -> None:
     table = Table("name", "options (defaults)", "description", title="MIL models",
                   title_justify="left")
     for name in MODELS.names():
-        factory = MODELS.get(name)
-        model = factory(in_dim=8)
-        sig = inspect.signature(type(model).__init__)
-        fixed = {"abmil_gated": "gated", "mean": "mode", "max": "mode", "clam_sb": "multi_branch",
-                 "clam_mb": "multi_branch"}.get(name)
+        factory = MODELS.get(name)  # a model class, or a partial that fixes some options
+        cls = getattr(factory, "func", factory)
         opts = ", ".join(f"{p.name}={p.default!r}" if p.default is not inspect.Parameter.empty
-                         else p.name for p in list(sig.parameters.values())[1:]
-                         if p.name != fixed)
-        doc = (inspect.getdoc(factory) or inspect.getdoc(type(model)) or "").splitlines()[0]
-        table.add_row(name, opts, doc)
+                         else p.name for p in inspect.signature(factory).parameters.values())
+        table.add_row(name, opts, (inspect.getdoc(cls) or "").splitlines()[0])
     out.print(table)

@@ -28,7 +28,7 @@ from gigamil.io import write_csv, write_json
 from gigamil.mil.encoders import Encoder, create_encoder
 from gigamil.versions import gigamil_version, package_versions
 from gigamil.wsi.extract import ExtractConfig
-from gigamil.wsi.features import read_bag, trident_attrs, write_bag
+from gigamil.wsi.features import bag_header, trident_attrs, write_bag
 from gigamil.wsi.store import PatchStore
 
 __all__ = ["EmbedConfig", "EmbedResult", "embed_stores", "embed_slides", "parse_shard",
@@ -167,16 +167,10 @@ def _select(stores: list[Path], shard: tuple[int, int] | None, rank: int = 0,
 
 def _is_done(h5: Path, store: PatchStore, encoder: Encoder, cfg: EmbedConfig) -> bool:
     """A finished bag of this store, encoder, weights and stain setting (attributes only)."""
-    import h5py
-
-    if not h5.is_file():
+    header = bag_header(h5)
+    if header is None:  # missing, unreadable or partial: redo it
         return False
-    try:
-        with h5py.File(h5, "r") as f:
-            a = dict(f["coords"].attrs)
-            n = f["features"].shape[0]
-    except Exception:  # unreadable or partial: redo it
-        return False
+    a, n = header
     return (a.get("encoder") == encoder.spec.name
             and (a.get("encoder_sha256") or "") == (encoder.weights_sha256 or "")
             and (a.get("stain_norm") or "") == (cfg.stain_norm or "")
@@ -371,18 +365,14 @@ def embed_slides(
         t0 = time.perf_counter()
         res = EmbedResult(sid, "ok")
         try:
-            bag = None
-            if h5.exists() and not cfg.overwrite:
-                try:
-                    bag = read_bag(h5)
-                except StoreError:
-                    bag = None  # unreadable: redo it
-            if bag is not None:
-                if (bag.attrs.get("encoder") == encoder.spec.name
-                        and (bag.attrs.get("encoder_sha256") or "") == (encoder.weights_sha256 or "")
-                        and bag.attrs.get("source_size") == path.stat().st_size
-                        and bag.attrs.get("extract_params") == repr(extract.output_params())):
-                    res.status, res.n_patches = "skipped", len(bag)
+            header = None if cfg.overwrite else bag_header(h5)
+            if header is not None:
+                a, n = header
+                if (a.get("encoder") == encoder.spec.name
+                        and (a.get("encoder_sha256") or "") == (encoder.weights_sha256 or "")
+                        and a.get("source_size") == path.stat().st_size
+                        and a.get("extract_params") == repr(extract.output_params())):
+                    res.status, res.n_patches = "skipped", n
                     results.append(res)
                     continue
             with open_slide(path, extract.backend, extract.mpp_override) as slide:

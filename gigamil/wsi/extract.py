@@ -365,19 +365,20 @@ def process_grid(
 # ---- one slide ------------------------------------------------------------------
 
 
-def _store_is_current(store_path: Path, source: Path, cfg: ExtractConfig) -> int | None:
-    """Patch count if ``store_path`` is a complete store of ``source`` with ``cfg``; else None."""
+def _current_store(store_path: Path, source: Path, cfg: ExtractConfig
+                   ) -> tuple[dict[str, Any], np.ndarray] | None:
+    """(meta, coords) if ``store_path`` is a complete store of ``source`` with ``cfg``; else None."""
     try:
         with PatchStore(store_path) as store:
-            meta = store.meta
+            meta, coords = store.meta, store.coords
             st = source.stat()
             same = (
                 meta.get("params") == json_roundtrip(cfg.output_params())
                 and meta.get("source", {}).get("size") == st.st_size
                 and meta.get("source", {}).get("mtime") == int(st.st_mtime)
-                and len(store.coords) == len(store)
+                and len(coords) == len(store)
             )
-            return len(store) if same else None
+            return (meta, coords) if same else None
     except (StoreError, OSError, ValueError, KeyError):
         return None
 
@@ -427,13 +428,13 @@ def extract_slide(
             raise UsageError(f"output {store_path.name} exists and is not a file",
                              "remove it or choose another --out")
         if not overwrite and store_path.is_file():
-            n = _store_is_current(store_path, path, cfg)
-            if n is not None:
-                with PatchStore(store_path) as store:
-                    if cfg.coords_h5:  # rewritten from the store: never stale
-                        write_coords_h5(h5_path, store.coords, trident_attrs(store.meta))
-                    result.qc = dict(store.meta.get("qc_rejected_total", {}))
-                result.status, result.n_patches = "skipped", n
+            current = _current_store(store_path, path, cfg)
+            if current is not None:
+                meta, coords0 = current
+                if cfg.coords_h5:  # rewritten from the store: never stale
+                    write_coords_h5(h5_path, coords0, trident_attrs(meta))
+                result.qc = dict(meta.get("qc_rejected_total", {}))
+                result.status, result.n_patches = "skipped", len(coords0)
                 result.note = "already extracted with the same parameters"
                 return result
         h5_path.unlink(missing_ok=True)  # a store being redone invalidates its coords file

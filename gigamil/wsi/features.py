@@ -26,7 +26,8 @@ import numpy as np
 from gigamil.errors import StoreError
 from gigamil.io import atomic_path
 
-__all__ = ["FeatureBag", "write_bag", "read_bag", "trident_attrs", "FEATURE_SCHEMA_VERSION"]
+__all__ = ["FeatureBag", "write_bag", "read_bag", "bag_header", "trident_attrs",
+           "FEATURE_SCHEMA_VERSION"]
 
 FEATURE_SCHEMA_VERSION = 1
 _ROW_BLOCK = 1024
@@ -67,6 +68,18 @@ def write_bag(path: str | os.PathLike[str], features: np.ndarray, coords: np.nda
                 if value is not None:
                     ds.attrs[key] = value
     return path
+
+
+def bag_header(path: str | os.PathLike[str]) -> tuple[dict[str, Any], int] | None:
+    """A gigamil feature file's ``coords`` attributes and row count, without reading the
+    features; None when the file is missing, unreadable or not a gigamil/TRIDENT bag."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            return dict(f["coords"].attrs), int(f["features"].shape[0])
+    except Exception:
+        return None
 
 
 def read_bag(path: str | os.PathLike[str]) -> FeatureBag:

@@ -524,7 +524,7 @@ def open_slide(
         if path.suffix.lower() in _CUCIM_EXTENSIONS and cucim_available():
             try:
                 reader = CuCIMReader(path, mpp_override)
-                _ = reader.levels if mpp_override else reader.dimensions
+                _ = reader.dimensions  # cuCIM opened it and can read its pyramid
                 return reader
             except Exception:
                 pass  # openslide below gives the authoritative error

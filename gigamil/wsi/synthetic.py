@@ -18,7 +18,6 @@ masks, so memory does not depend on slide size.
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 from collections.abc import Callable, Iterator
@@ -37,7 +36,6 @@ __all__ = [
     "make_cohort",
     "load_masks",
     "save_masks",
-    "read_labels",
     "MASK_MPP",
 ]
 
@@ -492,8 +490,3 @@ def _cfg_json(cfg: SynthConfig) -> str:
     import json
 
     return json.dumps(asdict(cfg), sort_keys=True)
-
-
-def read_labels(path: str | os.PathLike[str]) -> dict[str, str]:
-    with open(path, newline="") as fh:
-        return {row["slide_id"]: row["label"] for row in csv.DictReader(fh)}

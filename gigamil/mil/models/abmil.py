@@ -5,6 +5,8 @@ Layout: config-free constructor arguments, ``forward(x, mask) -> MILOutput``.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -44,13 +46,5 @@ class ABMIL(nn.Module):
         return MILOutput(self.classifier(bag), attention, bag)
 
 
-@MODELS.register("abmil")
-def abmil(**kwargs: object) -> ABMIL:
-    """Attention MIL (Ilse et al. 2018); gated=True, heads=H for the variants."""
-    return ABMIL(**kwargs)  # type: ignore[arg-type]
-
-
-@MODELS.register("abmil_gated")
-def abmil_gated(**kwargs: object) -> ABMIL:
-    """Attention MIL with gated attention (tanh ⊙ sigmoid): abmil with gated=True."""
-    return ABMIL(**{"gated": True, **kwargs})  # type: ignore[arg-type]
+MODELS.register("abmil")(ABMIL)
+MODELS.register("abmil_gated")(functools.partial(ABMIL, gated=True))

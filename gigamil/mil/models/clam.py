@@ -10,6 +10,8 @@ smooth SVM.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -84,13 +86,5 @@ class CLAM(nn.Module):
         return torch.stack(losses).mean()
 
 
-@MODELS.register("clam_sb")
-def clam_sb(**kwargs: object) -> CLAM:
-    """CLAM, single attention branch, with the instance-level clustering loss."""
-    return CLAM(**{**kwargs, "multi_branch": False})  # type: ignore[arg-type]
-
-
-@MODELS.register("clam_mb")
-def clam_mb(**kwargs: object) -> CLAM:
-    """CLAM, one attention branch per class, with the instance-level clustering loss."""
-    return CLAM(**{**kwargs, "multi_branch": True})  # type: ignore[arg-type]
+MODELS.register("clam_sb")(functools.partial(CLAM, multi_branch=False))
+MODELS.register("clam_mb")(functools.partial(CLAM, multi_branch=True))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -46,13 +48,5 @@ class PoolingMIL(nn.Module):
         return MILOutput(self.classifier(bag), attention, bag)
 
 
-@MODELS.register("mean")
-def mean_mil(**kwargs: object) -> PoolingMIL:
-    """Baseline: mean of the instance features (mode fixed to mean)."""
-    return PoolingMIL(mode="mean", **kwargs)  # type: ignore[arg-type]
-
-
-@MODELS.register("max")
-def max_mil(**kwargs: object) -> PoolingMIL:
-    """Baseline: max of the instance features (mode fixed to max)."""
-    return PoolingMIL(mode="max", **kwargs)  # type: ignore[arg-type]
+MODELS.register("mean")(functools.partial(PoolingMIL, mode="mean"))
+MODELS.register("max")(functools.partial(PoolingMIL, mode="max"))

@@ -101,7 +101,4 @@ class TransMIL(nn.Module):
         return MILOutput(self.classifier(bag), inst, bag)
 
 
-@MODELS.register("transmil")
-def transmil(**kwargs: object) -> TransMIL:
-    """TransMIL (Shao et al. 2021): transformer layers around a pyramid position encoding."""
-    return TransMIL(**kwargs)  # type: ignore[arg-type]
+MODELS.register("transmil")(TransMIL)
