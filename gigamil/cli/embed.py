@@ -65,7 +65,8 @@ def embed(
     from gigamil.mil.embed import EmbedConfig, embed_stores, parse_shard
 
     env = dist_env()
-    cfg = EmbedConfig(rank=env.rank, world_size=env.world_size, local_rank=env.local_rank,encoder=encoder, weights=str(weights) if weights else None,
+    cfg = EmbedConfig(rank=env.rank, world_size=env.world_size, local_rank=env.local_rank,
+                      encoder=encoder, weights=str(weights) if weights else None,
                       batch_size=batch_size, workers=workers, precision=precision.value,
                       device=device, shard=parse_shard(shard), compile=compile_model,
                       overwrite=overwrite, stain_norm=stain_norm,

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from gigamil.cli import demo, embed, extract, inspect, models, synth
+from gigamil.cli import demo, embed, extract, inspect, models, synth, train
 from gigamil.cli._common import err, setup_logging
 from gigamil.versions import gigamil_version
 
@@ -47,6 +47,8 @@ app.command("extract")(extract.extract)
 app.command("embed")(embed.embed)
 app.command("encoders")(embed.encoders)
 app.command("models")(models.models)
+app.command("train")(train.train)
+app.command("eval")(train.evaluate)
 app.command("demo")(demo.demo)
 app.add_typer(inspect.app, name="inspect")
 

@@ -5,10 +5,16 @@ Model code never imports this module; the CLI and the pipelines do.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
-__all__ = ["DistEnv", "dist_env"]
+import torch
+
+from gigamil.errors import UsageError
+
+__all__ = ["DistEnv", "dist_env", "process_group", "backend_for"]
 
 
 @dataclass(frozen=True)
@@ -31,3 +37,35 @@ def dist_env() -> DistEnv:
         return DistEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]),
                        int(env.get("SLURM_LOCALID", 0)))
     return DistEnv()
+
+
+def backend_for(device: torch.device) -> str:
+    """NCCL for GPUs, gloo for CPUs."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+@contextlib.contextmanager
+def process_group(env: DistEnv, device: torch.device) -> Iterator[None]:
+    """Initialise ``torch.distributed`` for ``env`` (no-op for a single process).
+
+    The rendezvous address comes from ``MASTER_ADDR``/``MASTER_PORT`` (torchrun and
+    submitit set them). Ends with a barrier before the group is destroyed, which
+    stops the occasional gloo abort at exit.
+    """
+    if env.world_size <= 1:
+        yield
+        return
+    import torch.distributed as dist
+
+    if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+        raise UsageError(f"rank {env.rank} of {env.world_size} has no MASTER_ADDR/MASTER_PORT",
+                         "start multi-rank runs with torchrun, srun via submitit, or "
+                         "`gigamil train --executor slurm`")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend_for(device), rank=env.rank, world_size=env.world_size)
+    try:
+        yield
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()

@@ -20,10 +20,12 @@ def dirichlet(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return alpha / strength, (logits.shape[-1] / strength).squeeze(-1)
 
 
-def evidential_loss(logits: torch.Tensor, target: torch.Tensor, anneal: float = 1.0
-                    ) -> torch.Tensor:
+def evidential_loss(logits: torch.Tensor, target: torch.Tensor, anneal: float = 1.0,
+                    reduction: str = "mean") -> torch.Tensor:
     """Expected squared error under the Dirichlet plus a KL term (weight ``anneal`` in [0, 1])
-    that shrinks misleading evidence towards the uniform Dirichlet."""
+    that shrinks misleading evidence towards the uniform Dirichlet.
+
+    ``reduction="none"`` returns the per-bag losses."""
     k = logits.shape[-1]
     alpha = F.softplus(logits) + 1.0
     s = alpha.sum(-1, keepdim=True)
@@ -35,4 +37,5 @@ def evidential_loss(logits: torch.Tensor, target: torch.Tensor, anneal: float = 
     kl = (torch.lgamma(s_t) - torch.lgamma(torch.tensor(float(k), device=logits.device))
           - torch.lgamma(alpha_t).sum(-1)
           + ((alpha_t - 1) * (torch.digamma(alpha_t) - torch.digamma(s_t)[:, None])).sum(-1))
-    return (mse + min(max(anneal, 0.0), 1.0) * kl).mean()
+    per_bag = mse + min(max(anneal, 0.0), 1.0) * kl
+    return per_bag if reduction == "none" else per_bag.mean()

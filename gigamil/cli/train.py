@@ -1,0 +1,193 @@
+"""`gigamil train` and `gigamil eval`: feature bags + labels → cross-validated MIL models."""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from gigamil.cli._common import cli_errors, err, out, progress_bar
+from gigamil.errors import UsageError
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class Resume(str, Enum):
+    auto = "auto"
+    never = "never"
+
+
+class ClassWeights(str, Enum):
+    auto = "auto"
+    none = "none"
+
+
+class Monitor(str, Enum):
+    loss = "loss"
+    auroc = "auroc"
+    bal_acc = "bal_acc"
+    acc = "acc"
+
+
+class CV(str, Enum):
+    patient = "patient"
+    site = "site"
+
+
+class Loss(str, Enum):
+    ce = "ce"
+    evidential = "evidential"
+
+
+def parse_model_options(items: list[str]) -> dict[str, Any]:
+    """``["hidden=128", "gated=true"]`` → ``{"hidden": 128, "gated": True}`` (JSON values)."""
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise typer.BadParameter(f"{item!r} is not KEY=VALUE, e.g. hidden=128")
+        try:
+            options[key.strip()] = json.loads(value)
+        except ValueError:
+            options[key.strip()] = value
+    return options
+
+
+def _metrics_table(title: str, report: dict[str, Any]) -> Table:
+    names = ["auroc", "bal_acc", "acc", "f1_macro", "kappa", "ece"]
+    table = Table("fold", "n", *names, title=title, title_justify="left")
+    rows = [(k, v) for k, v in report.get("folds", {}).items() if "metrics" in v or "test" in v]
+    if "pooled" in report:
+        rows.append(("pooled", report["pooled"]))
+    for name, entry in rows:
+        entry = entry.get("test", entry)
+        m = entry["metrics"]
+        table.add_row(name, str(entry["n"]), *(
+            f"{m[k]['value']:.2f} ({m[k]['ci95'][0]:.2f}–{m[k]['ci95'][1]:.2f})" for k in names))
+    return table
+
+
+@cli_errors
+def train(
+    features: Annotated[Path, typer.Option(help="Feature folder from `gigamil embed`, e.g. "
+                                           "data/features/resnet50.")],
+    labels: Annotated[Path, typer.Option(help="CSV: slide_id,label[,patient_id,site,split].")],
+    run_out: Annotated[Path, typer.Option("--out", help="Run directory (config, checkpoints, "
+                                          "metrics, predictions).")],
+    model: Annotated[str, typer.Option(help="A registered model (see `gigamil models`).")] = "abmil",
+    model_option: Annotated[list[str], typer.Option(
+        "--model-option", "-o", help="Model option KEY=VALUE, repeatable (e.g. -o hidden=128).")] = [],
+    folds: Annotated[int, typer.Option(min=2, help="Cross-validation folds (by patient).")] = 5,
+    cv: Annotated[CV, typer.Option(help="patient: stratified k-fold by patient; site: hold "
+                                   "out each site of the site column.")] = CV.patient,
+    val_frac: Annotated[float, typer.Option(min=0.0, max=0.5, help="Share of the training "
+                                            "patients used for validation (0 = none).")] = 0.15,
+    epochs: Annotated[int, typer.Option(min=1)] = 50,
+    lr: Annotated[float, typer.Option(min=0.0, help="Peak AdamW learning rate.")] = 2e-4,
+    weight_decay: Annotated[float, typer.Option(min=0.0)] = 1e-4,
+    warmup_epochs: Annotated[float, typer.Option(min=0.0, help="Linear warm-up, then cosine.")] = 1.0,
+    batch_size: Annotated[int, typer.Option(min=1, help="Bags per step, over all GPUs "
+                                            "(padded to the longest, with a mask).")] = 8,
+    accumulate: Annotated[int, typer.Option(min=1, help="Gradient accumulation steps.")] = 1,
+    max_instances: Annotated[int, typer.Option(min=0, help="Randomly subsample longer bags "
+                                               "to this many patches when training (0 = off).")] = 4096,
+    bucket: Annotated[bool, typer.Option(help="Batch bags of similar length together.")] = False,
+    clip_grad: Annotated[float, typer.Option(min=0.0, help="Gradient norm clip (0 = off).")] = 1.0,
+    precision: Annotated[Precision, typer.Option(help="fp32, bf16 (autocast) or fp16 (with a "
+                                                 "gradient scaler).")] = Precision.fp32,
+    class_weights: Annotated[ClassWeights, typer.Option(
+        help="auto: inverse-frequency loss weights (unless --balanced-sampler).")] = ClassWeights.auto,
+    balanced_sampler: Annotated[bool, typer.Option(help="Draw bags with equal probability "
+                                                   "per class.")] = False,
+    loss: Annotated[Loss, typer.Option(help="ce, or evidential (Dirichlet head with "
+                                       "uncertainty).")] = Loss.ce,
+    early_stop: Annotated[int, typer.Option(min=0, help="Stop after this many epochs without "
+                                            "validation improvement (0 = off).")] = 10,
+    monitor: Annotated[Monitor, typer.Option(help="Validation metric for early stopping and "
+                                             "the best checkpoint.")] = Monitor.loss,
+    resume: Annotated[Resume, typer.Option(help="auto: continue each fold from its latest "
+                                           "valid checkpoint and skip finished folds.")] = Resume.never,
+    seed: Annotated[int, typer.Option()] = 0,
+    fold: Annotated[list[int], typer.Option(help="Train only this fold (repeatable).")] = [],
+    device: Annotated[str, typer.Option(help="auto (this rank's GPU, else CPU), cpu, cuda:N.")] = "auto",
+    workers: Annotated[int, typer.Option(min=0, help="DataLoader processes reading bags.")] = 0,
+    preload: Annotated[bool, typer.Option(help="Keep all bags in memory (small cohorts).")] = False,
+    checkpoint_every: Annotated[int, typer.Option(min=0, help="Also checkpoint every N optimizer "
+                                                  "steps (0 = end of each epoch only).")] = 0,
+    keep_last: Annotated[int, typer.Option(min=1, help="Numbered checkpoints kept per fold.")] = 3,
+    bootstrap: Annotated[int, typer.Option(min=0, help="Bootstrap resamples for the 95% CIs.")] = 1000,
+    label_column: Annotated[str, typer.Option(help="Column of the labels CSV to predict.")] = "label",
+) -> None:
+    """Train an attention-MIL model with stratified, patient-grouped k-fold cross-validation.
+
+    Writes OUT/config.json, splits.csv, checkpoints/fold<k>/ (numbered, checksummed; best.pt
+    is the fold's model), metrics.csv (per epoch, and test metrics with 95% bootstrap CIs),
+    predictions_fold<k>.csv, reliability.png and summary.json. SIGTERM checkpoints and
+    stops, SIGUSR1 checkpoints and goes on; `--resume auto` continues bit-for-bit. Under
+    torchrun (or srun) every rank joins one DDP run: gloo on CPU, NCCL on GPU.
+    """
+    from gigamil.cluster.launch import run_training
+    from gigamil.mil.train import TrainConfig
+
+    cfg = TrainConfig(
+        features=str(features), labels=str(labels), out=str(run_out), model=model,
+        model_options=parse_model_options(model_option), label_column=label_column,
+        folds=folds, cv=cv.value, val_frac=val_frac, epochs=epochs, lr=lr,
+        weight_decay=weight_decay, warmup_epochs=warmup_epochs, batch_size=batch_size,
+        accumulate=accumulate, max_instances=max_instances or None, bucket=bucket,
+        clip_grad=clip_grad or None, precision=precision.value,
+        class_weights=class_weights.value, balanced_sampler=balanced_sampler, loss=loss.value,
+        early_stop=early_stop or None, monitor=monitor.value, seed=seed,
+        only_folds=tuple(fold) or None, device=device, workers=workers, preload=preload,
+        checkpoint_every=checkpoint_every, keep_last=keep_last, bootstrap=bootstrap)
+    with progress_bar() as bar:
+        task = bar.add_task("train", total=None, info="")
+
+        def on_epoch(e: dict[str, Any]) -> None:
+            val = f" val {monitor.value} {e['val_' + monitor.value]:.3f}" \
+                if f"val_{monitor.value}" in e else ""
+            bar.update(task, advance=1, info=f"fold {e['fold']} epoch {e['epoch']}/{e['epochs']} "
+                       f"loss {e['train_loss']:.3f}{val}")
+
+        summary = run_training(cfg, resume=resume is Resume.auto, on_epoch=on_epoch)
+    if "pooled" in summary or summary.get("folds"):
+        out.print(_metrics_table(f"{model} — test metrics with 95% CIs", summary))
+    err.print(f"[green]run written to[/] {run_out}", highlight=False)
+
+
+@cli_errors
+def evaluate(
+    run: Annotated[Path, typer.Argument(exists=True, file_okay=False, help="A run directory.")],
+    features: Annotated[Path | None, typer.Option(help="Score the fold models on this "
+                                                  "feature folder (an external cohort).")] = None,
+    labels: Annotated[Path | None, typer.Option(help="Labels of that cohort.")] = None,
+    eval_out: Annotated[Path | None, typer.Option(
+        "--out", help="Where predictions go (default RUN/eval/<features folder name>).")] = None,
+    bootstrap: Annotated[int, typer.Option(min=0, help="Bootstrap resamples.")] = 1000,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda:N.")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Metrics with 95% bootstrap CIs, per fold and pooled.
+
+    Without --features: the run's own out-of-fold test predictions. With --features and
+    --labels: every fold's best model predicts that cohort, and their mean is the ensemble.
+    """
+    from gigamil.mil.evaluate import evaluate_run
+    from gigamil.mil.train import default_device
+
+    if (features is None) != (labels is None):
+        raise UsageError("--features and --labels go together")
+    report = evaluate_run(run, features, labels, eval_out, n_boot=bootstrap,
+                          device=default_device(device))
+    if as_json:
+        out.print_json(json.dumps(report))
+    else:
+        out.print(_metrics_table(f"{run.name} — metrics with 95% CIs", report))
