@@ -29,7 +29,8 @@ class ABMIL(nn.Module):
         self.project = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout))
         self.attn_v = nn.Linear(hidden, attn_dim)
         self.attn_u = nn.Linear(hidden, attn_dim) if gated else None
-        self.attn_w = nn.Linear(attn_dim, heads)
+        # no bias: softmax ignores a shift, so its gradient is 0 and Adam would amplify noise
+        self.attn_w = nn.Linear(attn_dim, heads, bias=False)
         self.classifier = nn.Linear(hidden * heads, n_classes)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> MILOutput:

@@ -35,7 +35,7 @@ class CLAM(nn.Module):
         self.project = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout))
         self.attn_a = nn.Linear(hidden, attn_dim)
         self.attn_b = nn.Linear(hidden, attn_dim)
-        self.attn_c = nn.Linear(attn_dim, branches)
+        self.attn_c = nn.Linear(attn_dim, branches, bias=False)  # softmax ignores a shift
         if multi_branch:  # one bag classifier per class, each on its own branch's embedding
             self.bag_classifiers = nn.ModuleList(nn.Linear(hidden, 1) for _ in range(n_classes))
         else:
