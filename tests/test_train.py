@@ -202,7 +202,7 @@ def test_kill9_then_resume_is_bitwise_equal(heavy_bags: Path, reference_run: Pat
         data = bytearray(latest.read_bytes())
         data[len(data) // 2] ^= 0x55
         latest.write_bytes(bytes(data))
-    res = subprocess.run(_train_cmd(heavy_bags, out, "--resume", "auto", "-v"),
+    res = subprocess.run(_train_cmd(heavy_bags, out, "--resume", "auto"),
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert "resumes from step_" in res.stderr
@@ -256,5 +256,9 @@ def test_two_rank_gloo_ddp_matches_one_rank(split_bags: Path, tmp_path: Path) ->
     for ra, rb in zip(pa, pb, strict=True):
         assert ra["slide_id"] == rb["slide_id"] and ra["pred"] == rb["pred"]
         assert abs(float(ra["prob_tumor"]) - float(rb["prob_tumor"])) < 1e-5
+    ha, hb = (list(csv.DictReader(open(tmp_path / d / "metrics.csv"))) for d in ("one", "two"))
+    for ra, rb in zip(ha, hb, strict=True):
+        if ra["train_loss"]:
+            assert abs(float(ra["train_loss"]) - float(rb["train_loss"])) < 1e-5
     ma, mb = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "two"))
     assert ma["pooled"]["metrics"]["auroc"] == mb["pooled"]["metrics"]["auroc"]

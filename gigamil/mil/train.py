@@ -266,6 +266,7 @@ class FoldProgress:
 
     epoch: int = 0  # the epoch in progress (or next to start)
     batch: int = 0  # micro-batches of that epoch already done
+    loss_sum: float = 0.0  # their summed loss (the epoch's mean survives a resume)
     step: int = 0  # optimizer steps so far
     best: float = -math.inf  # best monitored value, sign-adjusted (higher is better)
     best_epoch: int = -1
@@ -437,7 +438,6 @@ class FoldTrainer:
                             num_workers=self.cfg.workers, generator=torch.Generator(),
                             pin_memory=self.device.type == "cuda")
         self.ddp.train()
-        losses = []
         for batch in loader:
             k = p.batch
             group_start = (k // acc) * acc
@@ -449,13 +449,13 @@ class FoldTrainer:
             with sync:
                 loss = self._loss(batch.to(self.device), n_micro)
                 self.scaler.scale(loss).backward()
-            losses.append(float(loss.detach()) * n_micro / self.world_size)
+            p.loss_sum += float(loss.detach()) * n_micro / self.world_size
             p.batch += 1
             if last_of_step:
                 self._optimizer_step()
                 if p.batch < self.batches_per_epoch:
                     self._step_boundary()
-        return float(np.mean(losses)) if losses else float("nan")
+        return p.loss_sum / p.batch if p.batch else float("nan")
 
     def _step_boundary(self) -> None:
         every = self.cfg.checkpoint_every
@@ -493,6 +493,10 @@ class FoldTrainer:
         while not p.finished and p.epoch < cfg.epochs:
             t0 = time.perf_counter()
             train_loss = self.train_epoch()
+            if self.world_size > 1:  # each rank holds its share of the global batch loss
+                t = torch.tensor([train_loss], dtype=torch.float64, device=self.device)
+                dist.all_reduce(t)
+                train_loss = float(t.item())
             row: dict[str, Any] = {"epoch": p.epoch, "step": p.step, "train_loss": train_loss,
                                    "lr": self.scheduler.get_last_lr()[0]}
             if self.val_set is not None:
@@ -511,6 +515,7 @@ class FoldTrainer:
                 self.ckpt.save_best(self.best_state(p.epoch), sign * p.best, p.step)
             p.epoch += 1
             p.batch = 0
+            p.loss_sum = 0.0
             if cfg.early_stop and self.val_set is not None and p.bad_epochs >= cfg.early_stop:
                 p.finished = True
             if p.epoch >= cfg.epochs:
