@@ -402,10 +402,11 @@ def collate_bags(items: Sequence[tuple[torch.Tensor, int, int]]) -> BagBatch:
     """Pad bags to the longest in the batch; ``mask`` marks the real instances."""
     n = max(1, max(len(f) for f, _, _ in items))
     dim = items[0][0].shape[1]
-    feats = torch.zeros(len(items), n, dim)
+    feats = torch.empty(len(items), n, dim)
     mask = torch.zeros(len(items), n, dtype=torch.bool)
     for b, (f, _, _) in enumerate(items):
         feats[b, : len(f)] = f
+        feats[b, len(f) :] = 0  # only the padding is zeroed (no full-size fill)
         mask[b, : len(f)] = True
     return BagBatch(feats, mask, torch.tensor([t for _, t, _ in items], dtype=torch.long),
                     torch.tensor([i for _, _, i in items], dtype=torch.long))

@@ -10,7 +10,7 @@ import functools
 import torch
 from torch import nn
 
-from gigamil.mil.models.base import MODELS, MILOutput, masked_softmax
+from gigamil.mil.models.base import MODELS, MILOutput, apply_valid, masked_softmax
 
 __all__ = ["ABMIL"]
 
@@ -36,15 +36,18 @@ class ABMIL(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> MILOutput:
         if mask is None:
             mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-        h = self.project(x)  # (B, N, hidden)
-        a = torch.tanh(self.attn_v(h))
-        if self.attn_u is not None:
-            a = a * torch.sigmoid(self.attn_u(h))
-        scores = self.attn_w(a).transpose(1, 2)  # (B, heads, N)
+        h = apply_valid(self.project, x, mask)  # (B, N, hidden), padding never computed
+        scores = apply_valid(self._score, h, mask).transpose(1, 2)  # (B, heads, N)
         weights = masked_softmax(scores, mask[:, None, :])
         bag = torch.einsum("bhn,bnd->bhd", weights, h).flatten(1)  # (B, heads*hidden)
         attention = weights[:, 0] if self.heads == 1 else weights
         return MILOutput(self.classifier(bag), attention, bag)
+
+    def _score(self, h: torch.Tensor) -> torch.Tensor:
+        a = torch.tanh(self.attn_v(h))
+        if self.attn_u is not None:
+            a = a * torch.sigmoid(self.attn_u(h))
+        return self.attn_w(a)
 
 
 MODELS.register("abmil")(ABMIL)

@@ -9,7 +9,7 @@ from torch import nn
 
 from gigamil.registry import Registry
 
-__all__ = ["MODELS", "MILOutput", "create_model", "list_models", "masked_softmax"]
+__all__ = ["MODELS", "MILOutput", "create_model", "list_models", "masked_softmax", "apply_valid"]
 
 MODELS: Registry[nn.Module] = Registry("MIL model")
 
@@ -41,3 +41,16 @@ def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
     weights = torch.softmax(scores, dim=-1) * mask
     return weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)
+
+
+def apply_valid(fn: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``fn`` over the real instances only, zeros at padding: padding costs no compute.
+
+    ``x`` (B, N, D) and ``mask`` (B, N) → (B, N, D'), as ``fn(x)`` on the real rows.
+    """
+    if bool(mask.all()):
+        return fn(x)
+    values = fn(x[mask])
+    out = values.new_zeros(*mask.shape, values.shape[-1])
+    out[mask] = values
+    return out

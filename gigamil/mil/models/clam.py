@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gigamil.mil.models.base import MODELS, MILOutput, masked_softmax
+from gigamil.mil.models.base import MODELS, MILOutput, apply_valid, masked_softmax
 
 __all__ = ["CLAM"]
 
@@ -46,9 +46,9 @@ class CLAM(nn.Module):
                 label: torch.Tensor | None = None) -> MILOutput:
         if mask is None:
             mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-        h = self.project(x)
-        gate = torch.tanh(self.attn_a(h)) * torch.sigmoid(self.attn_b(h))
-        weights = masked_softmax(self.attn_c(gate).transpose(1, 2), mask[:, None, :])  # (B,K,N)
+        h = apply_valid(self.project, x, mask)
+        scores = apply_valid(self._score, h, mask)
+        weights = masked_softmax(scores.transpose(1, 2), mask[:, None, :])  # (B, K, N)
         bag = torch.einsum("bkn,bnd->bkd", weights, h)
         if hasattr(self, "bag_classifiers"):
             logits = torch.cat([clf(bag[:, c]) for c, clf in enumerate(self.bag_classifiers)], -1)
@@ -57,6 +57,9 @@ class CLAM(nn.Module):
         aux = None if label is None else self._instance_loss(h, weights, mask, label)
         attention = weights[:, 0] if weights.shape[1] == 1 else weights
         return MILOutput(logits, attention, bag.flatten(1), aux)
+
+    def _score(self, h: torch.Tensor) -> torch.Tensor:
+        return self.attn_c(torch.tanh(self.attn_a(h)) * torch.sigmoid(self.attn_b(h)))
 
     def _instance_loss(self, h: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor,
                        label: torch.Tensor) -> torch.Tensor:

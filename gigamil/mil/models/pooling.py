@@ -7,7 +7,7 @@ import functools
 import torch
 from torch import nn
 
-from gigamil.mil.models.base import MODELS, MILOutput
+from gigamil.mil.models.base import MODELS, MILOutput, apply_valid
 
 __all__ = ["PoolingMIL"]
 
@@ -31,7 +31,7 @@ class PoolingMIL(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> MILOutput:
         if mask is None:
             mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-        h = self.project(x)
+        h = apply_valid(self.project, x, mask)
         m = mask[..., None]
         count = mask.sum(1, keepdim=True).clamp_min(1)
         if self.mode == "mean":
