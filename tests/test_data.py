@@ -161,6 +161,10 @@ def test_subsampling_is_deterministic_per_epoch_and_collate_masks(bags: Path) ->
     assert torch.equal(a, b) and len(a) == 5
     assert not torch.equal(a, ds[(0, 2)][0])  # another epoch, another draw
     assert len(ds[0][0]) == ds.lengths()[0]  # no epoch: the whole bag
-    batch = collate_bags([ds[(i, 0)] for i in range(2)] + [ds[2]])
-    assert batch.features.shape[0] == 3 and batch.mask.sum(1).tolist() == [5, 5, ds.lengths()[2]]
-    assert (batch.features[~batch.mask] == 0).all()
+    items = [ds[(i, 0)] for i in range(2)] + [ds[2]]
+    batch = collate_bags(items)
+    feats, mask = batch.padded()
+    assert feats.shape[0] == 3 and mask.sum(1).tolist() == [5, 5, ds.lengths()[2]]
+    assert (feats[~mask] == 0).all()
+    for b, (f, _, _) in enumerate(items):
+        assert torch.equal(feats[b, : len(f)], f)

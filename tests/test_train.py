@@ -262,3 +262,40 @@ def test_two_rank_gloo_ddp_matches_one_rank(split_bags: Path, tmp_path: Path) ->
             assert abs(float(ra["train_loss"]) - float(rb["train_loss"])) < 1e-5
     ma, mb = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "two"))
     assert ma["pooled"]["metrics"]["auroc"] == mb["pooled"]["metrics"]["auroc"]
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU")])]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_stop_request_then_resume_in_process(split_bags: Path, tmp_path: Path, device: str
+                                             ) -> None:
+    """Stop (as on SIGTERM) after an epoch, resume, and match an uninterrupted run.
+
+    On CUDA the bags are preloaded on the GPU, training is bf16, and the checkpoint is
+    loaded with map_location=cuda (RNG states must come back to the host).
+    """
+    from gigamil.cluster.checkpoint import CheckpointManager
+    from gigamil.mil.train import StopRequest, TrainingInterrupted, train
+
+    extra = dict(device=device, preload=True, precision="bf16") if device == "cuda" else {}
+    dev = torch.device(device)
+
+    def go(out: Path, resume: bool, stop: StopRequest | None = None, on_epoch=None) -> dict:
+        cfg = _cfg(split_bags, out, epochs=3, batch_size=4, early_stop=None, **extra)
+        ckpts = lambda k: CheckpointManager(out / "checkpoints" / f"fold{k}")  # noqa: E731
+        return train(cfg, ckpts, dev, resume=resume, stop=stop, on_epoch=on_epoch)
+
+    go(tmp_path / "ref", False)
+    stop = StopRequest()
+    with pytest.raises(TrainingInterrupted, match="--resume auto"):
+        go(tmp_path / "run", False, stop,
+           lambda e: stop.request("SIGTERM", True) if e["epoch"] == 1 else None)
+    go(tmp_path / "run", True)
+    wa, wb = _final_weights(tmp_path / "ref"), _final_weights(tmp_path / "run")
+    for k in wa:
+        if device == "cpu":
+            assert torch.equal(wa[k], wb[k]), k
+        else:  # GPU kernels may reorder sums
+            torch.testing.assert_close(wa[k], wb[k], rtol=1e-3, atol=1e-4)

@@ -337,18 +337,31 @@ def class_weights(targets: Sequence[int], n_classes: int) -> torch.Tensor:
 
 @dataclass
 class BagBatch:
-    """A padded batch: features (B, N, D), mask (B, N), targets (B,), dataset indices (B,)."""
+    """A batch of bags, packed: the real instances of all bags back to back.
 
-    features: torch.Tensor
-    mask: torch.Tensor
+    ``packed`` (ΣN, D), ``lengths`` (B,), ``targets`` (B,), dataset ``index`` (B,). Only
+    real instances are copied between host and device; :meth:`padded` lays them out
+    as (B, N_max, D) with a mask where the batch lives (on the GPU, for GPU training).
+    """
+
+    packed: torch.Tensor
+    lengths: torch.Tensor
     targets: torch.Tensor
     index: torch.Tensor
 
     def to(self, device: torch.device) -> BagBatch:
         nb = device.type == "cuda"
-        return BagBatch(self.features.to(device, non_blocking=nb),
-                        self.mask.to(device, non_blocking=nb), self.targets.to(device),
-                        self.index)
+        return BagBatch(self.packed.to(device, non_blocking=nb), self.lengths.to(device),
+                        self.targets.to(device), self.index)
+
+    def padded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features (B, N_max, D) zero-padded, mask (B, N_max) True on real instances)."""
+        lengths = self.lengths
+        n = max(1, int(lengths.max())) if len(lengths) else 1
+        mask = torch.arange(n, device=lengths.device)[None, :] < lengths[:, None]
+        feats = self.packed.new_zeros(len(lengths), n, self.packed.shape[-1])
+        feats[mask] = self.packed  # row-major order of the mask = the packing order
+        return feats, mask
 
 
 class BagDataset(Dataset):
@@ -356,24 +369,31 @@ class BagDataset(Dataset):
 
     With ``max_instances`` a bag longer than that is randomly subsampled; the draw
     depends only on ``(seed, epoch, index)``. ``preload`` keeps every bag in memory
-    (for small cohorts and benchmarks).
+    (for small cohorts and benchmarks), on ``preload_device`` (the GPU, to take the
+    host out of the loop; use no data-loader workers then).
     """
 
     def __init__(self, paths: Sequence[str | os.PathLike[str]], targets: Sequence[int],
-                 max_instances: int | None = None, seed: int = 0, preload: bool = False) -> None:
+                 max_instances: int | None = None, seed: int = 0, preload: bool = False,
+                 preload_device: torch.device | str = "cpu") -> None:
         if len(paths) != len(targets):
             raise ValueError("paths and targets differ in length")
         self.paths = [Path(p) for p in paths]
         self.targets = [int(t) for t in targets]
         self.max_instances = max_instances
         self.seed = seed
-        self._cache: dict[int, np.ndarray] = {}
+        self._cache: dict[int, torch.Tensor] = {}
         if preload:
             for i in range(len(self.paths)):
-                self._cache[i] = self._read(i)
+                self._cache[i] = self._read(i).to(preload_device)
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    @property
+    def on_device(self) -> bool:
+        """True when the bags are preloaded on a GPU (data-loader workers cannot be used)."""
+        return any(t.device.type != "cpu" for t in self._cache.values())
 
     def lengths(self) -> list[int]:
         """Instances per bag, from the file headers (no feature data is read)."""
@@ -386,29 +406,24 @@ class BagDataset(Dataset):
             out.append(header[1] if header else len(read_bag(p)))
         return out
 
-    def _read(self, i: int) -> np.ndarray:
-        return read_bag(self.paths[i]).features
+    def _read(self, i: int) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(read_bag(self.paths[i]).features, np.float32))
 
     def __getitem__(self, item: tuple[int, int] | int) -> tuple[torch.Tensor, int, int]:
         i, epoch = item if isinstance(item, tuple) else (item, -1)
         feats = self._cache[i] if i in self._cache else self._read(i)
         if self.max_instances and epoch >= 0 and len(feats) > self.max_instances:
             rng = np.random.default_rng([self.seed, epoch, i])
-            feats = feats[np.sort(rng.choice(len(feats), self.max_instances, replace=False))]
-        return torch.from_numpy(np.ascontiguousarray(feats, np.float32)), self.targets[i], i
+            keep = np.sort(rng.choice(len(feats), self.max_instances, replace=False))
+            feats = feats[torch.from_numpy(keep).to(feats.device)]
+        return feats, self.targets[i], i
 
 
 def collate_bags(items: Sequence[tuple[torch.Tensor, int, int]]) -> BagBatch:
-    """Pad bags to the longest in the batch; ``mask`` marks the real instances."""
-    n = max(1, max(len(f) for f, _, _ in items))
-    dim = items[0][0].shape[1]
-    feats = torch.empty(len(items), n, dim)
-    mask = torch.zeros(len(items), n, dtype=torch.bool)
-    for b, (f, _, _) in enumerate(items):
-        feats[b, : len(f)] = f
-        feats[b, len(f) :] = 0  # only the padding is zeroed (no full-size fill)
-        mask[b, : len(f)] = True
-    return BagBatch(feats, mask, torch.tensor([t for _, t, _ in items], dtype=torch.long),
+    """Pack the bags of a batch back to back (see :class:`BagBatch`)."""
+    return BagBatch(torch.cat([f for f, _, _ in items]),
+                    torch.tensor([len(f) for f, _, _ in items], dtype=torch.long),
+                    torch.tensor([t for _, t, _ in items], dtype=torch.long),
                     torch.tensor([i for _, _, i in items], dtype=torch.long))
 
 

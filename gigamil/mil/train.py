@@ -232,13 +232,15 @@ def predict(model: nn.Module, dataset: BagDataset, device: torch.device, batch_s
     sampler = BagBatchSampler(dataset.targets, batch_size=batch_size, shuffle=False, rank=rank,
                               world_size=world_size)
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_bags,
-                        num_workers=workers, generator=torch.Generator())
+                        num_workers=0 if dataset.on_device else workers,
+                        generator=torch.Generator())
     dtype = PRECISIONS[precision]
     rows: list[tuple[int, list[float], float, float, int]] = []
     for batch in loader:
         b = batch.to(device)
+        x, mask = b.padded()
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            out = model(b.features, b.mask)
+            out = model(x, mask)
         logits = out.logits.float()
         probs, unc = _uncertainty(logits, evidential)
         targets = b.targets.clamp_min(0)
@@ -246,7 +248,7 @@ def predict(model: nn.Module, dataset: BagDataset, device: torch.device, batch_s
         loss = torch.where(b.targets >= 0, loss, torch.full_like(loss, float("nan")))
         for k in range(len(batch.index)):
             rows.append((int(batch.index[k]), probs[k].tolist(), float(unc[k]), float(loss[k]),
-                         int(batch.mask[k].sum())))
+                         int(batch.lengths[k])))
     if world_size > 1:
         gathered: list[Any] = [None] * world_size
         dist.all_gather_object(gathered, rows)
@@ -315,7 +317,8 @@ class FoldTrainer:
         def dataset(ids: Sequence[str], train: bool) -> BagDataset:
             return BagDataset([paths[i] for i in ids], [table.target(by_id[i]) for i in ids],
                               max_instances=cfg.max_instances if train else None,
-                              seed=cfg.seed * 1000 + fold.index, preload=cfg.preload)
+                              seed=cfg.seed * 1000 + fold.index, preload=cfg.preload,
+                              preload_device=device)
 
         self.train_set = dataset(fold.train, True)
         self.val_set = dataset(fold.val, False) if fold.val else None
@@ -371,9 +374,9 @@ class FoldTrainer:
         if state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         self.progress.load_state_dict(state["progress"])
-        torch.set_rng_state(state["rng"]["torch"])
+        torch.set_rng_state(state["rng"]["torch"].cpu())  # (map_location may have moved it)
         if "cuda" in state["rng"] and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+            torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), self.device)
 
     def best_state(self, epoch: int) -> dict[str, Any]:
         """The deployable model: weights plus what is needed to rebuild and use it."""
@@ -398,12 +401,13 @@ class FoldTrainer:
     def _loss(self, batch: BagBatch, n_micro: int) -> torch.Tensor:
         cfg = self.cfg
         dtype = PRECISIONS[cfg.precision]
+        x, mask = batch.padded()
         with torch.autocast(self.device.type, dtype=dtype or torch.float32,
                             enabled=dtype is not None):
             if self.with_label:
-                out = self.ddp(batch.features, batch.mask, label=batch.targets)
+                out = self.ddp(x, mask, label=batch.targets)
             else:
-                out = self.ddp(batch.features, batch.mask)
+                out = self.ddp(x, mask)
         logits = out.logits.float()
         if cfg.loss == "evidential":
             anneal = min(1.0, self.progress.epoch / 10)
@@ -434,9 +438,11 @@ class FoldTrainer:
         p = self.progress
         acc = self.cfg.accumulate
         self.sampler.set_epoch(p.epoch, start=p.batch)
+        on_host = not self.train_set.on_device
         loader = DataLoader(self.train_set, batch_sampler=self.sampler, collate_fn=collate_bags,
-                            num_workers=self.cfg.workers, generator=torch.Generator(),
-                            pin_memory=self.device.type == "cuda")
+                            num_workers=self.cfg.workers if on_host else 0,
+                            generator=torch.Generator(),
+                            pin_memory=on_host and self.device.type == "cuda")
         self.ddp.train()
         for batch in loader:
             k = p.batch
