@@ -145,7 +145,7 @@ def main() -> None:
     for head in ("abmil", "abmil_gated"):
         series = [means[(head, n)] for n in args.bags]
         rising = all(b >= a - 0.01 for a, b in zip(series, series[1:]))
-        print(f"{head}: AUROC by bag count {['%.3f' % v for v in series]} -> "
+        print(f"{head}: AUROC by bag count {[f'{v:.3f}' for v in series]} -> "
               f"{'rises' if rising else 'does NOT rise'} with more bags")
 
 

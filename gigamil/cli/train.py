@@ -83,8 +83,8 @@ def train(
     run_out: Annotated[Path, typer.Option("--out", help="Run directory (config, checkpoints, "
                                           "metrics, predictions).")],
     model: Annotated[str, typer.Option(help="A registered model (see `gigamil models`).")] = "abmil",
-    model_option: Annotated[list[str], typer.Option(
-        "--model-option", "-o", help="Model option KEY=VALUE, repeatable (e.g. -o hidden=128).")] = [],
+    model_option: Annotated[list[str] | None, typer.Option(
+        "--model-option", "-o", help="Model option KEY=VALUE, repeatable (e.g. -o hidden=128).")] = None,
     folds: Annotated[int, typer.Option(min=2, help="Cross-validation folds (by patient).")] = 5,
     cv: Annotated[CV, typer.Option(help="patient: stratified k-fold by patient; site: hold "
                                    "out each site of the site column.")] = CV.patient,
@@ -116,7 +116,7 @@ def train(
     resume: Annotated[Resume, typer.Option(help="auto: continue each fold from its latest "
                                            "valid checkpoint and skip finished folds.")] = Resume.never,
     seed: Annotated[int, typer.Option()] = 0,
-    fold: Annotated[list[int], typer.Option(help="Train only this fold (repeatable).")] = [],
+    fold: Annotated[list[int] | None, typer.Option(help="Train only this fold (repeatable).")] = None,
     device: Annotated[str, typer.Option(help="auto (this rank's GPU, else CPU), cpu, cuda:N.")] = "auto",
     workers: Annotated[int, typer.Option(min=0, help="DataLoader processes reading bags.")] = 0,
     preload: Annotated[bool, typer.Option(help="Keep all bags in memory (small cohorts).")] = False,
@@ -139,14 +139,14 @@ def train(
 
     cfg = TrainConfig(
         features=str(features), labels=str(labels), out=str(run_out), model=model,
-        model_options=parse_model_options(model_option), label_column=label_column,
+        model_options=parse_model_options(model_option or []), label_column=label_column,
         folds=folds, cv=cv.value, val_frac=val_frac, epochs=epochs, lr=lr,
         weight_decay=weight_decay, warmup_epochs=warmup_epochs, batch_size=batch_size,
         accumulate=accumulate, max_instances=max_instances or None, bucket=bucket,
         clip_grad=clip_grad or None, precision=precision.value,
         class_weights=class_weights.value, balanced_sampler=balanced_sampler, loss=loss.value,
         early_stop=early_stop or None, monitor=monitor.value, seed=seed,
-        only_folds=tuple(fold) or None, device=device, workers=workers, preload=preload,
+        only_folds=tuple(fold) if fold else None, device=device, workers=workers, preload=preload,
         checkpoint_every=checkpoint_every, keep_last=keep_last, bootstrap=bootstrap)
     with progress_bar() as bar:
         task = bar.add_task("train", total=None, info="")
