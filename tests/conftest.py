@@ -61,3 +61,27 @@ def tiff_tile(path: Path, x: int, y: int, size: int) -> np.ndarray:
     """Level-0 pixels decoded straight from the TIFF (reference for reader tests)."""
     with tifffile.TiffFile(path) as tif:
         return tif.pages[0].asarray()[y : y + size, x : x + size]
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> str:
+    """A real one-node SLURM cluster on localhost (tests/slurm_cluster.sh), torn down after.
+
+    Skipped where slurm-wlm/munge are missing or we are not root (CI installs them).
+    """
+    import subprocess
+
+    script = Path(__file__).parent / "slurm_cluster.sh"
+    res = subprocess.run(["bash", str(script), "start"], capture_output=True, text=True)
+    if res.returncode == 3:
+        pytest.skip(f"no local SLURM: {res.stderr.strip()}")
+    assert res.returncode == 0, res.stderr
+    conf = res.stdout.strip().split("=", 1)[1]
+    old = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = conf
+    yield conf
+    subprocess.run(["bash", str(script), "stop"], capture_output=True)
+    if old is None:
+        os.environ.pop("SLURM_CONF", None)
+    else:
+        os.environ["SLURM_CONF"] = old

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 import torch
 
+from gigamil.cli.options import parse_shard
 from gigamil.errors import UsageError
-from gigamil.mil.embed import EmbedConfig, _select, embed_stores, parse_shard
+from gigamil.mil.embed import EmbedConfig, _select, embed_stores
 from gigamil.mil.encoders import create_encoder, list_encoders
 from gigamil.wsi.extract import ExtractConfig, extract_slides
 from gigamil.wsi.features import read_bag, write_bag

@@ -9,7 +9,9 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+import gigamil.cli.options as opt
 from gigamil.cli._common import EXIT_FAILED, cli_errors, err, out, progress_bar
+from gigamil.cli.cluster import cluster_options, submitted
 from gigamil.errors import UsageError
 
 
@@ -52,6 +54,14 @@ def embed(
     backend: Annotated[str, typer.Option(help="With --from-slides: auto, openslide, cucim.")] = "auto",
     mpp_override: Annotated[float | None, typer.Option(
         help="With --from-slides: level-0 µm/px for slides that lack it.")] = None,
+    executor: opt.Executor = opt.ExecutorChoice.local,
+    partition: opt.Partition = None, account: opt.Account = None, qos: opt.Qos = None,
+    constraint: opt.Constraint = None, time: opt.Time = "04:00:00",
+    cpus_per_task: opt.CpusPerTask = 8, mem: opt.Mem = None, nodes: opt.Nodes = 1,
+    gpus_per_job: opt.GpusPerNode = 0, tasks_per_node: opt.TasksPerNode = None,
+    exclusive: opt.Exclusive = False, signal_delay: opt.SignalDelay = 120,
+    array_parallelism: opt.ArrayParallelism = 32, slides_per_job: opt.SlidesPerJob = 20,
+    wait: opt.Wait = False,
 ) -> None:
     """Turn every patch store in DATA/patches into DATA/features/<encoder>/<slide_id>.h5.
 
@@ -62,15 +72,26 @@ def embed(
     takes its share of the slides.
     """
     from gigamil.cluster.distributed import dist_env
-    from gigamil.mil.embed import EmbedConfig, embed_stores, parse_shard
+    from gigamil.mil.embed import EmbedConfig, embed_stores
 
     env = dist_env()
     cfg = EmbedConfig(rank=env.rank, world_size=env.world_size, local_rank=env.local_rank,
                       encoder=encoder, weights=str(weights) if weights else None,
                       batch_size=batch_size, workers=workers, precision=precision.value,
-                      device=device, shard=parse_shard(shard), compile=compile_model,
+                      device=device, shard=opt.parse_shard(shard), compile=compile_model,
                       overwrite=overwrite, stain_norm=stain_norm,
                       stain_reference=str(stain_reference) if stain_reference else None)
+    copts = cluster_options(executor, partition, account, qos, constraint, time, cpus_per_task,
+                            mem, nodes, gpus_per_job, tasks_per_node, exclusive, signal_delay,
+                            array_parallelism, slides_per_job, wait)
+    if copts.is_slurm:
+        from gigamil.cluster.slurm import submit_embed
+
+        if from_slides:
+            raise UsageError("--from-slides runs locally only",
+                             "extract with --executor slurm, then embed the stores")
+        submitted(submit_embed(data, cfg, copts, out_dir), Path(out_dir or data), wait)
+        return
     with progress_bar() as bar:
         task = bar.add_task("embed", total=None, info="")
         on_result = lambda r: bar.update(task, info=f"{r.slide_id} {r.status}")  # noqa: E731

@@ -55,6 +55,19 @@ def parse_mpps(text: str) -> tuple[float, ...]:
     return values
 
 
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """``"3/16"`` → (3, 16): share 3 of 16 (0-based), for SLURM array tasks."""
+    if not text:
+        return None
+    try:
+        k, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise typer.BadParameter(f"--shard {text!r} is not k/n, e.g. 3/16") from None
+    if n < 1 or not 0 <= k < n:
+        raise typer.BadParameter(f"--shard {text!r}: need 0 <= k < n")
+    return k, n
+
+
 def qc_config(background_max: float, pen_max: float, blur_min: float) -> QCConfig:
     """CLI thresholds → QCConfig (1, 1 and 0 switch the filters off)."""
     return QCConfig(
@@ -62,3 +75,43 @@ def qc_config(background_max: float, pen_max: float, blur_min: float) -> QCConfi
         pen_max=None if pen_max >= 1 else pen_max,
         blur_min=None if blur_min <= 0 else blur_min,
     )
+
+
+# -- where a command runs (the same options on extract, embed and train) ---------------------
+
+class ExecutorChoice(str, Enum):
+    local = "local"
+    slurm = "slurm"
+
+
+_SLURM = "SLURM (with --executor slurm)"
+Executor = Annotated[ExecutorChoice, typer.Option(
+    help="local: run here; slurm: submit jobs through submitit (arrays for extract/embed).",
+    rich_help_panel=_SLURM)]
+Partition = Annotated[str | None, typer.Option(help="Partition.", rich_help_panel=_SLURM)]
+Account = Annotated[str | None, typer.Option(help="Account to charge.", rich_help_panel=_SLURM)]
+Qos = Annotated[str | None, typer.Option(help="Quality of service.", rich_help_panel=_SLURM)]
+Constraint = Annotated[str | None, typer.Option(help="Node features, e.g. a100.",
+                                                rich_help_panel=_SLURM)]
+Time = Annotated[str, typer.Option(help="Time limit per job, HH:MM:SS or D-HH:MM:SS.",
+                                   rich_help_panel=_SLURM)]
+CpusPerTask = Annotated[int, typer.Option(min=1, help="CPUs per task.", rich_help_panel=_SLURM)]
+Mem = Annotated[str | None, typer.Option(help="Memory per node, e.g. 64G (0 = all).",
+                                         rich_help_panel=_SLURM)]
+Nodes = Annotated[int, typer.Option(min=1, help="Nodes per job (multi-node DDP for train).",
+                                    rich_help_panel=_SLURM)]
+GpusPerNode = Annotated[int, typer.Option(min=0, help="GPUs per node (one rank each).",
+                                          rich_help_panel=_SLURM)]
+TasksPerNode = Annotated[int | None, typer.Option(
+    min=1, help="Ranks per node (default: one per GPU, or 1); e.g. 2 for CPU DDP.",
+    rich_help_panel=_SLURM)]
+Exclusive = Annotated[bool, typer.Option(help="Whole nodes only.", rich_help_panel=_SLURM)]
+SignalDelay = Annotated[int, typer.Option(
+    min=0, help="Seconds before the time limit that USR2 asks for a checkpoint and requeue.",
+    rich_help_panel=_SLURM)]
+ArrayParallelism = Annotated[int, typer.Option(min=1, help="Array tasks running at once.",
+                                               rich_help_panel=_SLURM)]
+SlidesPerJob = Annotated[int, typer.Option(min=1, help="Slides per array task.",
+                                           rich_help_panel=_SLURM)]
+Wait = Annotated[bool, typer.Option(help="Block until the jobs finish (else print job ids "
+                                    "and return).", rich_help_panel=_SLURM)]

@@ -10,7 +10,9 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+import gigamil.cli.options as opt
 from gigamil.cli._common import cli_errors, err, out, progress_bar
+from gigamil.cli.cluster import cluster_options, submitted
 from gigamil.errors import UsageError
 
 
@@ -125,6 +127,14 @@ def train(
     keep_last: Annotated[int, typer.Option(min=1, help="Numbered checkpoints kept per fold.")] = 3,
     bootstrap: Annotated[int, typer.Option(min=0, help="Bootstrap resamples for the 95% CIs.")] = 1000,
     label_column: Annotated[str, typer.Option(help="Column of the labels CSV to predict.")] = "label",
+    executor: opt.Executor = opt.ExecutorChoice.local,
+    partition: opt.Partition = None, account: opt.Account = None, qos: opt.Qos = None,
+    constraint: opt.Constraint = None, time: opt.Time = "24:00:00",
+    cpus_per_task: opt.CpusPerTask = 8, mem: opt.Mem = None, nodes: opt.Nodes = 1,
+    gpus_per_node: opt.GpusPerNode = 0, tasks_per_node: opt.TasksPerNode = None,
+    exclusive: opt.Exclusive = False, signal_delay: opt.SignalDelay = 120,
+    array_parallelism: opt.ArrayParallelism = 32, slides_per_job: opt.SlidesPerJob = 20,
+    wait: opt.Wait = False,
 ) -> None:
     """Train an attention-MIL model with stratified, patient-grouped k-fold cross-validation.
 
@@ -133,6 +143,10 @@ def train(
     predictions_fold<k>.csv, reliability.png and summary.json. SIGTERM checkpoints and
     stops, SIGUSR1 checkpoints and goes on; `--resume auto` continues bit-for-bit. Under
     torchrun (or srun) every rank joins one DDP run: gloo on CPU, NCCL on GPU.
+
+    With --executor slurm the run is one job (--nodes × --gpus-per-node ranks) that
+    checkpoints and requeues itself on USR2 (time limit or pre-emption) and resumes
+    from its checkpoints after any restart.
     """
     from gigamil.cluster.launch import run_training
     from gigamil.mil.train import TrainConfig
@@ -148,6 +162,16 @@ def train(
         early_stop=early_stop or None, monitor=monitor.value, seed=seed,
         only_folds=tuple(fold) if fold else None, device=device, workers=workers, preload=preload,
         checkpoint_every=checkpoint_every, keep_last=keep_last, bootstrap=bootstrap)
+    copts = cluster_options(executor, partition, account, qos, constraint, time, cpus_per_task,
+                            mem, nodes, gpus_per_node, tasks_per_node, exclusive, signal_delay,
+                            array_parallelism, slides_per_job, wait)
+    if copts.is_slurm:
+        from gigamil.cluster.slurm import submit_train
+
+        results = submitted(submit_train(cfg, copts), run_out, wait)
+        if results:
+            out.print(_metrics_table(f"{model} — test metrics with 95% CIs", results[0]))
+        return
     with progress_bar() as bar:
         task = bar.add_task("train", total=None, info="")
 

@@ -22,15 +22,19 @@ from gigamil.cluster.checkpoint import CheckpointManager
 from gigamil.cluster.distributed import DistEnv, dist_env, process_group
 from gigamil.mil.train import StopRequest, TrainConfig, default_device, train
 
-__all__ = ["run_training", "stop_on_signals"]
+__all__ = ["run_training", "stop_on_signals", "run_log"]
 
 log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def stop_on_signals(stop: StopRequest) -> Iterator[None]:
-    """SIGTERM → checkpoint and stop; SIGUSR1 → checkpoint and continue (restored after)."""
+def stop_on_signals(stop: StopRequest, preempt: bool = False) -> Iterator[None]:
+    """SIGTERM → checkpoint and stop; SIGUSR1 → checkpoint and continue; with ``preempt``
+    also SIGUSR2 (SLURM's warning before a time limit or pre-emption) → checkpoint and stop.
+    The previous handlers come back afterwards."""
     actions = {signal.SIGTERM: True, signal.SIGUSR1: False}
+    if preempt:
+        actions[signal.SIGUSR2] = True
     previous = {}
 
     def handler(signum: int, _frame: Any) -> None:
@@ -46,7 +50,7 @@ def stop_on_signals(stop: StopRequest) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _run_log(out: Path, enabled: bool) -> Iterator[None]:
+def run_log(out: Path, enabled: bool = True) -> Iterator[None]:
     """Append gigamil's log records (warnings and up) to ``<run>/train.log`` on the main rank."""
     if not enabled:
         yield
@@ -71,8 +75,12 @@ def _run_log(out: Path, enabled: bool) -> Iterator[None]:
 
 
 def run_training(cfg: TrainConfig, resume: bool = False, env: DistEnv | None = None,
-                 on_epoch: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Train ``cfg`` as this process's rank; returns the run summary."""
+                 on_epoch: Callable[[dict[str, Any]], None] | None = None,
+                 preempt_signal: bool = False) -> dict[str, Any]:
+    """Train ``cfg`` as this process's rank; returns the run summary.
+
+    ``preempt_signal``: also stop on SIGUSR2 (inside a SLURM job, see ``cluster.slurm``).
+    """
     env = env or dist_env()
     device = default_device(cfg.device, env.local_rank)
     stop = StopRequest()
@@ -82,7 +90,8 @@ def run_training(cfg: TrainConfig, resume: bool = False, env: DistEnv | None = N
         return CheckpointManager(out / "checkpoints" / f"fold{fold}", keep=cfg.keep_last,
                                  is_main=env.is_main)
 
-    with _run_log(out, env.is_main), stop_on_signals(stop), process_group(env, device):
+    with run_log(out, env.is_main), stop_on_signals(stop, preempt_signal), \
+            process_group(env, device):
         log.info("training %s on %s, rank %d of %d%s", cfg.model, device, env.rank,
                  env.world_size, " (resume)" if resume else "")
         return train(cfg, checkpoints, device, env.rank, env.world_size, resume, stop,

@@ -31,7 +31,7 @@ from gigamil.wsi.extract import ExtractConfig
 from gigamil.wsi.features import bag_header, trident_attrs, write_bag
 from gigamil.wsi.store import PatchStore
 
-__all__ = ["EmbedConfig", "EmbedResult", "embed_stores", "embed_slides", "parse_shard",
+__all__ = ["EmbedConfig", "EmbedResult", "embed_stores", "embed_slides",
            "EMBED_FIELDS"]
 
 log = logging.getLogger("gigamil.embed")
@@ -104,17 +104,6 @@ class EmbedResult:
 
     def row(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "seconds": round(self.seconds, 3)}
-
-
-def parse_shard(text: str | None) -> tuple[int, int] | None:
-    """``"3/16"`` → (3, 16)."""
-    if not text:
-        return None
-    try:
-        i, n = (int(v) for v in text.split("/"))
-    except ValueError:
-        raise UsageError(f"--shard {text!r} is not i/n", "e.g. --shard 3/16") from None
-    return i, n
 
 
 class _Patches(Dataset):

@@ -588,8 +588,12 @@ def extract_slides(
     on_result: Callable[[SlideResult], None] | None = None,
     on_start: Callable[[int], None] | None = None,
     on_patches: Callable[[int], None] | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> list[SlideResult]:
     """Extract every slide in ``inputs`` into ``out_dir``; write ``out_dir/extract.csv``.
+
+    ``shard=(k, n)`` takes every n-th slide from the k-th (one SLURM array task) and
+    writes ``extract.shard<k>of<n>.csv``; ``gigamil.cluster.slurm`` merges the parts.
 
     Slides run in worker processes: ``min(workers, slides)`` at a time, each
     with ``workers // processes`` reading threads, so one large slide still
@@ -602,6 +606,11 @@ def extract_slides(
     paths = discover_slides(inputs)
     if not paths:
         raise UsageError("no slides found", f"slides need one of: {' '.join(sorted(SLIDE_EXTENSIONS))}")
+    manifest = "extract.csv"
+    if shard is not None:
+        k, n = shard
+        paths = paths[k::n]
+        manifest = f"extract.shard{k}of{n}.csv"
     for name in ("patches", "coords", "previews"):
         sub = out / name
         if sub.exists() and not sub.is_dir():
@@ -623,7 +632,7 @@ def extract_slides(
 
     def write_manifest() -> None:
         results.sort(key=lambda r: order.get(r.file, 0))
-        write_csv(out / "extract.csv", [r.row() for r in results], MANIFEST_FIELDS)
+        write_csv(out / manifest, [r.row() for r in results], MANIFEST_FIELDS)
         last_write[0] = time.monotonic()
 
     def record(res: SlideResult) -> None:

@@ -1,0 +1,193 @@
+"""SLURM through submitit, against a real slurmctld/slurmd on localhost (marker `slurm`)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from gigamil.cli.main import app
+from gigamil.cluster.slurm import ClusterOptions
+from gigamil.cluster.templates import TEMPLATES, render_template
+from gigamil.mil.synthetic import make_feature_bags
+from gigamil.wsi.store import PatchStore
+from gigamil.wsi.synthetic import make_cohort
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+runner = CliRunner()
+SLURM_ARGS = ["--executor", "slurm", "--cpus-per-task", "1", "--time", "00:15:00", "--wait"]
+
+
+@pytest.fixture(scope="module")
+def bags(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("slurm_bags")
+    make_feature_bags(out, n_slides=20, dim=64, bag_size=(600, 1200), seed=3)
+    return out
+
+
+def _train_args(bags: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "--features", str(bags), "--labels", str(bags / "labels.csv"),
+            "--out", str(out), "--folds", "2", "--epochs", "3", "--batch-size", "2",
+            "--lr", "1e-3", "--bootstrap", "20", "--early-stop", "0", "--device", "cpu",
+            "--checkpoint-every", "1", "-o", "hidden=128", *extra]
+
+
+def _weights(run: Path, fold: int = 1) -> dict[str, torch.Tensor]:
+    last = sorted((run / f"checkpoints/fold{fold}").glob("step_*.pt"))[-1]
+    return torch.load(last, weights_only=True)["model"]
+
+
+def _assert_same(a: Path, b: Path) -> None:
+    for fold in (0, 1):
+        assert (a / f"predictions_fold{fold}.csv").read_bytes() == \
+            (b / f"predictions_fold{fold}.csv").read_bytes()
+        wa, wb = _weights(a, fold), _weights(b, fold)
+        for k in wa:
+            assert torch.equal(wa[k], wb[k]), (fold, k)
+
+
+@pytest.fixture(scope="module")
+def local_two_ranks(bags: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The reference: the same training as 2 local gloo ranks under torchrun."""
+    out = tmp_path_factory.mktemp("local2") / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-port", str(29700 + os.getpid() % 200), "-m", "gigamil",
+           *_train_args(bags, out)]
+    res = subprocess.run(cmd, capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out
+
+
+def test_extract_array_equals_local_extraction(slurm_cluster: str, tmp_path: Path) -> None:
+    slides = tmp_path / "slides"
+    make_cohort(slides, n=6, width=3072, height=2048, seed=5, workers=1)
+    local, remote = tmp_path / "local", tmp_path / "remote"
+    common = ["--mpp", "1.0", "--patch-size", "128"]
+    res = runner.invoke(app, ["extract", str(slides), "--out", str(local), *common])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["extract", str(slides), "--out", str(remote), *common,
+                              "--slides-per-job", "2", *SLURM_ARGS])
+    assert res.exit_code == 0, res.output
+    rows = list(csv.DictReader(open(remote / "extract.csv")))
+    assert sorted(r["slide_id"] for r in rows) == [f"s{i:03d}" for i in range(6)]
+    assert all(r["status"] == "ok" for r in rows) and not list(remote.glob("extract.shard*"))
+    for store in sorted((local / "patches").glob("*.lmdb")):
+        with PatchStore(store) as a, PatchStore(remote / "patches" / store.name) as b:
+            assert len(a) == len(b) > 0
+            assert (a.coords == b.coords).all()
+            assert all((a[i] == b[i]).all() for i in range(0, len(a), 7))
+    jobs = json.loads((remote / "jobs" / "jobs.json").read_text())
+    assert len(jobs) == 3 and {j["kind"] for j in jobs} == {"extract"}
+
+
+def test_ddp_job_equals_local_two_ranks(slurm_cluster: str, bags: Path, local_two_ranks: Path,
+                                        tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    res = runner.invoke(app, [*_train_args(bags, out), *SLURM_ARGS, "--tasks-per-node", "2"])
+    assert res.exit_code == 0, res.output
+    _assert_same(local_two_ranks, out)
+    log = (out / "train.log").read_text()
+    assert "rank 0 of 2" in log and "start 1 (SLURM_RESTART_COUNT=0)" in log
+
+
+def _submit_and_wait_for_step(bags: Path, out: Path, step: int) -> tuple[str, float, float]:
+    res = runner.invoke(app, [*_train_args(bags, out), "--executor", "slurm", "--cpus-per-task",
+                              "1", "--time", "00:15:00", "--tasks-per-node", "2"])
+    assert res.exit_code == 0, res.output
+    t_submit = time.time()
+    job_id = json.loads((out / "jobs" / "jobs.json").read_text())[0]["job_id"]
+    first = None
+    target = out / "checkpoints/fold0" / f"step_{step:08d}.json"
+    while not target.exists():
+        if first is None and list((out / "checkpoints").glob("fold0/step_*.json")):
+            first = time.time() - t_submit
+        assert time.time() - t_submit < 240, "the job never reached the step"
+        time.sleep(0.05)
+    return job_id, t_submit, first if first is not None else time.time() - t_submit
+
+
+def _wait_finished(out: Path, job_id: str, timeout: float = 300) -> None:
+    t0 = time.time()
+    while not (out / "summary.json").exists() or \
+            "JobState=COMPLETED" not in subprocess.run(
+                ["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout:
+        assert time.time() - t0 < timeout, (out / "train.log").read_text()
+        time.sleep(0.5)
+
+
+def test_usr2_checkpoints_requeues_and_finishes_equal(slurm_cluster: str, bags: Path,
+                                                      local_two_ranks: Path, tmp_path: Path
+                                                      ) -> None:
+    out = tmp_path / "run"
+    job_id, t_submit, first = _submit_and_wait_for_step(bags, out, 4)
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+    t_signal = time.time()
+    _wait_finished(out, job_id)
+    log = (out / "train.log").read_text()
+    assert "pre-emption or time limit (USR2): checkpoint written, requeueing" in log
+    assert "start 2 (SLURM_RESTART_COUNT=1)" in log and "resumes from step_" in log
+    _assert_same(local_two_ranks, out)
+    res = runner.invoke(app, ["jobs", str(out)])
+    assert res.exit_code == 0 and "done" in res.output
+    print(f"\nsubmit → first checkpoint {first:.1f} s; USR2 → finished "
+          f"{time.time() - t_signal:.1f} s")
+
+
+def test_scontrol_requeue_resumes_from_disk(slurm_cluster: str, bags: Path,
+                                            local_two_ranks: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    job_id, _, _ = _submit_and_wait_for_step(bags, out, 4)
+    subprocess.run(["scontrol", "requeue", job_id], check=True)
+    _wait_finished(out, job_id)
+    log = (out / "train.log").read_text()
+    assert "start 2 (SLURM_RESTART_COUNT=1)" in log and "resumes from step_" in log
+    _assert_same(local_two_ranks, out)
+
+
+def test_a_failing_job_is_reported_with_its_log(slurm_cluster: str, bags: Path,
+                                                tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    res = runner.invoke(app, [*_train_args(bags, out, "-o", "nonsense=1"), *SLURM_ARGS])
+    assert res.exit_code != 0 and "nonsense" in res.output
+    res = runner.invoke(app, ["jobs", str(out)])
+    assert res.exit_code == 1
+    flat = " ".join(res.output.split())
+    assert "failed" in flat and "_0_log.err" in flat.replace(" ", "")
+
+
+def test_templates_quote_everything_and_run(slurm_cluster: str, tmp_path: Path) -> None:
+    evil = str(tmp_path / "a b;touch PWNED")
+    opts = ClusterOptions(executor="slurm", cpus_per_task=1, time="00:10:00")
+    for kind in TEMPLATES:
+        text = render_template(kind, opts, slides=evil, data=evil, out=evil,
+                               args=["--out", evil], n_tasks=2)
+        script = tmp_path / f"{kind}.sbatch"
+        script.write_text(text)
+        assert subprocess.run(["bash", "-n", str(script)]).returncode == 0, text
+        assert "'" + evil + "'" in text
+    with pytest.raises(Exception, match="plain SLURM value"):
+        render_template("train", ClusterOptions(executor="slurm", partition="x\n#SBATCH -A y"),
+                        out="o")
+    slides = tmp_path / "my slides"
+    make_cohort(slides, n=2, width=3072, height=2048, seed=6, workers=1)
+    out = tmp_path / "out dir"
+    res = runner.invoke(app, ["slurm", "template", "extract", "--slides", str(slides), "--out",
+                              str(out), "--n-tasks", "2", "--cpus-per-task", "1", "--",
+                              "--mpp", "1.0", "--patch-size", "128"])
+    assert res.exit_code == 0, res.output
+    script = tmp_path / "extract.sbatch"
+    script.write_text(res.output)
+    done = subprocess.run(["sbatch", "--wait", "--chdir", str(tmp_path), str(script)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert sorted(p.name for p in (out / "patches").glob("*.lmdb")) == ["s000.lmdb", "s001.lmdb"]
+    assert not (tmp_path / "PWNED").exists()
