@@ -353,18 +353,28 @@ class FoldTrainer:
         self.progress = FoldProgress()
 
     # -- state --------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        rng = {"torch": torch.get_rng_state()}
+    def _rng_states(self) -> dict[str, list[torch.Tensor]]:
+        """Every rank's RNG state (dropout draws differ per rank), gathered on all ranks."""
+        mine = {"torch": torch.get_rng_state()}
         if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+            mine["cuda"] = torch.cuda.get_rng_state(self.device)
+        if self.world_size == 1:
+            return {k: [v] for k, v in mine.items()}
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, mine)
+        return {k: [g[k] for g in gathered] for k in mine}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue bit for bit (call on every rank: it gathers)."""
         return {
             "fold": self.fold.index,
+            "world_size": self.world_size,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "progress": self.progress.state_dict(),
-            "rng": rng,
+            "rng": self._rng_states(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -374,9 +384,14 @@ class FoldTrainer:
         if state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         self.progress.load_state_dict(state["progress"])
-        torch.set_rng_state(state["rng"]["torch"].cpu())  # (map_location may have moved it)
-        if "cuda" in state["rng"] and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), self.device)
+        rng = state["rng"]
+        mine = self.rank if len(rng["torch"]) == self.world_size else 0
+        if len(rng["torch"]) != self.world_size:
+            log.warning("checkpoint from %d ranks resumed on %d: the result will not be "
+                        "bitwise that of an uninterrupted run", len(rng["torch"]), self.world_size)
+        torch.set_rng_state(rng["torch"][mine].cpu())  # (map_location may have moved it)
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"][mine].cpu(), self.device)
 
     def best_state(self, epoch: int) -> dict[str, Any]:
         """The deployable model: weights plus what is needed to rebuild and use it."""
