@@ -1,0 +1,88 @@
+"""SLURM overheads on the cluster at hand: submission to first training step, and requeue to
+resume (after ``scontrol requeue`` and after a USR2 pre-emption signal).
+
+    .venv/bin/python benchmarks/slurm.py [--tasks 2] [--partition P]
+
+Needs sbatch (on a cluster login node, or the local test cluster:
+``eval $(bash tests/slurm_cluster.sh start)``). Trains a small 2-fold run on synthetic bags
+with a checkpoint every step, so "the first training step" is the first checkpoint on disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import re
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from gigamil.cluster.slurm import ClusterOptions, submit_train
+from gigamil.mil.synthetic import make_feature_bags
+from gigamil.mil.train import TrainConfig
+
+
+def _log_time(log: Path, pattern: str, after: float) -> float | None:
+    """The epoch time of the first train.log line matching ``pattern`` written after ``after``."""
+    if not log.exists():
+        return None
+    for line in log.read_text().splitlines():
+        if re.search(pattern, line):
+            stamp = dt.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            if stamp >= after - 1:
+                return stamp
+    return None
+
+
+def _wait(cond, timeout: float = 600) -> float:  # noqa: ANN001
+    t0 = time.time()
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.time() - t0 > timeout:
+            raise TimeoutError
+        time.sleep(0.05)
+
+
+def one(feats: Path, out: Path, opts: ClusterOptions, interrupt: str) -> dict[str, float]:
+    cfg = TrainConfig(features=str(feats), labels=str(feats / "labels.csv"), out=str(out),
+                      folds=2, epochs=4, batch_size=2, device="cpu", checkpoint_every=1,
+                      early_stop=None, bootstrap=20)
+    t0 = time.time()
+    job = submit_train(cfg, opts)[0]
+    ckpts = out / "checkpoints" / "fold0"
+    _wait(lambda: list(ckpts.glob("step_*.json")))
+    first_step = time.time() - t0
+    _wait(lambda: (ckpts / "step_00000006.json").exists())
+    cmd = ["scancel", "--signal=USR2", job.job_id] if interrupt == "usr2" else \
+        ["scontrol", "requeue", job.job_id]
+    t1 = time.time()
+    subprocess.run(cmd, check=True)
+    resumed = _wait(lambda: _log_time(out / "train.log", "resumes from step_", t1))
+    _wait(lambda: (out / "summary.json").exists())
+    return {"submit_to_first_step": first_step, "requeue_to_resume": resumed - t1}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--tasks", type=int, default=2)
+    ap.add_argument("--partition", default=None)
+    args = ap.parse_args()
+    opts = ClusterOptions(executor="slurm", tasks_per_node=args.tasks, cpus_per_task=1,
+                          time="00:20:00", partition=args.partition)
+    with tempfile.TemporaryDirectory(prefix="gigamil-bench-slurm-") as tmp:
+        feats = Path(tmp) / "feats"
+        make_feature_bags(feats, n_slides=20, dim=64, bag_size=(600, 1200), seed=0)
+        res = {kind: one(feats, Path(tmp) / kind, opts, kind) for kind in ("requeue", "usr2")}
+    print(json.dumps(res, indent=2))
+    for kind, r in res.items():
+        print(f"{kind:8s}: submit → first training step {r['submit_to_first_step']:.1f} s; "
+              f"{'scontrol requeue' if kind == 'requeue' else 'USR2'} → resumed "
+              f"{r['requeue_to_resume']:.1f} s ({args.tasks} ranks)")
+
+
+if __name__ == "__main__":
+    main()
