@@ -58,7 +58,10 @@ CONF
     pgrep -x slurmd >/dev/null || slurmd -f "$CONF" -N localhost
     for _ in $(seq 60); do
         state=$(sinfo -h -o %T 2>/dev/null | head -1 || true)
-        case "$state" in idle|mixed|allocated) echo "export SLURM_CONF=$CONF"; return 0;; esac
+        case "$state" in
+            idle|mixed|allocated) echo "export SLURM_CONF=$CONF"; return 0 ;;
+            drain*|down*) scontrol update nodename=localhost state=resume >/dev/null 2>&1 || true ;;
+        esac
         sleep 0.5
     done
     echo "the local SLURM cluster did not come up; see $DIR/log" >&2
@@ -68,6 +71,10 @@ CONF
 stop() {
     export SLURM_CONF=$CONF
     scancel --user="$(id -un)" 2>/dev/null || true
+    for _ in $(seq 40); do  # let cancelled jobs finish, or the node comes back drained
+        [ -z "$(squeue -h 2>/dev/null)" ] && break
+        sleep 0.25
+    done
     pkill -x slurmd 2>/dev/null || true
     pkill -x slurmctld 2>/dev/null || true
     for _ in $(seq 20); do pgrep -x slurmd >/dev/null || pgrep -x slurmctld >/dev/null || break; sleep 0.25; done

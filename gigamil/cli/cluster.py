@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
+from rich.table import Column, Table
 
 import gigamil.cli.options as opt
 from gigamil.cli._common import EXIT_FAILED, cli_errors, err, out
@@ -62,7 +62,8 @@ def jobs(
     from gigamil.cluster.slurm import job_report, merge_extract_manifests
 
     rows = job_report(target)
-    table = Table("job", "kind", "state", "restarts", "log", "message / cancel",
+    table = Table("job", "kind", "state", "restarts", Column("log", overflow="fold"),
+                  Column("message / cancel", overflow="fold"),
                   title=f"jobs for {target}", title_justify="left")
     colors = {"done": "green", "failed": "red", "running": "cyan", "pending": "yellow",
               "requeued": "yellow"}

@@ -156,13 +156,19 @@ def _scontrol(job_id: str) -> dict[str, str]:
     return fields
 
 
-def _result_state(folder: Path, job_id: str) -> tuple[str, str] | None:
-    """("done"|"failed", message) from submitit's result pickle of task 0, if written."""
+def _result_state(folder: Path, job_id: str, started: str = "") -> tuple[str, str] | None:
+    """("done"|"failed", message) from submitit's result pickle of task 0, if written by the
+    current run of the job (one left by a run before a requeue does not count)."""
     import pickle
 
     path = folder / f"{job_id}_0_result.pkl"
     if not path.exists():
         return None
+    try:
+        if started and path.stat().st_mtime < dt.datetime.fromisoformat(started).timestamp():
+            return None
+    except ValueError:
+        pass
     try:
         with open(path, "rb") as fh:
             outcome, value = pickle.load(fh)  # our own job's result, written by submitit
@@ -170,7 +176,7 @@ def _result_state(folder: Path, job_id: str) -> tuple[str, str] | None:
         return "failed", f"unreadable result: {exc}"
     if outcome == "success":
         return "done", ""
-    return "failed", str(value).strip().splitlines()[-1] if value else "failed"
+    return "failed", _error_line(str(value)) if value else "failed"
 
 
 _STATES = {"PENDING": "pending", "CONFIGURING": "pending", "RUNNING": "running",
@@ -193,9 +199,8 @@ def job_report(out: str | os.PathLike[str]) -> list[dict[str, Any]]:
         info = _scontrol(job_id)
         state = _STATES.get(info.get("JobState", ""), "")
         message = ""
-        result = _result_state(folder, job_id)
-        finishing = info.get("JobState") == "COMPLETING"
-        if result and (finishing or state not in ("pending", "running", "requeued")):
+        result = _result_state(folder, job_id, info.get("StartTime", ""))
+        if result and state not in ("pending", "requeued"):
             state, message = result
         if not state:
             state = "unknown"
@@ -350,6 +355,15 @@ def submit_train(cfg: Any, opts: ClusterOptions) -> list[Any]:
     return [job]
 
 
+def _error_line(text: str) -> str:
+    """The exception line of a remote traceback (``UsageError: …``), else its last line."""
+    import re
+
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    found = [ln for ln in lines if re.match(r"^[\w.]*(Error|Exception|Interrupted): ", ln)]
+    return found[-1] if found else (lines[-1] if lines else "failed")
+
+
 def wait_jobs(jobs: Sequence[Any], on_poll: Callable[[list[str]], None] | None = None,
               poll: float = 2.0) -> list[Any]:
     """Block until every job is finished; the results (a failed job raises GigamilError)."""
@@ -365,7 +379,7 @@ def wait_jobs(jobs: Sequence[Any], on_poll: Callable[[list[str]], None] | None =
         try:
             results.append(job.results()[0])  # task 0 (rank 0) answers for the job
         except Exception as exc:  # noqa: BLE001 - submitit re-raises the job's error
-            failures.append(f"job {job.job_id}: {str(exc).strip().splitlines()[-1]} "
+            failures.append(f"job {job.job_id}: {_error_line(str(exc))} "
                             f"(log: {job.paths.stderr})")
     if failures:
         raise GigamilError("; ".join(failures), "see the logs; `gigamil jobs OUT` lists them")
