@@ -14,6 +14,7 @@ import lmdb
 import numpy as np
 import pytest
 import torch
+import typer
 
 from gigamil.cli.options import parse_shard
 from gigamil.errors import UsageError
@@ -109,12 +110,15 @@ def test_rerun_skips_and_shards_split_the_slides(data: Path, tmp_path: Path) -> 
     assert [r.status for r in embed_stores(d, cfg)] == ["ok"] * 4
     assert [r.status for r in embed_stores(d, cfg)] == ["skipped"] * 4
     paths = [Path(f"s{i:03d}.lmdb") for i in range(10)]
-    shares = [_select(paths, (i, 3)) for i in (1, 2, 3)]
+    shares = [_select(paths, (k, 3)) for k in (0, 1, 2)]  # 0-based, as SLURM array task ids
     assert sorted(p for s in shares for p in s) == paths  # disjoint, complete, deterministic
-    assert shares[0] == _select(list(reversed(paths)), (1, 3))
+    assert shares[0] == _select(list(reversed(paths)), (0, 3))
     assert parse_shard("3/16") == (3, 16)
+    for bad in ("16/16", "x/2", "-1/4"):
+        with pytest.raises(typer.BadParameter):
+            parse_shard(bad)
     with pytest.raises(UsageError):
-        EmbedConfig(shard=(17, 16))
+        EmbedConfig(shard=(16, 16))
 
 
 def test_corrupt_patch_is_skipped_and_reported(data: Path, tmp_path: Path) -> None:

@@ -85,6 +85,14 @@ def test_extract_array_equals_local_extraction(slurm_cluster: str, tmp_path: Pat
             assert all((a[i] == b[i]).all() for i in range(0, len(a), 7))
     jobs = json.loads((remote / "jobs" / "jobs.json").read_text())
     assert len(jobs) == 3 and {j["kind"] for j in jobs} == {"extract"}
+    # an embed array over the same stores: 2 shards of 3 (SLURM array task ids start at 0)
+    res = runner.invoke(app, ["embed", str(remote), "--encoder", "tiny-cnn", "--workers", "0",
+                              "--device", "cpu", "--slides-per-job", "3", *SLURM_ARGS])
+    assert res.exit_code == 0, res.output
+    feats = remote / "features" / "tiny-cnn"
+    assert sorted(p.stem for p in feats.glob("*.h5")) == [f"s{i:03d}" for i in range(6)]
+    assert sorted(p.name for p in feats.glob("embed.shard*.csv")) == [
+        "embed.shard0of2.csv", "embed.shard1of2.csv"]
 
 
 def test_ddp_job_equals_local_two_ranks(slurm_cluster: str, bags: Path, local_two_ranks: Path,

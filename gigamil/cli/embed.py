@@ -37,7 +37,7 @@ def embed(
         help="auto = bf16 on GPU, fp32 on CPU.")] = PrecisionChoice.auto,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     shard: Annotated[str | None, typer.Option(
-        help="Take share i of n of the slides (sorted by id), e.g. 3/16 for SLURM arrays.")] = None,
+        help="Take share k of n of the slides (sorted, k from 0), e.g. $SLURM_ARRAY_TASK_ID/16.")] = None,
     compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the encoder.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Redo slides that already have features.")] = False,
     out_dir: Annotated[Path | None, typer.Option(

@@ -31,7 +31,7 @@ from gigamil.wsi.extract import ExtractConfig
 from gigamil.wsi.features import bag_header, trident_attrs, write_bag
 from gigamil.wsi.store import PatchStore
 
-__all__ = ["EmbedConfig", "EmbedResult", "embed_stores", "embed_slides",
+__all__ = ["EmbedConfig", "EmbedResult", "embed_stores", "embed_slides", "slide_features",
            "EMBED_FIELDS"]
 
 log = logging.getLogger("gigamil.embed")
@@ -49,7 +49,7 @@ class EmbedConfig:
     workers: int = 4
     precision: Precision = "auto"
     device: str = "auto"
-    shard: tuple[int, int] | None = None  # (i, n), 1-based
+    shard: tuple[int, int] | None = None  # (k, n), 0-based: SLURM array task k of n
     compile: bool = False
     overwrite: bool = False
     stain_norm: str | None = None  # fitted per slide on a sample of its stored patches
@@ -61,9 +61,9 @@ class EmbedConfig:
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise UsageError("--batch-size must be at least 1")
-        if self.shard is not None and not 1 <= self.shard[0] <= self.shard[1]:
+        if self.shard is not None and not 0 <= self.shard[0] < self.shard[1]:
             raise UsageError(f"--shard {self.shard[0]}/{self.shard[1]} is out of range",
-                             "use i/n with 1 ≤ i ≤ n, e.g. --shard 3/16")
+                             "use k/n with 0 ≤ k < n (SLURM_ARRAY_TASK_ID/n), e.g. --shard 3/16")
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -149,8 +149,8 @@ def _select(stores: list[Path], shard: tuple[int, int] | None, rank: int = 0,
     """The share of the slides for this shard and this rank (deterministic: sorted by name)."""
     stores = sorted(stores)
     if shard is not None:
-        i, n = shard
-        stores = stores[i - 1 :: n]
+        k, n = shard
+        stores = stores[k::n]
     return stores[rank::world_size]
 
 
@@ -337,8 +337,8 @@ def embed_slides(
     (tissue, grid, QC, stain), no patch store. Reading runs in ``cfg.workers`` threads
     beside the model; each slide's bag is written as soon as it is done.
     """
-    from gigamil.wsi.extract import discover_slides, plan_slide, process_grid, store_meta
-    from gigamil.wsi.reader import open_slide, slide_id
+    from gigamil.wsi.extract import discover_slides
+    from gigamil.wsi.reader import slide_id
 
     device = cfg.resolved_device()
     encoder = create_encoder(cfg.encoder, cfg.weights, device)
@@ -364,35 +364,9 @@ def embed_slides(
                     res.status, res.n_patches = "skipped", n
                     results.append(res)
                     continue
-            with open_slide(path, extract.backend, extract.mpp_override) as slide:
-                plan = plan_slide(slide, extract, sid)
-                grid = plan.grids[0]
-                feats, kept = [], []
-                buf: list[np.ndarray] = []
-                for run in process_grid(slide, grid, extract, plan.normalizer,
-                                        threads=max(1, cfg.workers), encode=False,
-                                        keep_patches=True):
-                    kept.extend(i for i, r in zip(run.indices, run.reasons) if not r)
-                    for patch in run.patches or []:
-                        buf.append(patch)
-                        if len(buf) == cfg.batch_size:
-                            feats.append(_forward(encoder, buf, device, dtype))
-                            if on_batch is not None:
-                                on_batch(len(buf))
-                            buf = []
-                if buf:
-                    feats.append(_forward(encoder, buf, device, dtype))
-                    if on_batch is not None:
-                        on_batch(len(buf))
-                meta = store_meta(sid, path, slide, plan, extract, {})
-            f = np.concatenate(feats) if feats else np.zeros((0, encoder.feature_dim), np.float32)
-            attrs = {**trident_attrs(meta), "encoder": encoder.spec.name,
-                     "encoder_arch": encoder.spec.arch,
-                     "encoder_sha256": encoder.weights_sha256 or "",
-                     "feature_dim": encoder.feature_dim, "source_size": path.stat().st_size,
-                     "extract_params": repr(extract.output_params()),
-                     "stain_norm": extract.stain_norm or ""}
-            write_bag(h5, f, grid.coords[kept], attrs)
+            f, coords, attrs = slide_features(path, encoder, extract, device, dtype,
+                                              cfg.batch_size, max(1, cfg.workers), on_batch)
+            write_bag(h5, f, coords, attrs)
             res.n_patches = len(f)
         except Exception as exc:  # one bad slide never stops the batch
             res.status, res.error = "failed", str(exc)
@@ -402,3 +376,42 @@ def embed_slides(
         if on_result is not None:
             on_result(res)
     return results
+
+
+def slide_features(path: Path, encoder: Encoder, extract: ExtractConfig, device: torch.device,
+                   dtype: torch.dtype | None, batch_size: int = 64, threads: int = 1,
+                   on_batch: Callable[[int], None] | None = None
+                   ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """One slide → (features (N, D), level-0 coords (N, 2), bag attributes), with patches cut
+    on the fly by the extraction code (tissue, grid, QC, stain); nothing is stored."""
+    from gigamil.wsi.extract import plan_slide, process_grid, store_meta
+    from gigamil.wsi.reader import open_slide, slide_id
+
+    sid = slide_id(path)
+    with open_slide(path, extract.backend, extract.mpp_override) as slide:
+        plan = plan_slide(slide, extract, sid)
+        grid = plan.grids[0]
+        feats, kept = [], []
+        buf: list[np.ndarray] = []
+        for run in process_grid(slide, grid, extract, plan.normalizer, threads=threads,
+                                encode=False, keep_patches=True):
+            kept.extend(i for i, r in zip(run.indices, run.reasons) if not r)
+            for patch in run.patches or []:
+                buf.append(patch)
+                if len(buf) == batch_size:
+                    feats.append(_forward(encoder, buf, device, dtype))
+                    if on_batch is not None:
+                        on_batch(len(buf))
+                    buf = []
+        if buf:
+            feats.append(_forward(encoder, buf, device, dtype))
+            if on_batch is not None:
+                on_batch(len(buf))
+        meta = store_meta(sid, path, slide, plan, extract, {})
+    f = np.concatenate(feats) if feats else np.zeros((0, encoder.feature_dim), np.float32)
+    attrs = {**trident_attrs(meta), "encoder": encoder.spec.name,
+             "encoder_arch": encoder.spec.arch, "encoder_sha256": encoder.weights_sha256 or "",
+             "feature_dim": encoder.feature_dim, "source_size": path.stat().st_size,
+             "extract_params": repr(extract.output_params()),
+             "stain_norm": extract.stain_norm or ""}
+    return f, grid.coords[kept], attrs
