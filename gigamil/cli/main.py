@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from gigamil.cli import cluster, demo, embed, extract, inspect, models, synth, train
+from gigamil.cli import cluster, demo, embed, extract, infer, inspect, models, synth, train
 from gigamil.cli._common import err, setup_logging
 from gigamil.versions import gigamil_version
 
@@ -50,6 +50,9 @@ app.command("models")(models.models)
 app.command("train")(train.train)
 app.command("eval")(train.evaluate)
 app.command("demo")(demo.demo)
+app.command("infer")(infer.infer)
+app.command("export")(infer.export)
+app.command("heatmap")(infer.heatmap)
 app.command("jobs")(cluster.jobs)
 app.add_typer(inspect.app, name="inspect")
 app.add_typer(cluster.app, name="slurm")

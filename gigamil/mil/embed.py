@@ -392,10 +392,14 @@ def slide_features(path: Path, encoder: Encoder, extract: ExtractConfig, device:
         plan = plan_slide(slide, extract, sid)
         grid = plan.grids[0]
         feats, kept = [], []
+        rejected: dict[str, int] = {}
         buf: list[np.ndarray] = []
         for run in process_grid(slide, grid, extract, plan.normalizer, threads=threads,
                                 encode=False, keep_patches=True):
             kept.extend(i for i, r in zip(run.indices, run.reasons) if not r)
+            for r in run.reasons:
+                if r:
+                    rejected[r] = rejected.get(r, 0) + 1
             for patch in run.patches or []:
                 buf.append(patch)
                 if len(buf) == batch_size:
@@ -413,5 +417,6 @@ def slide_features(path: Path, encoder: Encoder, extract: ExtractConfig, device:
              "encoder_arch": encoder.spec.arch, "encoder_sha256": encoder.weights_sha256 or "",
              "feature_dim": encoder.feature_dim, "source_size": path.stat().st_size,
              "extract_params": repr(extract.output_params()),
-             "stain_norm": extract.stain_norm or ""}
+             "stain_norm": extract.stain_norm or "",
+             "qc_counts": ";".join(f"{k}={v}" for k, v in sorted(rejected.items()))}
     return f, grid.coords[kept], attrs

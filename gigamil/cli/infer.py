@@ -1,0 +1,128 @@
+"""`gigamil infer`, `gigamil export` and `gigamil heatmap`: a trained run → predictions."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from gigamil.cli._common import EXIT_FAILED, cli_errors, err, out, progress_bar
+
+
+class Engine(str, Enum):
+    torch = "torch"
+    onnx = "onnx"
+
+
+class Folds(str, Enum):
+    best = "best"
+    all = "all"
+
+
+RunDir = Annotated[Path, typer.Option("--run", exists=True, file_okay=False,
+                                      help="The run directory of `gigamil train`.")]
+
+
+@cli_errors
+def infer(
+    slides: Annotated[list[Path], typer.Argument(help="Slide files or directories.")],
+    run: RunDir,
+    preds_out: Annotated[Path, typer.Option("--out", help="Where predictions go.")],
+    ray_address: Annotated[str, typer.Option(
+        help="local: start Ray here; auto or host:port: join a cluster (see `gigamil slurm "
+             "template infer`); none: no Ray, one process.")] = "local",
+    workers: Annotated[int, typer.Option(min=1, help="Ray workers (one predictor each).")] = 2,
+    threads: Annotated[int, typer.Option(min=1, help="Reading threads per worker.")] = 1,
+    gpus_per_worker: Annotated[float, typer.Option(min=0, help="GPUs per worker.")] = 0,
+    heatmaps: Annotated[bool, typer.Option(help="Also write heatmaps/<slide_id>.png.")] = False,
+    engine: Annotated[Engine, typer.Option(help="torch, or onnx (onnxruntime; no torch MIL "
+                                           "model in memory).")] = Engine.torch,
+    fold: Annotated[Folds, typer.Option(help="all: average every fold's model; best: the fold "
+                                        "with the best validation metric.")] = Folds.all,
+    batch_size: Annotated[int, typer.Option(min=1, help="Patches per encoder batch.")] = 64,
+    device: Annotated[str, typer.Option(help="cpu, or cuda with --gpus-per-worker.")] = "cpu",
+) -> None:
+    """Predict new slides with a trained run: patches, encoder and MIL models, per slide.
+
+    Writes OUT/predictions.csv (class, per-class probability, uncertainty, patches, QC
+    rejections, model id), OUT/failures.csv, and per slide OUT/slides/<id>.json and .npz
+    (coords, attention). A rerun skips finished slides; exit code 1 if any slide failed.
+    """
+    from gigamil.cluster.ray import infer_slides, infer_slides_local, todo
+    from gigamil.mil.infer import InferenceSpec, write_outputs
+    from gigamil.wsi.extract import discover_slides
+
+    spec = InferenceSpec.from_run(run, engine.value, fold.value, device, heatmaps, batch_size,
+                                  threads)
+    paths = discover_slides(slides)
+    remaining = todo(paths, preds_out)
+    failures: list[dict[str, Any]] = []
+    with progress_bar() as bar:
+        task = bar.add_task("infer", total=len(paths), completed=len(paths) - len(remaining),
+                            info="")
+
+        def on_result(res: dict[str, Any]) -> None:
+            what = res["row"]["slide_id"] + " " + res["row"]["pred"] if res["ok"] else \
+                res["file"] + " failed"
+            bar.update(task, advance=1, info=what)
+
+        try:
+            if remaining and ray_address == "none":
+                _, failures = infer_slides_local(remaining, spec, preds_out, on_result)
+            elif remaining:
+                _, failures = infer_slides(remaining, spec, preds_out, ray_address, workers,
+                                           gpus_per_worker, on_result)
+        finally:  # Ctrl-C too: the finished slides are kept and listed
+            preds_out.mkdir(parents=True, exist_ok=True)
+            pred_csv, fail_csv = write_outputs(preds_out, spec.classes, failures)
+    err.print(f"[green]{len(paths) - len(remaining)} already done, "
+              f"{len(remaining) - len(failures)} predicted[/], "
+              f"[{'red' if failures else 'green'}]{len(failures)} failed[/] → {pred_csv}",
+              highlight=False)
+    for f in failures:
+        err.print(f"  {f['slide_id']}: {f['error']}", highlight=False)
+    if failures:
+        raise typer.Exit(EXIT_FAILED)
+
+
+@cli_errors
+def export(
+    run: Annotated[Path, typer.Argument(exists=True, file_okay=False, help="A run directory.")],
+    onnx_path: Annotated[Path, typer.Option("--onnx", help="The .onnx file to write.")],
+    fold: Annotated[int, typer.Option(help="Which fold's model.")] = 0,
+) -> None:
+    """Export a fold's MIL model to ONNX with a dynamic bag length (parity-checked)."""
+    import torch
+
+    from gigamil.mil.export import export_onnx
+
+    best = run / "checkpoints" / f"fold{fold}" / "best.pt"
+    if not best.exists():
+        from gigamil.errors import UsageError
+
+        raise UsageError(f"{best} does not exist", "train the run first, or pick another --fold")
+    report = export_onnx(torch.load(best, map_location="cpu", weights_only=True), onnx_path)
+    out.print(f"wrote {onnx_path}: max |onnx − torch| = {report['max_abs_diff']:.1e} on bags "
+              f"of {report['lengths']} instances")
+
+
+@cli_errors
+def heatmap(
+    slide: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="A slide.")],
+    run: RunDir,
+    png: Annotated[Path, typer.Option("--out", help="The PNG to write.")],
+    fold: Annotated[Folds, typer.Option(help="all or best.")] = Folds.all,
+) -> None:
+    """Attention of the run's model(s) over the slide's thumbnail, with a colour bar."""
+    from gigamil.mil.infer import InferenceSpec, SlidePredictor, slide_heatmap
+    from gigamil.wsi.preview import save_png
+
+    predictor = SlidePredictor(InferenceSpec.from_run(run, folds=fold.value))
+    row, coords, attention, attrs = predictor.predict(slide)
+    save_png(png, slide_heatmap(slide, coords, attention, attrs,
+                                title=f"{row['slide_id']}: {row['pred']}"))
+    out.print(f"{row['slide_id']}: {row['pred']} "
+              + " ".join(f"{k[5:]}={v:.3f}" for k, v in row.items() if k.startswith("prob_"))
+              + f" → {png}")
