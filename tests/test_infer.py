@@ -1,0 +1,169 @@
+"""Inference: ONNX parity, predictions on Ray and in one process, faults, heatmaps."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from gigamil.cli.main import app
+from gigamil.errors import UsageError
+from gigamil.mil.export import PARITY_LENGTHS, OnnxMIL, export_onnx
+from gigamil.mil.models import create_model
+from gigamil.wsi.synthetic import make_cohort
+
+runner = CliRunner()
+
+
+def _state(name: str, dim: int = 24, classes: int = 3) -> dict:
+    torch.manual_seed(0)
+    model = create_model(name, in_dim=dim, n_classes=classes)
+    return {"model": model.state_dict(), "epoch": 0,
+            "meta": {"model": name, "model_options": {}, "in_dim": dim,
+                     "classes": [f"c{k}" for k in range(classes)], "evidential": False,
+                     "fold": 0}}
+
+
+@pytest.mark.parametrize("name", ["abmil", "abmil_gated", "clam_sb", "clam_mb", "mean", "max"])
+def test_onnx_matches_torch_at_every_bag_length(name: str, tmp_path: Path) -> None:
+    state = _state(name)
+    report = export_onnx(state, tmp_path / "m.onnx")
+    assert report["max_abs_diff"] < 1e-5 and report["lengths"] == list(PARITY_LENGTHS)
+    onnx_model = OnnxMIL(tmp_path / "m.onnx")
+    assert onnx_model.meta["model"] == name
+    from gigamil.mil.train import load_model
+
+    model, _ = load_model(state)
+    for n in (3, 250, 1000):  # lengths other than those checked at export
+        x = np.random.default_rng(n).normal(size=(n, 24)).astype(np.float32)
+        probs, attention = onnx_model(x)
+        with torch.no_grad():
+            out = model(torch.from_numpy(x)[None])
+        np.testing.assert_allclose(probs, torch.softmax(out.logits, -1)[0].numpy(), atol=1e-5)
+        ref = out.attention if out.attention.dim() == 2 else out.attention.mean(1)
+        np.testing.assert_allclose(attention, ref[0].numpy(), atol=1e-5)
+
+
+def test_a_model_without_dynamic_length_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="does not export with a dynamic bag length"):
+        export_onnx(_state("transmil"), tmp_path / "t.onnx")
+    assert not (tmp_path / "t.onnx").exists()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """6 synthetic slides → extract → embed (tiny-cnn) → a 2-fold run."""
+    root = tmp_path_factory.mktemp("infer")
+    slides = root / "slides"
+    make_cohort(slides, n=6, width=4096, height=3072, seed=11, workers=1)
+    steps = [
+        ["extract", str(slides), "--out", str(root / "data"), "--mpp", "1.0", "--patch-size",
+         "128", "--workers", "1"],
+        ["embed", str(root / "data"), "--encoder", "tiny-cnn", "--workers", "0", "--device",
+         "cpu"],
+        ["train", "--features", str(root / "data/features/tiny-cnn"), "--labels",
+         str(slides / "labels.csv"), "--out", str(root / "run"), "--folds", "2", "--epochs",
+         "3", "--batch-size", "2", "--bootstrap", "20", "--val-frac", "0"],
+    ]
+    for args in steps:
+        res = runner.invoke(app, args)
+        assert res.exit_code == 0, res.output
+    return {"slides": slides, "run": root / "run", "root": root}
+
+
+def _preds(out: Path) -> dict[str, dict]:
+    return {r["slide_id"]: r for r in csv.DictReader(open(out / "predictions.csv"))}
+
+
+@pytest.mark.slow
+def test_ray_and_one_process_agree_and_reruns_skip(trained: dict[str, Path], tmp_path: Path
+                                                   ) -> None:
+    args = ["infer", str(trained["slides"]), "--run", str(trained["run"])]
+    res = runner.invoke(app, [*args, "--out", str(tmp_path / "a"), "--ray-address", "none",
+                              "--heatmaps"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, [*args, "--out", str(tmp_path / "b"), "--workers", "2"])
+    assert res.exit_code == 0, res.output
+    a, b = _preds(tmp_path / "a"), _preds(tmp_path / "b")
+    assert sorted(a) == [f"s{i:03d}" for i in range(6)] and a.keys() == b.keys()
+    for sid in a:
+        assert abs(float(a[sid]["prob_tumor"]) - float(b[sid]["prob_tumor"])) < 1e-6
+        assert int(a[sid]["n_patches"]) > 0 and a[sid]["model"].endswith("torch")
+    assert len(list((tmp_path / "a" / "heatmaps").glob("*.png"))) == 6
+    res = runner.invoke(app, [*args, "--out", str(tmp_path / "b"), "--workers", "2"])
+    assert res.exit_code == 0 and "6 already done, 0 predicted" in " ".join(res.output.split())
+
+
+@pytest.mark.slow
+def test_onnx_engine_matches_torch(trained: dict[str, Path], tmp_path: Path) -> None:
+    args = ["infer", str(trained["slides"]), "--run", str(trained["run"]), "--ray-address",
+            "none"]
+    assert runner.invoke(app, [*args, "--out", str(tmp_path / "t")]).exit_code == 0
+    res = runner.invoke(app, [*args, "--out", str(tmp_path / "o"), "--engine", "onnx"])
+    assert res.exit_code == 0, res.output
+    t, o = _preds(tmp_path / "t"), _preds(tmp_path / "o")
+    for sid in t:
+        assert abs(float(t[sid]["prob_tumor"]) - float(o[sid]["prob_tumor"])) < 1e-5
+        assert o[sid]["model"].endswith(":onnx")
+
+
+@pytest.mark.slow
+def test_a_corrupt_slide_is_a_failure_row_and_the_rest_go_on(trained: dict[str, Path],
+                                                             tmp_path: Path) -> None:
+    slides = tmp_path / "slides"
+    shutil.copytree(trained["slides"], slides)
+    (slides / "s001.svs").write_bytes((slides / "s001.svs").read_bytes()[:5000])
+    res = runner.invoke(app, ["infer", str(slides), "--run", str(trained["run"]), "--out",
+                              str(tmp_path / "p"), "--ray-address", "none"])
+    assert res.exit_code == 1
+    fails = list(csv.DictReader(open(tmp_path / "p" / "failures.csv")))
+    assert [f["slide_id"] for f in fails] == ["s001"] and fails[0]["error"]
+    assert sorted(_preds(tmp_path / "p")) == ["s000", "s002", "s003", "s004", "s005"]
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_slide_is_retried_and_counted_once(trained: dict[str, Path],
+                                                               tmp_path: Path) -> None:
+    import ray
+
+    from gigamil.cluster.ray import infer_slides
+    from gigamil.mil.infer import InferenceSpec, write_outputs
+    from gigamil.wsi.extract import discover_slides
+
+    spec = InferenceSpec.from_run(trained["run"])
+    paths = discover_slides([trained["slides"]])
+    actors: list = []
+    killed: list[int] = []
+
+    def on_result(_res: dict) -> None:
+        if not killed:  # after the first result: the other actor is mid-slide, or about to be
+            pid = ray.get(actors[1].pid.remote())
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    out = tmp_path / "p"
+    rows, failures = infer_slides(paths, spec, out, workers=2, on_workers=actors.extend,
+                                  on_result=on_result)
+    write_outputs(out, spec.classes, failures)
+    assert killed and not failures
+    ids = [r["slide_id"] for r in csv.DictReader(open(out / "predictions.csv"))]
+    assert sorted(ids) == [f"s{i:03d}" for i in range(6)]  # each exactly once
+
+
+def test_export_and_heatmap_commands(trained: dict[str, Path], tmp_path: Path) -> None:
+    res = runner.invoke(app, ["export", str(trained["run"]), "--onnx", str(tmp_path / "m.onnx")])
+    assert res.exit_code == 0 and "max |onnx − torch|" in res.output
+    res = runner.invoke(app, ["heatmap", str(trained["slides"] / "s000.svs"), "--run",
+                              str(trained["run"]), "--out", str(tmp_path / "h.png")])
+    assert res.exit_code == 0, res.output
+    import cv2
+
+    img = cv2.imread(str(tmp_path / "h.png"))
+    assert img is not None and img.shape[0] > 50 and img.shape[1] > 100
