@@ -245,7 +245,7 @@ def test_ranks_take_disjoint_shares(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv("RANK", str(rank))
         monkeypatch.setenv("WORLD_SIZE", "2")
         env = dist_env()
-        shares.append(_select(paths, (1, 1), env.rank, env.world_size))
+        shares.append(_select(paths, (0, 1), env.rank, env.world_size))
     assert sorted(shares[0] + shares[1]) == paths and not set(shares[0]) & set(shares[1])
     cfg = EmbedConfig(shard=(2, 4), rank=1, world_size=2)
     assert cfg.manifest_name == "embed.shard2of4.rank1.csv"

@@ -50,6 +50,11 @@ class _Worker:
     def pid(self) -> int:
         return os.getpid()
 
+    def peak_rss_mb(self) -> float:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
 
 def _failure(res: dict[str, Any]) -> dict[str, Any]:
     from gigamil.wsi.reader import slide_id
