@@ -37,6 +37,9 @@ class _Worker:
         torch.set_num_threads(max(1, spec.threads))
         self.predictor = SlidePredictor(spec)
         self.out = out
+        _warm_up()
+
+
 
     def run(self, path: str) -> dict[str, Any]:
         try:
@@ -54,6 +57,17 @@ class _Worker:
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _warm_up() -> None:
+    """Import the slide readers now, so a worker's first slide costs what the others do."""
+    import importlib
+
+    for name in ("openslide", "cucim", "cv2", "tifffile", "h5py"):
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - optional backends may be missing
+            pass
 
 
 def _failure(res: dict[str, Any]) -> dict[str, Any]:
