@@ -32,9 +32,12 @@ class _Worker:
     """A Ray actor around :class:`SlidePredictor` (errors come back as values, not raises)."""
 
     def __init__(self, spec: InferenceSpec, out: str) -> None:
+        import cv2
         import torch
 
+        # a worker uses its share of the cores: torch, OpenCV and the readers alike
         torch.set_num_threads(max(1, spec.threads))
+        cv2.setNumThreads(max(1, spec.threads))
         self.predictor = SlidePredictor(spec)
         self.out = out
         _warm_up()
@@ -97,7 +100,6 @@ def infer_slides(paths: Sequence[Path], spec: InferenceSpec, out: str | os.PathL
                  ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Predict ``paths`` on Ray (``local`` starts a cluster here; else join ``ray_address``)."""
     import ray
-    from ray.util import ActorPool
 
     started = False
     if not ray.is_initialized():
@@ -114,10 +116,23 @@ def infer_slides(paths: Sequence[Path], spec: InferenceSpec, out: str | os.PathL
         actors = [actor.remote(spec, str(Path(out).resolve())) for _ in range(max(1, workers))]
         if on_workers is not None:
             on_workers(actors)
-        pool = ActorPool(actors)
         rows, failures = [], []
-        for res in pool.map_unordered(lambda a, p: a.run.remote(str(p)), list(paths)):
+        queue = [str(p) for p in paths]
+        in_flight: dict[Any, Any] = {}  # future → actor; two per actor, so none waits for work
+
+        def feed(a: Any) -> None:
+            if queue:
+                in_flight[a.run.remote(queue.pop(0))] = a
+
+        for a in actors:
+            feed(a)
+            feed(a)
+        while in_flight:
+            done, _ = ray.wait(list(in_flight), num_returns=1)
+            a = in_flight.pop(done[0])
+            res = ray.get(done[0])
             (rows if res["ok"] else failures).append(res["row"] if res["ok"] else _failure(res))
+            feed(a)
             if on_result is not None:
                 on_result(res)
         return rows, failures
