@@ -29,7 +29,7 @@ from gigamil.mil.data import make_folds, match_features, read_labels
 from gigamil.mil.metrics import binary_auroc
 from gigamil.mil.models import create_model
 from gigamil.mil.synthetic import make_feature_bags
-from gigamil.mil.train import PRECISIONS, FoldTrainer, TrainConfig
+from gigamil.mil.train import PRECISIONS, FoldTrainer, TrainConfig, _feature_dim
 
 
 def clam_loop(train_bags: list[tuple[torch.Tensor, int]], test_bags: list[tuple[torch.Tensor, int]],
@@ -71,7 +71,8 @@ def gigamil_loop(feats: Path, out: Path, epochs: int, bucket: bool, device: torc
                       precision=precision, max_instances=None, early_stop=None, val_frac=0.0)
     table, paths = match_features(read_labels(cfg.labels), cfg.features)
     fold = make_folds(table, 4, seed=0, val_frac=0.0)[0]
-    trainer = FoldTrainer(cfg, fold, table, paths, _dim(paths), CheckpointManager(out), device)
+    trainer = FoldTrainer(cfg, fold, table, paths, _feature_dim(next(iter(paths.values()))),
+                          CheckpointManager(out), device)
     times = []
     for _ in range(epochs):
         t = time.perf_counter()
@@ -84,13 +85,6 @@ def gigamil_loop(feats: Path, out: Path, epochs: int, bucket: bool, device: torc
     assert trainer.test_set is not None
     _, metrics = trainer.evaluate(trainer.test_set)
     return float(np.mean(times[1:])), metrics["auroc"]
-
-
-def _dim(paths: dict[str, Path]) -> int:
-    import h5py
-
-    with h5py.File(next(iter(paths.values()))) as f:
-        return int(f["features"].shape[1])
 
 
 def main() -> None:

@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 from pathlib import Path
@@ -25,6 +24,7 @@ from gigamil.mil.train import (
     predict,
     prediction_fields,
     prediction_rows,
+    read_predictions,
     summarize,
 )
 
@@ -49,14 +49,6 @@ def fold_models(run: str | os.PathLike[str]) -> list[Path]:
     return paths
 
 
-def _read_predictions(path: Path, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    with open(path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    y = np.array([int(r["target"]) for r in rows], np.int64)
-    p = np.array([[float(r[f"prob_{c}"]) for c in classes] for r in rows]).reshape(len(rows), -1)
-    return y, p
-
-
 def evaluate_run(run: str | os.PathLike[str], features: str | os.PathLike[str] | None = None,
                  labels: str | os.PathLike[str] | None = None,
                  out: str | os.PathLike[str] | None = None, n_boot: int = 1000, seed: int = 0,
@@ -74,7 +66,7 @@ def evaluate_run(run: str | os.PathLike[str], features: str | os.PathLike[str] |
     if features is None:
         ys, ps = [], []
         for path in sorted(run.glob("predictions_fold*.csv")):
-            y, p = _read_predictions(path, classes)
+            y, p = read_predictions(path, classes)
             report["folds"][path.stem.removeprefix("predictions_fold")] = summarize(
                 y, p, classes, n_boot, seed)
             ys.append(y)

@@ -60,6 +60,7 @@ __all__ = [
     "predict",
     "prediction_rows",
     "prediction_fields",
+    "read_predictions",
     "summarize",
     "build_model",
     "load_model",
@@ -611,6 +612,17 @@ def prediction_rows(table: LabelTable, ids: Sequence[str], probs: np.ndarray,
     return rows
 
 
+def read_predictions(path: Path, classes: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(targets (n,), probabilities (n, C)) from a predictions CSV."""
+    import csv
+
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    y = np.array([int(r["target"]) for r in rows], np.int64)
+    p = np.array([[float(r[f"prob_{c}"]) for c in classes] for r in rows]).reshape(len(rows), -1)
+    return y, p
+
+
 def prediction_fields(classes: Sequence[str]) -> list[str]:
     return (["slide_id", "patient_id", "fold", "label", "target", "pred"]
             + [f"prob_{c}" for c in classes] + ["uncertainty", "n_instances", "model"])
@@ -663,7 +675,6 @@ def train(cfg: TrainConfig, checkpoints: Callable[[int], Checkpointer],
 
     Returns the summary (also written to ``summary.json``).
     """
-    import csv
     import json
 
     from gigamil.mil.metrics import reliability_diagram
@@ -722,12 +733,11 @@ def train(cfg: TrainConfig, checkpoints: Callable[[int], Checkpointer],
                           prediction_rows(table, ids, preds.probs, preds.uncertainty,
                                           preds.n_instances, fold.index, cfg.model),
                           prediction_fields(table.classes))
+        results[fold.index] = result
         if main:
             write_json(ckpt.directory / "result.json", result)
-            results[fold.index] = result
             _write_metrics(out, results, table.classes)
         _barrier(world_size)
-        results[fold.index] = result
 
     summary: dict[str, Any] = {"classes": table.classes, "model": cfg.model,
                                "n_slides": len(table), "folds": {}}
@@ -740,10 +750,7 @@ def train(cfg: TrainConfig, checkpoints: Callable[[int], Checkpointer],
         pred_file = out / f"predictions_fold{k}.csv"
         if "test_ci" not in results[k] or not pred_file.exists():
             continue
-        with open(pred_file, newline="") as fh:
-            rows = list(csv.DictReader(fh))
-        y = np.array([int(r["target"]) for r in rows])
-        p = np.array([[float(r[f"prob_{c}"]) for c in table.classes] for r in rows])
+        y, p = read_predictions(pred_file, table.classes)
         summary["folds"][str(k)]["test"] = summarize(y, p, table.classes, cfg.bootstrap, cfg.seed)
         ys.append(y)
         ps.append(p)
