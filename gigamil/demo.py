@@ -127,9 +127,9 @@ def run_demo(cfg: DemoConfig, on_stage: Callable[[str], None] | None = None) -> 
     spec = InferenceSpec.from_run(run, heatmaps=True)
     preds = out / "preds"
     paths = discover_slides([out / "heldout"])
-    _, failures = infer_slides(todo(paths, preds), spec, preds, workers=cfg.workers) \
-        if todo(paths, preds) else ([], [])
-    write_outputs(preds, spec.classes, failures)
+    _, failures, stats = infer_slides(todo(paths, preds), spec, preds, cpus=cfg.workers) \
+        if todo(paths, preds) else ([], [], {})
+    write_outputs(preds, spec, failures, stats)
     timings["infer_s"] = time.perf_counter() - t
 
     with open(out / "heldout" / "labels.csv", newline="") as fh:

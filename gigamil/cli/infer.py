@@ -33,9 +33,13 @@ def infer(
     ray_address: Annotated[str, typer.Option(
         help="local: start Ray here; auto or host:port: join a cluster (see `gigamil slurm "
              "template infer`); none: no Ray, one process.")] = "local",
-    workers: Annotated[int, typer.Option(min=1, help="Ray workers (one predictor each).")] = 2,
-    threads: Annotated[int, typer.Option(min=1, help="Reading threads per worker.")] = 1,
-    gpus_per_worker: Annotated[float, typer.Option(min=0, help="GPUs per worker.")] = 0,
+    workers: Annotated[int, typer.Option(
+        min=1, help="Predictor actors: each holds the encoder and the MIL models (on "
+                    "--gpus-per-worker GPUs).")] = 1,
+    cpus: Annotated[int | None, typer.Option(
+        min=1, help="CPUs of a local Ray for reading patches [default: every core].")] = None,
+    threads: Annotated[int, typer.Option(min=1, help="Torch threads per predictor.")] = 1,
+    gpus_per_worker: Annotated[float, typer.Option(min=0, help="GPUs per predictor.")] = 0,
     heatmaps: Annotated[bool, typer.Option(help="Also write heatmaps/<slide_id>.png.")] = False,
     engine: Annotated[Engine, typer.Option(help="torch, or onnx (onnxruntime; no torch MIL "
                                            "model in memory).")] = Engine.torch,
@@ -45,6 +49,9 @@ def infer(
     device: Annotated[str, typer.Option(help="cpu, or cuda with --gpus-per-worker.")] = "cpu",
 ) -> None:
     """Predict new slides with a trained run: patches, encoder and MIL models, per slide.
+
+    On Ray, CPU tasks read and QC the patches in chunks while the predictor actors run
+    the encoder (batching across slides) and the MIL models.
 
     Writes OUT/predictions.csv (class, per-class probability, uncertainty, patches, QC
     rejections, model id), OUT/failures.csv, and per slide OUT/slides/<id>.json and .npz
@@ -59,6 +66,7 @@ def infer(
     paths = discover_slides(slides)
     remaining = todo(paths, preds_out)
     failures: list[dict[str, Any]] = []
+    stats: dict[str, Any] = {}
     with progress_bar() as bar:
         task = bar.add_task("infer", total=len(paths), completed=len(paths) - len(remaining),
                             info="")
@@ -70,13 +78,13 @@ def infer(
 
         try:
             if remaining and ray_address == "none":
-                _, failures = infer_slides_local(remaining, spec, preds_out, on_result)
+                _, failures, stats = infer_slides_local(remaining, spec, preds_out, on_result)
             elif remaining:
-                _, failures = infer_slides(remaining, spec, preds_out, ray_address, workers,
-                                           gpus_per_worker, on_result)
+                _, failures, stats = infer_slides(remaining, spec, preds_out, ray_address,
+                                                  workers, gpus_per_worker, cpus, on_result)
         finally:  # Ctrl-C too: the finished slides are kept and listed
             preds_out.mkdir(parents=True, exist_ok=True)
-            pred_csv, fail_csv = write_outputs(preds_out, spec.classes, failures)
+            pred_csv, fail_csv = write_outputs(preds_out, spec, failures, stats)
     err.print(f"[green]{len(paths) - len(remaining)} already done, "
               f"{len(remaining) - len(failures)} predicted[/], "
               f"[{'red' if failures else 'green'}]{len(failures)} failed[/] → {pred_csv}",
@@ -120,8 +128,8 @@ def heatmap(
     from gigamil.wsi.preview import save_png
 
     predictor = SlidePredictor(InferenceSpec.from_run(run, folds=fold.value))
-    row, coords, attention, attrs = predictor.predict(slide)
-    save_png(png, slide_heatmap(slide, coords, attention, attrs,
+    row, coords, attention, work = predictor.predict(slide)
+    save_png(png, slide_heatmap(slide, coords, attention, work.patch_size_level0,
                                 title=f"{row['slide_id']}: {row['pred']}"))
     out.print(f"{row['slide_id']}: {row['pred']} "
               + " ".join(f"{k[5:]}={v:.3f}" for k, v in row.items() if k.startswith("prob_"))

@@ -3,11 +3,13 @@
     spec = InferenceSpec.from_run("runs/crc1", engine="torch", folds="all")
     predictor = SlidePredictor(spec)                 # holds the encoder and the fold models
     row = predictor.predict_to("slides/a.svs", "preds/")   # writes preds/slides/a.json (+ .npz)
-    write_outputs("preds/", spec)                    # predictions.csv + failures.csv
+    write_outputs("preds/", spec, failures)          # predictions.csv + failures.csv
 
 Each slide's result is written atomically on its own, so a rerun skips finished
-slides and a crash loses at most the slides in flight. ``gigamil.cluster.ray`` runs
-predictors as Ray actors; this module has no Ray in it.
+slides and a crash loses at most the slides in flight. A slide goes through stages
+(plan → read chunks → encode → MIL → write) that ``SlidePredictor.predict`` runs one
+after another here and ``gigamil.cluster.ray`` spreads over Ray: reading in CPU tasks,
+the models in actors. This module has no Ray in it.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import io
 import json
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,10 +30,11 @@ import torch
 from gigamil.errors import UsageError
 from gigamil.io import atomic_path, write_csv, write_json
 from gigamil.wsi.extract import ExtractConfig
+from gigamil.wsi.grid import PatchGrid
 from gigamil.wsi.qc import QCConfig
 
-__all__ = ["InferenceSpec", "SlidePredictor", "write_outputs", "slide_done",
-           "PREDICTION_FIELDS"]
+__all__ = ["InferenceSpec", "SlideWork", "PatchChunk", "SlidePredictor", "plan_inference",
+           "read_chunk", "write_slide", "write_outputs", "slide_done", "PREDICTION_FIELDS"]
 
 FAILURE_FIELDS = ["slide_id", "file", "error"]
 
@@ -69,6 +73,7 @@ class InferenceSpec:
     engine: str = "torch"
     device: str = "cpu"
     batch_size: int = 64
+    chunk_patches: int = 256  # patches per read task (and per object-store chunk)
     threads: int = 1
     heatmaps: bool = False
     model_name: str = ""
@@ -127,8 +132,90 @@ def slide_done(out: Path, sid: str) -> bool:
     return (out / "slides" / f"{sid}.json").exists()
 
 
+# ---- the stages of one slide: plan → read chunks → encode → MIL → write --------------
+# Each stage is a plain function (or predictor method) over picklable values, so that
+# ``gigamil.cluster.ray`` can run the reading as CPU tasks and the models in actors, and
+# ``SlidePredictor.predict`` can run the same stages one after another in this process.
+
+
+@dataclass
+class SlideWork:
+    """A planned slide: its patch grid, stain normalizer, and the chunks it is read in."""
+
+    path: str
+    sid: str
+    grid: PatchGrid
+    normalizer: Any  # StainNormalizer | None
+    chunks: list[list[tuple[int, int]]]  # region reads (grid index ranges) per chunk
+
+    @property
+    def patch_size_level0(self) -> float:
+        return self.grid.size_level0
+
+
+@dataclass
+class PatchChunk:
+    """The patches of one chunk that passed QC, with their level-0 coordinates."""
+
+    patches: np.ndarray  # (n, H, W, 3) uint8
+    coords: np.ndarray  # (n, 2) int64
+    rejected: dict[str, int]  # QC reason → patches dropped
+
+
+def plan_inference(path: str | os.PathLike[str], extract: ExtractConfig,
+                   chunk_patches: int = 256) -> SlideWork:
+    """Tissue, grid and stain fit of one slide; its reads grouped into as few chunks of at
+    most ~``chunk_patches`` patches as will do, of even size (so no chunk is a small tail)."""
+    from gigamil.wsi.extract import plan_slide, read_runs
+    from gigamil.wsi.reader import open_slide, slide_id
+
+    sid = slide_id(Path(path))
+    with open_slide(path, extract.backend, extract.mpp_override) as slide:
+        plan = plan_slide(slide, extract, sid)
+    grid = plan.grids[0]
+    target = -(-len(grid) // max(1, -(-len(grid) // chunk_patches))) if len(grid) else 0
+    chunks: list[list[tuple[int, int]]] = []
+    size = target
+    for run in read_runs(grid, extract.read_block_px):
+        if size >= target:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(run)
+        size += run[1] - run[0]
+    return SlideWork(str(path), sid, grid, plan.normalizer, chunks)
+
+
+def read_chunk(work: SlideWork, k: int, extract: ExtractConfig) -> PatchChunk:
+    """Read, QC and stain-normalize the patches of chunk ``k``."""
+    from gigamil.wsi.extract import process_grid
+    from gigamil.wsi.reader import open_slide
+
+    patches: list[np.ndarray] = []
+    kept: list[int] = []
+    rejected: dict[str, int] = {}
+    with open_slide(work.path, extract.backend, extract.mpp_override) as slide:
+        for run in process_grid(slide, work.grid, extract, work.normalizer, encode=False,
+                                keep_patches=True, runs=work.chunks[k]):
+            kept.extend(i for i, r in zip(run.indices, run.reasons) if not r)
+            for r in run.reasons:
+                if r:
+                    rejected[r] = rejected.get(r, 0) + 1
+            patches.extend(run.patches or [])
+    ps = work.grid.spec.patch_size
+    stack = np.stack(patches) if patches else np.zeros((0, ps, ps, 3), np.uint8)
+    return PatchChunk(stack, work.grid.coords[kept], rejected)
+
+
+def merge_rejected(counts: list[dict[str, int]]) -> str:
+    total: dict[str, int] = {}
+    for c in counts:
+        for k, v in c.items():
+            total[k] = total.get(k, 0) + v
+    return ";".join(f"{k}={v}" for k, v in sorted(total.items()))
+
+
 class SlidePredictor:
-    """Holds the encoder and the fold models; predicts one slide at a time."""
+    """Holds the encoder and the fold models: encodes patches, and scores bags."""
 
     def __init__(self, spec: InferenceSpec) -> None:
         from gigamil.mil.encoders import create_encoder
@@ -149,12 +236,33 @@ class SlidePredictor:
                 state = torch.load(path, map_location=self.device, weights_only=True)
                 self.models.append(load_model(state, self.device))
 
-    def _mil(self, feats: np.ndarray) -> tuple[np.ndarray, float, np.ndarray]:
-        """Mean probabilities, uncertainty and mean attention over the fold models."""
+    def warm_up(self) -> None:
+        """One tiny forward of every model, so the first slide costs what the others do."""
+        ps = self.spec.extract.patch_size
+        feats = self.encode([np.zeros((2, ps, ps, 3), np.uint8)])
+        self.mil(feats)
+
+    def encode(self, chunks: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Features of each chunk of patches; batches run across chunk (and slide) borders."""
+        from gigamil.mil.embed import _forward
+
+        sizes = [len(c) for c in chunks]
+        flat = np.concatenate(chunks) if len(chunks) > 1 else chunks[0]
+        bs = self.spec.batch_size
+        out = [_forward(self.encoder, flat[i:i + bs], self.device, self.dtype)
+               for i in range(0, len(flat), bs)]
+        feats = np.concatenate(out) if out else np.zeros((0, self.encoder.feature_dim),
+                                                         np.float32)
+        return np.split(feats, np.cumsum(sizes)[:-1])
+
+    def mil(self, feats: Sequence[np.ndarray]) -> tuple[np.ndarray, float, np.ndarray]:
+        """Mean probabilities, uncertainty and mean attention of the bag over the fold models
+        (``feats``: the slide's chunks, in order)."""
+        bag = np.concatenate(feats) if len(feats) > 1 else feats[0]
         probs, attn, unc = [], [], []
         for m in self.models:
             if self.spec.engine == "onnx":
-                p, a = m(feats)
+                p, a = m(bag)
                 probs.append(p)
                 attn.append(a)
                 continue
@@ -162,7 +270,7 @@ class SlidePredictor:
 
             model, meta = m
             with torch.no_grad():
-                out = model(torch.from_numpy(feats).to(self.device)[None])
+                out = model(torch.from_numpy(bag).to(self.device)[None])
                 p, u = _uncertainty(out.logits.float(), meta.get("evidential", False))
                 a = out.attention if out.attention.dim() == 2 else out.attention.mean(1)
             probs.append(p[0].cpu().numpy())
@@ -173,49 +281,67 @@ class SlidePredictor:
         return mean, (float(np.mean(unc)) if unc and len(unc) == 1 else entropy), \
             np.mean(attn, 0)
 
-    def predict(self, path: str | os.PathLike[str]) -> tuple[dict[str, Any], np.ndarray,
-                                                             np.ndarray, dict[str, Any]]:
-        """(row, coords, attention, bag attributes) for one slide."""
-        from gigamil.mil.embed import slide_features
-        from gigamil.wsi.reader import slide_id
-
-        path = Path(path)
+    def predict(self, path: str | os.PathLike[str]
+                ) -> tuple[dict[str, Any], np.ndarray, np.ndarray, SlideWork]:
+        """(row, coords, attention, plan) for one slide, every stage in this process."""
         t0 = time.perf_counter()
-        feats, coords, attrs = slide_features(path, self.encoder, self.spec.extract, self.device,
-                                              self.dtype, self.spec.batch_size,
-                                              self.spec.threads)
-        if len(feats) == 0:
-            raise UsageError(f"{path.name}: no tissue patches passed QC",
-                             "check the slide, or lower --min-tissue when extracting")
-        probs, unc, attention = self._mil(feats)
-        row = {"slide_id": slide_id(path), "pred": self.spec.classes[int(probs.argmax())],
-               **{f"prob_{c}": float(probs[k]) for k, c in enumerate(self.spec.classes)},
-               "uncertainty": unc, "n_patches": int(len(feats)),
-               "qc": attrs.get("qc_counts", ""), "model": self.spec.model_id(),
-               "seconds": round(time.perf_counter() - t0, 3)}
-        return row, coords, attention, attrs
+        extract = self.spec.extract
+        work = plan_inference(path, extract, self.spec.chunk_patches)
+        chunks = [read_chunk(work, k, extract) for k in range(len(work.chunks))]
+        rejected = merge_rejected([c.rejected for c in chunks])
+        chunks = [c for c in chunks if len(c.patches)]
+        if not chunks:
+            raise NoPatchesError(work.sid)
+        feats = self.encode([c.patches for c in chunks])
+        probs, unc, attention = self.mil(feats)
+        row = prediction_row(self.spec, work.sid, probs, unc, len(attention), rejected,
+                             time.perf_counter() - t0)
+        return row, np.concatenate([c.coords for c in chunks]), attention, work
 
     def predict_to(self, path: str | os.PathLike[str], out: str | os.PathLike[str]
                    ) -> dict[str, Any]:
         """Predict and write ``out/slides/<id>.json`` and ``.npz`` (and the heatmap)."""
-        out = Path(out)
-        row, coords, attention, attrs = self.predict(path)
-        sid = row["slide_id"]
-        buf = io.BytesIO()
-        np.savez_compressed(buf, coords=coords, attention=attention.astype(np.float32))
-        with atomic_path(out / "slides" / f"{sid}.npz") as tmp:
-            tmp.write_bytes(buf.getvalue())
-        if self.spec.heatmaps:
-            from gigamil.wsi.preview import save_png
+        row, coords, attention, work = self.predict(path)
+        return write_slide(self.spec, out, path, row, coords, attention, work.patch_size_level0)
 
-            save_png(out / "heatmaps" / f"{sid}.png",
-                     slide_heatmap(path, coords, attention, attrs, title=f"{sid}: {row['pred']}"))
-        write_json(out / "slides" / f"{sid}.json", row)  # last: marks the slide as done
-        return row
+
+class NoPatchesError(UsageError):
+    def __init__(self, sid: str) -> None:
+        super().__init__(f"{sid}: no tissue patches passed QC",
+                         "check the slide, or lower --min-tissue when extracting")
+
+
+def prediction_row(spec: InferenceSpec, sid: str, probs: np.ndarray, uncertainty: float,
+                   n_patches: int, qc: str, seconds: float) -> dict[str, Any]:
+    return {"slide_id": sid, "pred": spec.classes[int(probs.argmax())],
+            **{f"prob_{c}": float(probs[k]) for k, c in enumerate(spec.classes)},
+            "uncertainty": uncertainty, "n_patches": int(n_patches), "qc": qc,
+            "model": spec.model_id(), "seconds": round(seconds, 3)}
+
+
+def write_slide(spec: InferenceSpec, out: str | os.PathLike[str], path: str | os.PathLike[str],
+                row: dict[str, Any], coords: np.ndarray, attention: np.ndarray,
+                patch_size_level0: float) -> dict[str, Any]:
+    """Write one slide's ``.npz`` (coords, attention), heatmap, then its ``.json`` (last:
+    the json marks the slide done), each atomically."""
+    out = Path(out)
+    sid = row["slide_id"]
+    buf = io.BytesIO()
+    np.savez_compressed(buf, coords=coords, attention=attention.astype(np.float32))
+    with atomic_path(out / "slides" / f"{sid}.npz") as tmp:
+        tmp.write_bytes(buf.getvalue())
+    if spec.heatmaps:
+        from gigamil.wsi.preview import save_png
+
+        save_png(out / "heatmaps" / f"{sid}.png",
+                 slide_heatmap(path, coords, attention, patch_size_level0,
+                               title=f"{sid}: {row['pred']}"))
+    write_json(out / "slides" / f"{sid}.json", row)
+    return row
 
 
 def slide_heatmap(path: str | os.PathLike[str], coords: np.ndarray, values: np.ndarray,
-                  attrs: dict[str, Any], title: str = "") -> np.ndarray:
+                  patch_size_level0: float, title: str = "") -> np.ndarray:
     """Attention over a thumbnail read at ``HEATMAP_MPP`` (bounded memory)."""
     from gigamil.mil.heatmap import HEATMAP_MPP, attention_heatmap
     from gigamil.wsi.reader import open_slide
@@ -223,19 +349,30 @@ def slide_heatmap(path: str | os.PathLike[str], coords: np.ndarray, values: np.n
     with open_slide(path) as slide:
         thumb = slide.read_at_mpp(HEATMAP_MPP)
         scale = slide.mpp / HEATMAP_MPP
-    size0 = float(attrs.get("patch_size_level0", attrs.get("patch_size", 256)))
-    return attention_heatmap(thumb, scale, coords, size0, values, title=title)
+    return attention_heatmap(thumb, scale, coords, patch_size_level0, values, title=title)
 
 
 PREDICTION_FIELDS = ["slide_id", "pred", "uncertainty", "n_patches", "qc", "model", "seconds"]
 
 
-def write_outputs(out: str | os.PathLike[str], classes: list[str],
-                  failures: list[dict[str, Any]]) -> tuple[Path, Path]:
-    """Aggregate ``slides/*.json`` into ``predictions.csv``; write ``failures.csv``."""
+def write_outputs(out: str | os.PathLike[str], spec: InferenceSpec,
+                  failures: list[dict[str, Any]], stats: dict[str, Any] | None = None
+                  ) -> tuple[Path, Path]:
+    """Aggregate ``slides/*.json`` into ``predictions.csv``; write ``failures.csv`` and
+    ``infer_config.json`` (the resolved spec, with names instead of paths, and ``stats``)."""
+    from gigamil.versions import gigamil_version, package_versions
+
     out = Path(out)
     rows = [json.loads(p.read_text()) for p in sorted((out / "slides").glob("*.json"))]
-    fields = PREDICTION_FIELDS[:2] + [f"prob_{c}" for c in classes] + PREDICTION_FIELDS[2:]
+    fields = PREDICTION_FIELDS[:2] + [f"prob_{c}" for c in spec.classes] + PREDICTION_FIELDS[2:]
     write_csv(out / "predictions.csv", rows, fields)
     write_csv(out / "failures.csv", failures, FAILURE_FIELDS)
+    config = dataclasses.asdict(spec) | {
+        "run": Path(spec.run).name, "model_id": spec.model_id(),
+        "model_files": [str(Path(m).relative_to(spec.run)) if Path(m).is_relative_to(spec.run)
+                        else Path(m).name for m in spec.model_files],
+        "encoder_weights": Path(spec.encoder_weights).name if spec.encoder_weights else None}
+    write_json(out / "infer_config.json", {
+        "config": config, "pipeline": stats or {},
+        "versions": {"gigamil": gigamil_version(), **package_versions(), "torch": torch.__version__}})
     return out / "predictions.csv", out / "failures.csv"

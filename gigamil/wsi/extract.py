@@ -258,7 +258,7 @@ def _stain_sample(slide: SlideReader, grid: PatchGrid, qc: QCConfig, n: int = 64
 # ---- reading --------------------------------------------------------------------
 
 
-def _runs(grid: PatchGrid, max_block_px: int) -> list[tuple[int, int]]:
+def read_runs(grid: PatchGrid, max_block_px: int) -> list[tuple[int, int]]:
     """Index ranges [i, j) of the grid read as one region each.
 
     Runs are neighbours on one grid row. On a level whose downsample is not an
@@ -310,7 +310,7 @@ def _read_run(slide: SlideReader, grid: PatchGrid, i: int, j: int
 
 def iter_patches(slide: SlideReader, grid: PatchGrid, max_block_px: int = 4096) -> Iterator[np.ndarray]:
     """Yield the grid's patches in order (RGB uint8), without QC or normalization."""
-    for i, j in _runs(grid, max_block_px):
+    for i, j in read_runs(grid, max_block_px):
         yield from _read_run(slide, grid, i, j)[0]
 
 
@@ -338,8 +338,10 @@ def process_grid(
     threads: int = 1,
     encode: bool = True,
     keep_patches: bool = False,
+    runs: Sequence[tuple[int, int]] | None = None,
 ) -> Iterator[RunResult]:
-    """Read, QC, normalize and encode the grid's patches; results in grid order."""
+    """Read, QC, normalize and encode the grid's patches (or only ``runs``, a part of
+    :func:`read_runs`); results in grid order."""
     qc = cfg.qc
 
     def work(run: tuple[int, int]) -> RunResult:
@@ -359,7 +361,8 @@ def process_grid(
                 encoded.append(encode_patch(patch, cfg.encoding, cfg.jpeg_quality) if encode else b"")
         return RunResult(list(range(i, j)), reasons, encoded, kept if keep_patches else None)
 
-    yield from _ordered_map(work, _runs(grid, cfg.read_block_px), threads)
+    todo = read_runs(grid, cfg.read_block_px) if runs is None else runs
+    yield from _ordered_map(work, todo, threads)
 
 
 # ---- one slide ------------------------------------------------------------------
