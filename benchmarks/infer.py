@@ -28,6 +28,7 @@ from pathlib import Path
 
 from gigamil.cluster.launch import run_training
 from gigamil.cluster.ray import infer_slides
+from gigamil.memory import retain_freed_memory
 from gigamil.mil.embed import EmbedConfig, embed_stores
 from gigamil.mil.infer import InferenceSpec, SlidePredictor
 from gigamil.mil.train import TrainConfig
@@ -64,7 +65,8 @@ def in_process(paths: list[Path], spec: InferenceSpec, out: Path) -> tuple[float
     import torch
 
     pinned(1)
-    torch.set_num_threads(spec.threads)  # as `gigamil infer --ray-address none` does
+    retain_freed_memory()  # as `gigamil infer --ray-address none` does, and Ray's workers
+    torch.set_num_threads(spec.threads)
     cv2.setNumThreads(spec.threads)
     predictor = SlidePredictor(spec)
     predictor.warm_up()

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from gigamil.memory import retain_freed_memory
 from gigamil.mil.infer import (
     InferenceSpec,
     NoPatchesError,
@@ -82,6 +83,7 @@ class _Predictor:
     """A Ray actor around :class:`SlidePredictor`: the encoder and the fold models."""
 
     def __init__(self, spec: InferenceSpec) -> None:
+        retain_freed_memory()
         _set_threads(spec.threads)
         self.predictor = SlidePredictor(spec)
         self.predictor.warm_up()
@@ -105,6 +107,7 @@ class _Predictor:
 def _read(work: SlideWork, k: int, extract: Any
           ) -> tuple[np.ndarray, tuple[np.ndarray, dict[str, int]]]:
     """A read task: (patches for the actor, (coords, QC rejections) for the driver)."""
+    retain_freed_memory()
     chunk = read_chunk(work, k, extract)
     return chunk.patches, (chunk.coords, chunk.rejected)
 
@@ -133,6 +136,7 @@ def infer_slides_local(paths: Sequence[Path], spec: InferenceSpec, out: str | os
                        on_result: Callable[[Result], None] | None = None) -> Outcome:
     """The same stages in this process, one slide after another (no Ray):
     (rows, failures, pipeline stats)."""
+    retain_freed_memory()
     _set_threads(spec.threads)
     predictor = SlidePredictor(spec)
     predictor.warm_up()

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from gigamil.errors import GigamilError, StoreError, UsageError
 from gigamil.io import write_csv, write_json
+from gigamil.memory import retain_freed_memory
 from gigamil.mil.encoders import Encoder, create_encoder
 from gigamil.versions import gigamil_version, package_versions
 from gigamil.wsi.extract import ExtractConfig
@@ -181,6 +182,7 @@ def embed_stores(
     paths = sorted(patch_dir.glob("*.lmdb"))
     if not paths:
         raise UsageError(f"no patch stores in {patch_dir}", "run `gigamil extract` first")
+    retain_freed_memory()  # activations are re-allocated every batch
     device = cfg.resolved_device()
     encoder = create_encoder(cfg.encoder, cfg.weights, device)
     feat_dir = Path(out_dir or data) / "features" / cfg.encoder.replace("/", "_").replace(":", "_")
@@ -340,6 +342,7 @@ def embed_slides(
     from gigamil.wsi.extract import discover_slides
     from gigamil.wsi.reader import slide_id
 
+    retain_freed_memory()  # activations are re-allocated every batch
     device = cfg.resolved_device()
     encoder = create_encoder(cfg.encoder, cfg.weights, device)
     feat_dir = Path(out_dir) / "features" / cfg.encoder.replace("/", "_").replace(":", "_")
