@@ -1,6 +1,6 @@
 """Batch inference on Ray against a plain single-process loop over the same slides.
 
-    .venv/bin/python benchmarks/infer.py [--slides 8] [--size 8192x6144] [--demo]
+    .venv/bin/python benchmarks/infer.py [--slides 12] [--size 16384x12288] [--demo]
 
 A small run is trained first (synthetic cohort → extract → tiny-cnn embed → abmil), then
 the same new slides are predicted (patches cut on the fly, encoder, MIL, attention):
@@ -116,8 +116,8 @@ def _peak_rss() -> tuple[int, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--slides", type=int, default=8)
-    ap.add_argument("--size", default="8192x6144")
+    ap.add_argument("--slides", type=int, default=12)
+    ap.add_argument("--size", default="16384x12288")
     ap.add_argument("--demo", action="store_true")
     args = ap.parse_args()
     w, h = (int(v) for v in args.size.split("x"))

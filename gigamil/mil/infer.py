@@ -73,7 +73,7 @@ class InferenceSpec:
     engine: str = "torch"
     device: str = "cpu"
     batch_size: int = 64
-    chunk_patches: int = 256  # patches per read task (and per object-store chunk)
+    chunk_patches: int = 512  # patches per read task (and per object-store chunk)
     threads: int = 1
     heatmaps: bool = False
     model_name: str = ""
@@ -163,7 +163,7 @@ class PatchChunk:
 
 
 def plan_inference(path: str | os.PathLike[str], extract: ExtractConfig,
-                   chunk_patches: int = 256) -> SlideWork:
+                   chunk_patches: int = 512) -> SlideWork:
     """Tissue, grid and stain fit of one slide; its reads grouped into as few chunks of at
     most ~``chunk_patches`` patches as will do, of even size (so no chunk is a small tail)."""
     from gigamil.wsi.extract import plan_slide, read_runs
