@@ -97,6 +97,14 @@ def test_ray_and_one_process_agree_and_reruns_skip(trained: dict[str, Path], tmp
         assert abs(float(a[sid]["prob_tumor"]) - float(b[sid]["prob_tumor"])) < 1e-6
         assert int(a[sid]["n_patches"]) > 0 and a[sid]["model"].endswith("torch")
     assert len(list((tmp_path / "a" / "heatmaps").glob("*.png"))) == 6
+    import json
+
+    for d in ("a", "b"):  # the resolved settings are kept, without any directory in them
+        text = (tmp_path / d / "infer_config.json").read_text()
+        assert str(trained["root"]) not in text and str(tmp_path) not in text
+    pipeline = json.loads((tmp_path / "b" / "infer_config.json").read_text())["pipeline"]
+    assert pipeline["engine"] == "ray" and pipeline["predictors"] == 2
+    assert pipeline["patches_encoded"] == sum(int(r["n_patches"]) for r in b.values())
     res = runner.invoke(app, [*args, "--out", str(tmp_path / "b"), "--workers", "2"])
     assert res.exit_code == 0 and "6 already done, 0 predicted" in " ".join(res.output.split())
 
