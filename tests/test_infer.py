@@ -209,6 +209,50 @@ def test_a_worker_killed_mid_slide_is_retried_and_counted_once(trained: dict[str
     assert sorted(ids) == [f"s{i:03d}" for i in range(6)]  # each exactly once
 
 
+def _reader_pid() -> int | None:
+    """A Ray worker process that is running a read task right now, if any."""
+    for pid in os.listdir("/proc"):
+        try:
+            cmd = (Path("/proc") / pid / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if cmd.startswith("ray::") and "_read" in cmd.split("\0")[0]:
+            return int(pid)
+    return None
+
+
+@pytest.mark.slow
+def test_a_reader_killed_mid_chunk_is_retried_and_each_slide_written_once(
+        trained: dict[str, Path], tmp_path: Path) -> None:
+    import dataclasses
+    import time
+
+    from gigamil.cluster.ray import infer_slides
+    from gigamil.mil.infer import InferenceSpec, write_outputs
+    from gigamil.wsi.extract import discover_slides
+
+    spec = dataclasses.replace(InferenceSpec.from_run(trained["run"]), chunk_patches=8)
+    paths = discover_slides([trained["slides"]])
+    killed: list[int] = []
+
+    def on_result(_res: dict) -> None:
+        deadline = time.monotonic() + 5
+        while not killed and time.monotonic() < deadline:
+            pid = _reader_pid()
+            if pid is not None:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+
+    out = tmp_path / "p"
+    rows, failures, stats = infer_slides(paths, spec, out, workers=1, cpus=2,
+                                         on_result=on_result)
+    write_outputs(out, spec, failures)
+    assert killed and not failures
+    ids = [r["slide_id"] for r in csv.DictReader(open(out / "predictions.csv"))]
+    assert sorted(ids) == [f"s{i:03d}" for i in range(6)]  # each exactly once
+    assert stats["patches_encoded"] == sum(r["n_patches"] for r in rows)
+
+
 def test_export_and_heatmap_commands(trained: dict[str, Path], tmp_path: Path) -> None:
     res = runner.invoke(app, ["export", str(trained["run"]), "--onnx", str(tmp_path / "m.onnx")])
     assert res.exit_code == 0 and "max |onnx − torch|" in res.output
