@@ -263,3 +263,49 @@ def test_export_and_heatmap_commands(trained: dict[str, Path], tmp_path: Path) -
 
     img = cv2.imread(str(tmp_path / "h.png"))
     assert img is not None and img.shape[0] > 50 and img.shape[1] > 100
+
+
+def test_patch_probabilities_are_each_patch_scored_as_a_bag_of_one(trained: dict[str, Path]
+                                                                   ) -> None:
+    from gigamil.mil.infer import InferenceSpec, SlidePredictor
+    from gigamil.mil.train import load_model
+
+    spec = InferenceSpec.from_run(trained["run"], heatmap_values="probability")
+    predictor = SlidePredictor(spec)
+    bag = np.random.default_rng(1).normal(size=(9, predictor.encoder.feature_dim))
+    bag = bag.astype(np.float32)
+    scores = predictor.mil([bag[:4], bag[4:]])
+    assert scores.patch_probs is not None and scores.patch_probs.shape == (9, 2)
+    expected = []
+    for path in spec.model_files:
+        model, _ = load_model(torch.load(path, map_location="cpu", weights_only=True))
+        with torch.no_grad():
+            expected.append([torch.softmax(model(torch.from_numpy(bag[i:i + 1])[None]).logits,
+                                           -1)[0].numpy() for i in range(9)])
+    np.testing.assert_allclose(scores.patch_probs, np.mean(expected, 0), atol=1e-5)
+    assert SlidePredictor(InferenceSpec.from_run(trained["run"])).mil([bag]).patch_probs is None
+
+
+def test_probability_heatmaps_from_infer_and_heatmap(trained: dict[str, Path], tmp_path: Path
+                                                     ) -> None:
+    res = runner.invoke(app, ["heatmap", str(trained["slides"] / "s000.svs"), "--run",
+                              str(trained["run"]), "--out", str(tmp_path / "h.png"),
+                              "--heatmap-values", "probability", "--heatmap-class", "tumor"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "h.png").stat().st_size > 1000
+    res = runner.invoke(app, ["heatmap", str(trained["slides"] / "s000.svs"), "--run",
+                              str(trained["run"]), "--out", str(tmp_path / "x.png"),
+                              "--heatmap-values", "probability", "--heatmap-class", "cancer"])
+    assert res.exit_code != 0 and "is not one of the run's classes" in res.output
+    assert not (tmp_path / "x.png").exists()
+    one = tmp_path / "one"
+    one.mkdir()
+    shutil.copy(trained["slides"] / "s001.svs", one)
+    res = runner.invoke(app, ["infer", str(one), "--run", str(trained["run"]), "--out",
+                              str(tmp_path / "p"), "--ray-address", "none", "--heatmaps",
+                              "--heatmap-values", "probability"])
+    assert res.exit_code == 0, res.output
+    data = np.load(tmp_path / "p" / "slides" / "s001.npz")
+    assert data["probability"].shape == (len(data["coords"]), 2)
+    np.testing.assert_allclose(data["probability"].sum(1), 1, atol=1e-5)
+    assert (tmp_path / "p" / "heatmaps" / "s001.png").exists()

@@ -21,6 +21,18 @@ class Folds(str, Enum):
     all = "all"
 
 
+class HeatmapValues(str, Enum):
+    attention = "attention"
+    probability = "probability"
+
+
+Values = Annotated[HeatmapValues, typer.Option(
+    "--heatmap-values", help="attention (rank-scaled), or probability: each patch scored "
+                             "as a bag of one (also saved in the .npz).")]
+HeatmapClass = Annotated[str | None, typer.Option(
+    "--heatmap-class", help="The class whose probability is mapped [default: the last].")]
+
+
 RunDir = Annotated[Path, typer.Option("--run", exists=True, file_okay=False,
                                       help="The run directory of `gigamil train`.")]
 
@@ -41,6 +53,8 @@ def infer(
     threads: Annotated[int, typer.Option(min=1, help="Torch threads per predictor.")] = 1,
     gpus_per_worker: Annotated[float, typer.Option(min=0, help="GPUs per predictor.")] = 0,
     heatmaps: Annotated[bool, typer.Option(help="Also write heatmaps/<slide_id>.png.")] = False,
+    heatmap_values: Values = HeatmapValues.attention,
+    heatmap_class: HeatmapClass = None,
     engine: Annotated[Engine, typer.Option(help="torch, or onnx (onnxruntime; no torch MIL "
                                            "model in memory).")] = Engine.torch,
     fold: Annotated[Folds, typer.Option(help="all: average every fold's model; best: the fold "
@@ -55,14 +69,15 @@ def infer(
 
     Writes OUT/predictions.csv (class, per-class probability, uncertainty, patches, QC
     rejections, model id), OUT/failures.csv, and per slide OUT/slides/<id>.json and .npz
-    (coords, attention). A rerun skips finished slides; exit code 1 if any slide failed.
+    (coords, attention, and per-patch probabilities with --heatmap-values probability). A
+    rerun skips finished slides; exit code 1 if any slide failed.
     """
     from gigamil.cluster.ray import infer_slides, infer_slides_local, todo
     from gigamil.mil.infer import InferenceSpec, write_outputs
     from gigamil.wsi.extract import discover_slides
 
     spec = InferenceSpec.from_run(run, engine.value, fold.value, device, heatmaps, batch_size,
-                                  threads)
+                                  threads, heatmap_values.value, heatmap_class)
     paths = discover_slides(slides)
     remaining = todo(paths, preds_out)
     failures: list[dict[str, Any]] = []
@@ -122,14 +137,18 @@ def heatmap(
     run: RunDir,
     png: Annotated[Path, typer.Option("--out", help="The PNG to write.")],
     fold: Annotated[Folds, typer.Option(help="all or best.")] = Folds.all,
+    heatmap_values: Values = HeatmapValues.attention,
+    heatmap_class: HeatmapClass = None,
 ) -> None:
-    """Attention of the run's model(s) over the slide's thumbnail, with a colour bar."""
+    """Attention, or per-patch probability, of the run's model(s) over the slide's
+    thumbnail, with a colour bar."""
     from gigamil.mil.infer import InferenceSpec, SlidePredictor, slide_heatmap
     from gigamil.wsi.preview import save_png
 
-    predictor = SlidePredictor(InferenceSpec.from_run(run, folds=fold.value))
-    row, coords, attention, work = predictor.predict(slide)
-    save_png(png, slide_heatmap(slide, coords, attention, work.patch_size_level0,
+    predictor = SlidePredictor(InferenceSpec.from_run(
+        run, folds=fold.value, heatmap_values=heatmap_values.value, heatmap_class=heatmap_class))
+    row, coords, scores, work = predictor.predict(slide)
+    save_png(png, slide_heatmap(predictor.spec, slide, coords, scores, work.patch_size_level0,
                                 title=f"{row['slide_id']}: {row['pred']}"))
     out.print(f"{row['slide_id']}: {row['pred']} "
               + " ".join(f"{k[5:]}={v:.3f}" for k, v in row.items() if k.startswith("prob_"))

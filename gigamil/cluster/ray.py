@@ -39,6 +39,7 @@ from gigamil.mil.infer import (
     InferenceSpec,
     NoPatchesError,
     SlidePredictor,
+    SlideScores,
     SlideWork,
     merge_rejected,
     plan_inference,
@@ -92,7 +93,7 @@ class _Predictor:
         feats = self.predictor.encode(chunks)
         return feats[0] if len(feats) == 1 else tuple(feats)
 
-    def mil(self, *feats: np.ndarray) -> tuple[np.ndarray, float, np.ndarray]:
+    def mil(self, *feats: np.ndarray) -> SlideScores:
         return self.predictor.mil(feats)
 
     def pid(self) -> int:
@@ -328,16 +329,14 @@ class _Pipeline:
             return
         if error is not None:
             return self._fail(slide, error)
-        probs, unc, attention = value
         work = slide.work
         assert work is not None
         metas = [slide.meta[k] for k in sorted(slide.meta)]
         coords = np.concatenate([m[0] for m in metas if len(m[0])])
-        row = prediction_row(self.spec, work.sid, probs, unc, len(attention),
-                             merge_rejected([m[1] for m in metas]),
+        row = prediction_row(self.spec, work.sid, value, merge_rejected([m[1] for m in metas]),
                              time.perf_counter() - slide.t0)
         slide.feats.clear()
-        ref = self.write.remote(self.spec, str(self.out), slide.path, row, coords, attention,
+        ref = self.write.remote(self.spec, str(self.out), slide.path, row, coords, value,
                                 work.patch_size_level0)
         self.pending[ref] = lambda v, e: self._written(slide, v, e)
 

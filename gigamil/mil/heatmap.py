@@ -36,14 +36,16 @@ def attention_grid(shape: tuple[int, int], coords0: np.ndarray, size0: float, sc
 
 def attention_heatmap(thumb: np.ndarray, scale: float, coords0: np.ndarray, size0: float,
                       values: np.ndarray, title: str = "", alpha: float = 0.5,
-                      label: str = "attention (rank-scaled)") -> np.ndarray:
+                      label: str = "attention (rank-scaled)", rank_scale: bool = True
+                      ) -> np.ndarray:
     """The thumbnail with patch values blended in as a jet colour map, plus a colour bar.
 
-    Values are rank-scaled to [0, 1] (attention spans orders of magnitude); patches not
-    in the bag stay uncoloured.
+    With ``rank_scale`` values are rank-scaled to [0, 1] (attention spans orders of
+    magnitude); else they are taken as they are, clipped to [0, 1] (probabilities).
+    Patches not in the bag stay uncoloured.
     """
     values = np.asarray(values, np.float64)
-    if len(values):
+    if len(values) and rank_scale:
         ranks = values.argsort().argsort().astype(np.float64)
         values = ranks / max(1, len(values) - 1)
     acc, cover = attention_grid(thumb.shape[:2], coords0, size0, scale, values)
@@ -53,10 +55,12 @@ def attention_heatmap(thumb: np.ndarray, scale: float, coords0: np.ndarray, size
     colour = cv2.applyColorMap(level, cv2.COLORMAP_JET)[..., ::-1]
     out = thumb.astype(np.float32).copy()
     out[inside] = (1 - alpha) * out[inside] + alpha * colour[inside]
-    return _with_colour_bar(out.astype(np.uint8), title, label)
+    ends = ("high", "low") if rank_scale else ("1", "0")
+    return _with_colour_bar(out.astype(np.uint8), title, label, ends)
 
 
-def _with_colour_bar(img: np.ndarray, title: str, label: str) -> np.ndarray:
+def _with_colour_bar(img: np.ndarray, title: str, label: str,
+                     ends: tuple[str, str] = ("high", "low")) -> np.ndarray:
     h, w = img.shape[:2]
     bar_h = max(120, min(h, 400))
     pad = 36
@@ -66,8 +70,8 @@ def _with_colour_bar(img: np.ndarray, title: str, label: str) -> np.ndarray:
     bar = cv2.applyColorMap(ramp, cv2.COLORMAP_JET)[..., ::-1]
     canvas[pad : pad + bar_h, w + 12 : w + 30] = bar
     font = cv2.FONT_HERSHEY_SIMPLEX
-    cv2.putText(canvas, "high", (w + 34, pad + 12), font, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
-    cv2.putText(canvas, "low", (w + 34, pad + bar_h), font, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+    cv2.putText(canvas, ends[0], (w + 34, pad + 12), font, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+    cv2.putText(canvas, ends[1], (w + 34, pad + bar_h), font, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
     text = f"{title}  {label}".strip()
     cv2.putText(canvas, text, (4, 24), font, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
     return canvas

@@ -33,7 +33,8 @@ from gigamil.wsi.extract import ExtractConfig
 from gigamil.wsi.grid import PatchGrid
 from gigamil.wsi.qc import QCConfig
 
-__all__ = ["InferenceSpec", "SlideWork", "PatchChunk", "SlidePredictor", "plan_inference",
+__all__ = ["InferenceSpec", "SlideWork", "PatchChunk", "SlideScores", "SlidePredictor",
+           "plan_inference",
            "read_chunk", "write_slide", "write_outputs", "slide_done", "PREDICTION_FIELDS"]
 
 FAILURE_FIELDS = ["slide_id", "file", "error"]
@@ -76,13 +77,16 @@ class InferenceSpec:
     chunk_patches: int = 512  # patches per read task (and per object-store chunk)
     threads: int = 1
     heatmaps: bool = False
+    heatmap_values: str = "attention"  # or "probability": each patch scored as a bag of one
+    heatmap_class: str | None = None  # the class whose probability is mapped [default: last]
     model_name: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_run(cls, run: str | os.PathLike[str], engine: str = "torch", folds: str = "all",
                  device: str = "cpu", heatmaps: bool = False, batch_size: int = 64,
-                 threads: int = 1) -> InferenceSpec:
+                 threads: int = 1, heatmap_values: str = "attention",
+                 heatmap_class: str | None = None) -> InferenceSpec:
         from gigamil.mil.evaluate import _run_config, fold_models
 
         run = Path(run)
@@ -103,6 +107,11 @@ class InferenceSpec:
             models = [models[int(np.argmax([sign * s for s in scores]))]]
         elif folds != "all":
             raise UsageError(f"--fold {folds!r} is not best or all")
+        if heatmap_values not in ("attention", "probability"):
+            raise UsageError(f"--heatmap-values {heatmap_values!r} is not attention or probability")
+        if heatmap_class is not None and heatmap_class not in config["classes"]:
+            raise UsageError(f"--heatmap-class {heatmap_class!r} is not one of the run's classes "
+                             f"{config['classes']}", "pick one of them")
         if engine == "onnx":
             models = [_ensure_onnx(m, run) for m in models]
         elif engine != "torch":
@@ -111,7 +120,21 @@ class InferenceSpec:
                    encoder=embed["encoder"], encoder_weights=embed.get("weights"),
                    extract=_extract_config(features), engine=engine, device=device,
                    batch_size=batch_size, threads=threads, heatmaps=heatmaps,
+                   heatmap_values=heatmap_values, heatmap_class=heatmap_class,
                    model_name=config["config"]["model"])
+
+    @property
+    def patch_probs(self) -> bool:
+        """Whether per-patch probabilities are computed (and saved in the .npz)."""
+        return self.heatmap_values == "probability"
+
+    def heatmap_class_index(self) -> int:
+        if self.heatmap_class is None:
+            return len(self.classes) - 1
+        if self.heatmap_class not in self.classes:
+            raise UsageError(f"--heatmap-class {self.heatmap_class!r} is not one of the run's "
+                             f"classes {self.classes}", "pick one of them")
+        return self.classes.index(self.heatmap_class)
 
     def model_id(self) -> str:
         folds = ",".join(Path(m).parent.name if m.endswith(".pt") else Path(m).stem
@@ -160,6 +183,16 @@ class PatchChunk:
     patches: np.ndarray  # (n, H, W, 3) uint8
     coords: np.ndarray  # (n, 2) int64
     rejected: dict[str, int]  # QC reason → patches dropped
+
+
+@dataclass
+class SlideScores:
+    """What the fold models say about one slide."""
+
+    probs: np.ndarray  # (C,) mean class probabilities
+    uncertainty: float
+    attention: np.ndarray  # (N,) mean attention
+    patch_probs: np.ndarray | None = None  # (N, C) each patch as a bag of one
 
 
 def plan_inference(path: str | os.PathLike[str], extract: ExtractConfig,
@@ -255,9 +288,9 @@ class SlidePredictor:
                                                          np.float32)
         return np.split(feats, np.cumsum(sizes)[:-1])
 
-    def mil(self, feats: Sequence[np.ndarray]) -> tuple[np.ndarray, float, np.ndarray]:
-        """Mean probabilities, uncertainty and mean attention of the bag over the fold models
-        (``feats``: the slide's chunks, in order)."""
+    def mil(self, feats: Sequence[np.ndarray]) -> SlideScores:
+        """The slide's scores over the fold models (``feats``: its chunks, in order): mean
+        probabilities, uncertainty, mean attention, and per-patch probabilities if asked."""
         bag = np.concatenate(feats) if len(feats) > 1 else feats[0]
         probs, attn, unc = [], [], []
         for m in self.models:
@@ -278,12 +311,32 @@ class SlidePredictor:
             unc.append(float(u[0]))
         mean = np.mean(probs, 0)
         entropy = float(-(mean * np.log(np.clip(mean, 1e-12, None))).sum() / np.log(len(mean)))
-        return mean, (float(np.mean(unc)) if unc and len(unc) == 1 else entropy), \
-            np.mean(attn, 0)
+        return SlideScores(mean, float(np.mean(unc)) if unc and len(unc) == 1 else entropy,
+                           np.mean(attn, 0),
+                           self.patch_probabilities(bag) if self.spec.patch_probs else None)
+
+    def patch_probabilities(self, bag: np.ndarray, block: int = 4096) -> np.ndarray:
+        """(N, C): every patch scored as a bag of one by each fold model, averaged."""
+        per_model = []
+        for m in self.models:
+            if self.spec.engine == "onnx":
+                per_model.append(np.stack([m(bag[i:i + 1])[0] for i in range(len(bag))]))
+                continue
+            from gigamil.mil.train import _uncertainty
+
+            model, meta = m
+            rows = []
+            with torch.no_grad():
+                for i in range(0, len(bag), block):
+                    x = torch.from_numpy(bag[i:i + block]).to(self.device)[:, None]
+                    p, _ = _uncertainty(model(x).logits.float(), meta.get("evidential", False))
+                    rows.append(p.cpu().numpy())
+            per_model.append(np.concatenate(rows))
+        return np.mean(per_model, 0).astype(np.float32)
 
     def predict(self, path: str | os.PathLike[str]
-                ) -> tuple[dict[str, Any], np.ndarray, np.ndarray, SlideWork]:
-        """(row, coords, attention, plan) for one slide, every stage in this process."""
+                ) -> tuple[dict[str, Any], np.ndarray, SlideScores, SlideWork]:
+        """(row, coords, scores, plan) for one slide, every stage in this process."""
         t0 = time.perf_counter()
         extract = self.spec.extract
         work = plan_inference(path, extract, self.spec.chunk_patches)
@@ -292,17 +345,15 @@ class SlidePredictor:
         chunks = [c for c in chunks if len(c.patches)]
         if not chunks:
             raise NoPatchesError(work.sid)
-        feats = self.encode([c.patches for c in chunks])
-        probs, unc, attention = self.mil(feats)
-        row = prediction_row(self.spec, work.sid, probs, unc, len(attention), rejected,
-                             time.perf_counter() - t0)
-        return row, np.concatenate([c.coords for c in chunks]), attention, work
+        scores = self.mil(self.encode([c.patches for c in chunks]))
+        row = prediction_row(self.spec, work.sid, scores, rejected, time.perf_counter() - t0)
+        return row, np.concatenate([c.coords for c in chunks]), scores, work
 
     def predict_to(self, path: str | os.PathLike[str], out: str | os.PathLike[str]
                    ) -> dict[str, Any]:
         """Predict and write ``out/slides/<id>.json`` and ``.npz`` (and the heatmap)."""
-        row, coords, attention, work = self.predict(path)
-        return write_slide(self.spec, out, path, row, coords, attention, work.patch_size_level0)
+        row, coords, scores, work = self.predict(path)
+        return write_slide(self.spec, out, path, row, coords, scores, work.patch_size_level0)
 
 
 class NoPatchesError(UsageError):
@@ -311,45 +362,55 @@ class NoPatchesError(UsageError):
                          "check the slide, or lower --min-tissue when extracting")
 
 
-def prediction_row(spec: InferenceSpec, sid: str, probs: np.ndarray, uncertainty: float,
-                   n_patches: int, qc: str, seconds: float) -> dict[str, Any]:
-    return {"slide_id": sid, "pred": spec.classes[int(probs.argmax())],
-            **{f"prob_{c}": float(probs[k]) for k, c in enumerate(spec.classes)},
-            "uncertainty": uncertainty, "n_patches": int(n_patches), "qc": qc,
-            "model": spec.model_id(), "seconds": round(seconds, 3)}
+def prediction_row(spec: InferenceSpec, sid: str, scores: SlideScores, qc: str,
+                   seconds: float) -> dict[str, Any]:
+    return {"slide_id": sid, "pred": spec.classes[int(scores.probs.argmax())],
+            **{f"prob_{c}": float(scores.probs[k]) for k, c in enumerate(spec.classes)},
+            "uncertainty": scores.uncertainty, "n_patches": int(len(scores.attention)),
+            "qc": qc, "model": spec.model_id(), "seconds": round(seconds, 3)}
 
 
 def write_slide(spec: InferenceSpec, out: str | os.PathLike[str], path: str | os.PathLike[str],
-                row: dict[str, Any], coords: np.ndarray, attention: np.ndarray,
+                row: dict[str, Any], coords: np.ndarray, scores: SlideScores,
                 patch_size_level0: float) -> dict[str, Any]:
-    """Write one slide's ``.npz`` (coords, attention), heatmap, then its ``.json`` (last:
-    the json marks the slide done), each atomically."""
+    """Write one slide's ``.npz`` (coords, attention, per-patch probabilities if computed),
+    heatmap, then its ``.json`` (last: the json marks the slide done), each atomically."""
     out = Path(out)
     sid = row["slide_id"]
+    arrays = {"coords": coords, "attention": scores.attention.astype(np.float32)}
+    if scores.patch_probs is not None:
+        arrays["probability"] = scores.patch_probs
     buf = io.BytesIO()
-    np.savez_compressed(buf, coords=coords, attention=attention.astype(np.float32))
+    np.savez_compressed(buf, **arrays)
     with atomic_path(out / "slides" / f"{sid}.npz") as tmp:
         tmp.write_bytes(buf.getvalue())
     if spec.heatmaps:
         from gigamil.wsi.preview import save_png
 
         save_png(out / "heatmaps" / f"{sid}.png",
-                 slide_heatmap(path, coords, attention, patch_size_level0,
+                 slide_heatmap(spec, path, coords, scores, patch_size_level0,
                                title=f"{sid}: {row['pred']}"))
     write_json(out / "slides" / f"{sid}.json", row)
     return row
 
 
-def slide_heatmap(path: str | os.PathLike[str], coords: np.ndarray, values: np.ndarray,
-                  patch_size_level0: float, title: str = "") -> np.ndarray:
-    """Attention over a thumbnail read at ``HEATMAP_MPP`` (bounded memory)."""
+def slide_heatmap(spec: InferenceSpec, path: str | os.PathLike[str], coords: np.ndarray,
+                  scores: SlideScores, patch_size_level0: float, title: str = "") -> np.ndarray:
+    """Attention (rank-scaled) or a class's per-patch probability over a thumbnail read at
+    ``HEATMAP_MPP`` (bounded memory), with a colour bar."""
     from gigamil.mil.heatmap import HEATMAP_MPP, attention_heatmap
     from gigamil.wsi.reader import open_slide
 
     with open_slide(path) as slide:
         thumb = slide.read_at_mpp(HEATMAP_MPP)
         scale = slide.mpp / HEATMAP_MPP
-    return attention_heatmap(thumb, scale, coords, patch_size_level0, values, title=title)
+    if spec.patch_probs and scores.patch_probs is not None:
+        k = spec.heatmap_class_index()
+        return attention_heatmap(thumb, scale, coords, patch_size_level0,
+                                 scores.patch_probs[:, k], title=title, rank_scale=False,
+                                 label=f"P({spec.classes[k]}) per patch")
+    return attention_heatmap(thumb, scale, coords, patch_size_level0, scores.attention,
+                             title=title)
 
 
 PREDICTION_FIELDS = ["slide_id", "pred", "uncertainty", "n_patches", "qc", "model", "seconds"]
