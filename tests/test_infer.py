@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import signal
@@ -97,7 +98,6 @@ def test_ray_and_one_process_agree_and_reruns_skip(trained: dict[str, Path], tmp
         assert abs(float(a[sid]["prob_tumor"]) - float(b[sid]["prob_tumor"])) < 1e-6
         assert int(a[sid]["n_patches"]) > 0 and a[sid]["model"].endswith("torch")
     assert len(list((tmp_path / "a" / "heatmaps").glob("*.png"))) == 6
-    import json
 
     for d in ("a", "b"):  # the resolved settings are kept, without any directory in them
         text = (tmp_path / d / "infer_config.json").read_text()
@@ -207,6 +207,61 @@ def test_a_worker_killed_mid_slide_is_retried_and_counted_once(trained: dict[str
     assert killed and not failures
     ids = [r["slide_id"] for r in csv.DictReader(open(out / "predictions.csv"))]
     assert sorted(ids) == [f"s{i:03d}" for i in range(6)]  # each exactly once
+
+
+@pytest.mark.slow
+def test_infer_joins_a_running_ray_cluster(trained: dict[str, Path], tmp_path: Path,
+                                           ) -> None:
+    """`--ray-address host:port` joins a cluster started apart (as the infer sbatch
+    template does with `ray start --head`, which turns on token auth), and leaves it
+    running."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    head = subprocess.Popen(
+        [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", f"--port={port}",
+         "--node-ip-address=127.0.0.1", "--num-cpus=2", "--include-dashboard=false",
+         "--disable-usage-stats", "--block"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        address = f"127.0.0.1:{port}"
+        probe = [sys.executable, "-c", f"import ray; ray.init(address='{address}'); "
+                 "print(int(ray.cluster_resources()['CPU']))"]
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            done = subprocess.run(probe, capture_output=True, text=True,
+                                  env={**os.environ, "RAY_AUTH_MODE": "token"})
+            if done.returncode == 0:
+                break
+            time.sleep(1)
+        assert done.returncode == 0 and done.stdout.split()[-1] == "2", done.stderr[-2000:]
+        # a process of its own, as on a cluster (Ray reads its auth mode when imported)
+        env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+        res = subprocess.run([sys.executable, "-m", "gigamil", "infer", str(trained["slides"]),
+                              "--run", str(trained["run"]), "--out", str(tmp_path / "p"),
+                              "--ray-address", address], capture_output=True, text=True,
+                             env=env, timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert len(_preds(tmp_path / "p")) == 6
+        assert head.poll() is None  # the cluster is the user's: still up
+        stats = json.loads((tmp_path / "p" / "infer_config.json").read_text())["pipeline"]
+        assert stats["ray_address"] == address and stats["cpus"] == 2
+        # and `local` starts its own cluster even with that one running (ray.init() alone
+        # would have joined it, and refused the CPU count)
+        res2 = runner.invoke(app, ["infer", str(trained["slides"]), "--run",
+                                   str(trained["run"]), "--out", str(tmp_path / "q"),
+                                   "--ray-address", "local", "--cpus", "1"])
+        assert res2.exit_code == 0, res2.output
+        stats = json.loads((tmp_path / "q" / "infer_config.json").read_text())["pipeline"]
+        assert stats["cpus"] == 1
+    finally:
+        head.terminate()
+        head.wait(timeout=60)
 
 
 def _reader_pid() -> int | None:

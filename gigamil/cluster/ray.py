@@ -388,15 +388,17 @@ def infer_slides(paths: Sequence[Path], spec: InferenceSpec, out: str | os.PathL
     failures, pipeline stats: chunks held at peak against the bound, encoder calls, patches
     per call, calls that batched patches of several slides).
     """
+    if ray_address != "local":
+        _use_cluster_token()  # before Ray is imported: it reads its auth mode then
     import ray
 
     started = False
     if not ray.is_initialized():
-        if ray_address == "local":
+        if ray_address == "local":  # a new cluster, even if `ray start` left one running here
             cpus = cpus or os.cpu_count() or 1
             store_bytes = object_store_bytes(spec, cpus, workers)
-            ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False,
-                     object_store_memory=store_bytes,
+            ray.init(address="local", num_cpus=cpus, include_dashboard=False,
+                     log_to_driver=False, object_store_memory=store_bytes,
                      configure_logging=False)
         else:
             ray.init(address=ray_address, log_to_driver=False, configure_logging=False)
@@ -419,6 +421,21 @@ def infer_slides(paths: Sequence[Path], spec: InferenceSpec, out: str | os.PathL
     finally:
         if started:
             ray.shutdown()
+
+
+def _use_cluster_token() -> None:
+    """Send the cluster's auth token when joining one that ``ray start`` made.
+
+    ``ray start --head`` turns token authentication on and saves the token (by default in
+    ``~/.ray/auth_token``, which a cluster's shared home gives every node), but Ray 2.60's
+    ``ray.init(address=...)`` sends it only with ``RAY_AUTH_MODE=token`` set before ``ray``
+    is imported. An explicit ``RAY_AUTH_MODE`` is left alone.
+    """
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
+    if os.environ.get("RAY_AUTH_TOKEN") or os.path.isfile(path):
+        os.environ["RAY_AUTH_MODE"] = "token"
 
 
 def todo(paths: Sequence[Path], out: Path) -> list[Path]:
