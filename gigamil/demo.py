@@ -123,8 +123,8 @@ def run_demo(cfg: DemoConfig, on_stage: Callable[[str], None] | None = None) -> 
     timings["train_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    stage(f"infer: {cfg.n_heldout} held-out slides on Ray (reading on {cfg.workers} CPUs, "
-          "one predictor), heatmaps")
+    stage(f"infer: {cfg.n_heldout} held-out slides on Ray ({cfg.workers} CPUs: readers and "
+          "a predictor per core), heatmaps")
     spec = InferenceSpec.from_run(run, heatmaps=True)
     preds = out / "preds"
     paths = discover_slides([out / "heldout"])

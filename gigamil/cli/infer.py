@@ -45,9 +45,10 @@ def infer(
     ray_address: Annotated[str, typer.Option(
         help="local: start Ray here; auto or host:port: join a cluster (see `gigamil slurm "
              "template infer`); none: no Ray, one process.")] = "local",
-    workers: Annotated[int, typer.Option(
+    workers: Annotated[int | None, typer.Option(
         min=1, help="Predictor actors: each holds the encoder and the MIL models (on "
-                    "--gpus-per-worker GPUs).")] = 1,
+                    "--gpus-per-worker GPUs) [default: one per GPU share; on CPUs, one per "
+                    "--threads cores, as the encoder is then most of the work].")] = None,
     cpus: Annotated[int | None, typer.Option(
         min=1, help="CPUs of a local Ray for reading patches [default: every core].")] = None,
     threads: Annotated[int, typer.Option(min=1, help="Torch threads per predictor.")] = 1,

@@ -376,7 +376,8 @@ def object_store_bytes(spec: InferenceSpec, cpus: int, workers: int) -> int:
 
 
 def infer_slides(paths: Sequence[Path], spec: InferenceSpec, out: str | os.PathLike[str],
-                 ray_address: str = "local", workers: int = 1, gpus_per_worker: float = 0,
+                 ray_address: str = "local", workers: int | None = None,
+                 gpus_per_worker: float = 0,
                  cpus: int | None = None,
                  on_result: Callable[[Result], None] | None = None,
                  on_workers: Callable[[list[Any]], None] | None = None,
@@ -384,7 +385,9 @@ def infer_slides(paths: Sequence[Path], spec: InferenceSpec, out: str | os.PathL
     """Predict ``paths`` on Ray: ``workers`` predictor actors, reading on ``cpus`` cores.
 
     ``ray_address="local"`` starts a cluster here with ``cpus`` (default: every core);
-    anything else joins that cluster and reads on all of its CPUs. Returns (rows,
+    anything else joins that cluster and reads on all of its CPUs. ``workers`` defaults to
+    one predictor per ``gpus_per_worker`` GPUs of the cluster, or on CPUs to one per
+    ``spec.threads`` cores (the encoder is then most of the work). Returns (rows,
     failures, pipeline stats: chunks held at peak against the bound, encoder calls, patches
     per call, calls that batched patches of several slides).
     """
@@ -396,7 +399,7 @@ def infer_slides(paths: Sequence[Path], spec: InferenceSpec, out: str | os.PathL
     if not ray.is_initialized():
         if ray_address == "local":  # a new cluster, even if `ray start` left one running here
             cpus = cpus or os.cpu_count() or 1
-            store_bytes = object_store_bytes(spec, cpus, workers)
+            store_bytes = object_store_bytes(spec, cpus, workers or cpus)
             ray.init(address="local", num_cpus=cpus, include_dashboard=False,
                      log_to_driver=False, object_store_memory=store_bytes,
                      configure_logging=False)
@@ -404,7 +407,11 @@ def infer_slides(paths: Sequence[Path], spec: InferenceSpec, out: str | os.PathL
             ray.init(address=ray_address, log_to_driver=False, configure_logging=False)
         started = True
     try:
-        cpus = int(ray.cluster_resources().get("CPU", 1))
+        resources = ray.cluster_resources()
+        cpus = int(resources.get("CPU", 1))
+        if workers is None:
+            workers = int(resources.get("GPU", 0) // gpus_per_worker) if gpus_per_worker \
+                else cpus // max(1, spec.threads)
         # actors hold no CPU slot: the slots are for reading, which must never starve
         actor = ray.remote(num_cpus=0, num_gpus=gpus_per_worker, max_restarts=-1,
                            max_task_retries=3)(_Predictor)
