@@ -264,6 +264,34 @@ def test_infer_joins_a_running_ray_cluster(trained: dict[str, Path], tmp_path: P
         head.wait(timeout=60)
 
 
+@pytest.mark.slow
+def test_ctrl_c_keeps_the_finished_slides_and_a_rerun_does_the_rest(trained: dict[str, Path],
+                                                                    tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "p"
+    cmd = [sys.executable, "-m", "gigamil", "infer", str(trained["slides"]), "--run",
+           str(trained["run"]), "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not list((out / "slides").glob("*.json")):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "interrupted" in stderr
+    kept = _preds(out)  # the CSV is written on the way out, with every finished slide
+    assert 1 <= len(kept) <= 6
+    for sid in kept:  # whatever was finished is whole
+        assert len(np.load(out / "slides" / f"{sid}.npz")["coords"]) == int(kept[sid]["n_patches"])
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"{len(kept)} already done, {6 - len(kept)} predicted" in " ".join(again.stderr.split())
+    assert sorted(_preds(out)) == [f"s{i:03d}" for i in range(6)]
+
+
 def _reader_pid() -> int | None:
     """A Ray worker process that is running a read task right now, if any."""
     for pid in os.listdir("/proc"):
