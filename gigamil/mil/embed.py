@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -387,7 +388,7 @@ def slide_features(path: Path, encoder: Encoder, extract: ExtractConfig, device:
                    ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """One slide → (features (N, D), level-0 coords (N, 2), bag attributes), with patches cut
     on the fly by the extraction code (tissue, grid, QC, stain); nothing is stored."""
-    from gigamil.wsi.extract import plan_slide, process_grid, store_meta
+    from gigamil.wsi.extract import plan_slide, process_grid, rejection_summary, store_meta
     from gigamil.wsi.reader import open_slide, slide_id
 
     sid = slide_id(path)
@@ -395,14 +396,12 @@ def slide_features(path: Path, encoder: Encoder, extract: ExtractConfig, device:
         plan = plan_slide(slide, extract, sid)
         grid = plan.grids[0]
         feats, kept = [], []
-        rejected: dict[str, int] = {}
+        rejected: Counter[str] = Counter()
         buf: list[np.ndarray] = []
         for run in process_grid(slide, grid, extract, plan.normalizer, threads=threads,
                                 encode=False, keep_patches=True):
-            kept.extend(i for i, r in zip(run.indices, run.reasons) if not r)
-            for r in run.reasons:
-                if r:
-                    rejected[r] = rejected.get(r, 0) + 1
+            kept.extend(run.kept)
+            rejected.update(run.rejections())
             for patch in run.patches or []:
                 buf.append(patch)
                 if len(buf) == batch_size:
@@ -421,5 +420,5 @@ def slide_features(path: Path, encoder: Encoder, extract: ExtractConfig, device:
              "feature_dim": encoder.feature_dim, "source_size": path.stat().st_size,
              "extract_params": repr(extract.output_params()),
              "stain_norm": extract.stain_norm or "",
-             "qc_counts": ";".join(f"{k}={v}" for k, v in sorted(rejected.items()))}
+             "qc_counts": rejection_summary(rejected)}
     return f, grid.coords[kept], attrs

@@ -17,9 +17,11 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import math
 import os
 import time
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,19 +111,18 @@ class InferenceSpec:
             raise UsageError(f"--fold {folds!r} is not best or all")
         if heatmap_values not in ("attention", "probability"):
             raise UsageError(f"--heatmap-values {heatmap_values!r} is not attention or probability")
-        if heatmap_class is not None and heatmap_class not in config["classes"]:
-            raise UsageError(f"--heatmap-class {heatmap_class!r} is not one of the run's classes "
-                             f"{config['classes']}", "pick one of them")
         if engine == "onnx":
             models = [_ensure_onnx(m, run) for m in models]
         elif engine != "torch":
             raise UsageError(f"--engine {engine!r} is not torch or onnx")
-        return cls(run=str(run), classes=config["classes"], model_files=[str(m) for m in models],
+        spec = cls(run=str(run), classes=config["classes"], model_files=[str(m) for m in models],
                    encoder=embed["encoder"], encoder_weights=embed.get("weights"),
                    extract=_extract_config(features), engine=engine, device=device,
                    batch_size=batch_size, threads=threads, heatmaps=heatmaps,
                    heatmap_values=heatmap_values, heatmap_class=heatmap_class,
                    model_name=config["config"]["model"])
+        spec.heatmap_class_index()  # an unknown --heatmap-class fails here, early
+        return spec
 
     @property
     def patch_probs(self) -> bool:
@@ -206,7 +207,8 @@ def plan_inference(path: str | os.PathLike[str], extract: ExtractConfig,
     with open_slide(path, extract.backend, extract.mpp_override) as slide:
         plan = plan_slide(slide, extract, sid)
     grid = plan.grids[0]
-    target = -(-len(grid) // max(1, -(-len(grid) // chunk_patches))) if len(grid) else 0
+    n_chunks = max(1, math.ceil(len(grid) / chunk_patches))
+    target = math.ceil(len(grid) / n_chunks)  # even chunks: none is a small tail
     chunks: list[list[tuple[int, int]]] = []
     size = target
     for run in read_runs(grid, extract.read_block_px):
@@ -225,26 +227,23 @@ def read_chunk(work: SlideWork, k: int, extract: ExtractConfig) -> PatchChunk:
 
     patches: list[np.ndarray] = []
     kept: list[int] = []
-    rejected: dict[str, int] = {}
+    rejected: Counter[str] = Counter()
     with open_slide(work.path, extract.backend, extract.mpp_override) as slide:
         for run in process_grid(slide, work.grid, extract, work.normalizer, encode=False,
                                 keep_patches=True, runs=work.chunks[k]):
-            kept.extend(i for i, r in zip(run.indices, run.reasons) if not r)
-            for r in run.reasons:
-                if r:
-                    rejected[r] = rejected.get(r, 0) + 1
+            kept.extend(run.kept)
+            rejected.update(run.rejections())
             patches.extend(run.patches or [])
     ps = work.grid.spec.patch_size
     stack = np.stack(patches) if patches else np.zeros((0, ps, ps, 3), np.uint8)
     return PatchChunk(stack, work.grid.coords[kept], rejected)
 
 
-def merge_rejected(counts: list[dict[str, int]]) -> str:
-    total: dict[str, int] = {}
-    for c in counts:
-        for k, v in c.items():
-            total[k] = total.get(k, 0) + v
-    return ";".join(f"{k}={v}" for k, v in sorted(total.items()))
+def merge_rejected(counts: Sequence[Mapping[str, int]]) -> str:
+    """The QC rejections of a slide's chunks, summed, as ``rejection_summary`` writes them."""
+    from gigamil.wsi.extract import rejection_summary
+
+    return rejection_summary(sum((Counter(c) for c in counts), Counter()))
 
 
 class SlidePredictor:

@@ -23,7 +23,7 @@ import multiprocessing as mp
 import os
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -181,6 +181,20 @@ class RunResult:
     reasons: list[str]
     encoded: list[bytes | None]
     patches: list[np.ndarray] | None = None  # the kept patches, when asked for (no encoding)
+
+    @property
+    def kept(self) -> list[int]:
+        """Grid indices of the patches that passed QC (the order of ``patches``)."""
+        return [i for i, r in zip(self.indices, self.reasons) if not r]
+
+    def rejections(self) -> Counter[str]:
+        """QC reason → patches of this run it dropped."""
+        return Counter(r for r in self.reasons if r)
+
+
+def rejection_summary(counts: Mapping[str, int]) -> str:
+    """``blur=3;pen=1``: QC rejections by reason, as the manifests and bags record them."""
+    return ";".join(f"{k}={v}" for k, v in sorted(counts.items()) if v)
 
 
 def discover_slides(inputs: Sequence[str | os.PathLike[str]]) -> list[Path]:
