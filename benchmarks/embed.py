@@ -29,9 +29,10 @@ import torch
 
 from gigamil.mil.embed import EmbedConfig, embed_stores
 from gigamil.mil.encoders import create_encoder
-from gigamil.wsi.extract import ExtractConfig, extract_slides
+from gigamil.synth.slides import make_cohort
+from gigamil.cluster.stages import extract_slides
+from gigamil.wsi.extract_config import ExtractConfig
 from gigamil.wsi.store import PatchStore
-from gigamil.wsi.synthetic import make_cohort
 
 
 def bare_forward(stores: list[Path], encoder: str, batch: int) -> tuple[float, int]:

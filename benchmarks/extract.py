@@ -34,10 +34,14 @@ from pathlib import Path
 
 import numpy as np
 
-from gigamil.wsi.extract import ExtractConfig, extract_slide, extract_slides, plan_slide
+from gigamil.synth.model import SynthConfig
+from gigamil.synth.slides import write_synthetic_slide
+from gigamil.cluster.stages import extract_slides
+from gigamil.wsi.extract import extract_slide
+from gigamil.wsi.extract_config import ExtractConfig
+from gigamil.wsi.planning import plan_slide
 from gigamil.wsi.reader import open_slide
 from gigamil.wsi.store import PatchStore
-from gigamil.wsi.synthetic import SynthConfig, write_synthetic_slide
 
 
 def make_slide(path: Path, width: int, height: int, seed: int = 1) -> Path:

@@ -30,10 +30,13 @@ from gigamil.cluster.launch import run_training
 from gigamil.cluster.ray import infer_slides
 from gigamil.memory import retain_freed_memory
 from gigamil.mil.embed import EmbedConfig, embed_stores
-from gigamil.mil.infer import InferenceSpec, SlidePredictor
-from gigamil.mil.train import TrainConfig
-from gigamil.wsi.extract import ExtractConfig, discover_slides, extract_slides
-from gigamil.wsi.synthetic import make_cohort
+from gigamil.mil.infer import SlidePredictor
+from gigamil.mil.infer_spec import InferenceSpec
+from gigamil.mil.train_config import TrainConfig
+from gigamil.synth.slides import make_cohort
+from gigamil.wsi.discovery import discover_slides
+from gigamil.cluster.stages import extract_slides
+from gigamil.wsi.extract_config import ExtractConfig
 
 
 def trained_run(root: Path) -> Path:

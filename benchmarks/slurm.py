@@ -19,9 +19,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from gigamil.cluster.slurm import ClusterOptions, submit_train
-from gigamil.mil.synthetic import make_feature_bags
-from gigamil.mil.train import TrainConfig
+from gigamil.cluster.executor import ClusterOptions, run_stage
+from gigamil.cluster.stages import TrainStage
+from gigamil.mil.train_config import TrainConfig
+from gigamil.synth.bags import make_feature_bags
 
 
 def _log_time(log: Path, pattern: str, after: float) -> float | None:
@@ -52,7 +53,7 @@ def one(feats: Path, out: Path, opts: ClusterOptions, interrupt: str) -> dict[st
                       folds=2, epochs=4, batch_size=2, device="cpu", checkpoint_every=1,
                       early_stop=None, bootstrap=20)
     t0 = time.time()
-    job = submit_train(cfg, opts)[0]
+    job = run_stage(TrainStage(cfg), opts).jobs[0]
     ckpts = out / "checkpoints" / "fold0"
     _wait(lambda: list(ckpts.glob("step_*.json")))
     first_step = time.time() - t0

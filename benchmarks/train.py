@@ -25,11 +25,14 @@ import torch
 import torch.nn.functional as F
 
 from gigamil.cluster.checkpoint import CheckpointManager
-from gigamil.mil.data import make_folds, match_features, read_labels
+from gigamil.mil.fold import FoldTrainer
+from gigamil.mil.labels import match_features, read_labels
 from gigamil.mil.metrics import binary_auroc
 from gigamil.mil.models import create_model
-from gigamil.mil.synthetic import make_feature_bags
-from gigamil.mil.train import PRECISIONS, FoldTrainer, TrainConfig, _feature_dim
+from gigamil.mil.splits import make_folds
+from gigamil.mil.train import feature_dim
+from gigamil.mil.train_config import PRECISIONS, TrainConfig
+from gigamil.synth.bags import make_feature_bags
 
 
 def clam_loop(train_bags: list[tuple[torch.Tensor, int]], test_bags: list[tuple[torch.Tensor, int]],
@@ -71,7 +74,7 @@ def gigamil_loop(feats: Path, out: Path, epochs: int, bucket: bool, device: torc
                       precision=precision, max_instances=None, early_stop=None, val_frac=0.0)
     table, paths = match_features(read_labels(cfg.labels), cfg.features)
     fold = make_folds(table, 4, seed=0, val_frac=0.0)[0]
-    trainer = FoldTrainer(cfg, fold, table, paths, _feature_dim(next(iter(paths.values()))),
+    trainer = FoldTrainer(cfg, fold, table, paths, feature_dim(next(iter(paths.values()))),
                           CheckpointManager(out), device)
     times = []
     for _ in range(epochs):

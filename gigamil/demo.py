@@ -20,10 +20,11 @@ from typing import Any
 import numpy as np
 
 from gigamil.io import write_json
-from gigamil.wsi.extract import ExtractConfig, extract_slides
+from gigamil.synth.slides import load_masks, make_cohort
+from gigamil.cluster.stages import extract_slides
+from gigamil.wsi.extract_config import ExtractConfig
 from gigamil.wsi.preview import patch_montage, save_png
 from gigamil.wsi.store import PatchStore
-from gigamil.wsi.synthetic import load_masks, make_cohort
 
 __all__ = ["DemoConfig", "run_demo"]
 
@@ -74,10 +75,11 @@ def run_demo(cfg: DemoConfig, on_stage: Callable[[str], None] | None = None) -> 
     from gigamil.cluster.launch import run_training
     from gigamil.cluster.ray import infer_slides, todo
     from gigamil.mil.embed import EmbedConfig, embed_stores
-    from gigamil.mil.infer import InferenceSpec, write_outputs
+    from gigamil.mil.infer_outputs import write_outputs
+    from gigamil.mil.infer_spec import InferenceSpec
     from gigamil.mil.metrics import binary_auroc
-    from gigamil.mil.train import TrainConfig
-    from gigamil.wsi.extract import discover_slides
+    from gigamil.mil.train_config import TrainConfig
+    from gigamil.wsi.discovery import discover_slides
 
     stage = on_stage or (lambda _msg: None)
     out = Path(cfg.out)

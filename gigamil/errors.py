@@ -15,7 +15,10 @@ __all__ = [
     "MissingMppError",
     "UpsampleError",
     "SlideTooSmallError",
+    "StainFitError",
     "StoreError",
+    "TrainingInterrupted",
+    "NoPatchesError",
 ]
 
 
@@ -56,5 +59,21 @@ class SlideTooSmallError(SlideError):
     """The slide is smaller than a single patch at the requested resolution."""
 
 
+class StainFitError(SlideError):
+    """The slide's stain could not be estimated (too little tissue in the sample)."""
+
+
 class StoreError(GigamilError):
     """A patch store or feature file is missing, incomplete or inconsistent."""
+
+
+class TrainingInterrupted(GigamilError):
+    """Training stopped on request after writing a checkpoint."""
+
+
+class NoPatchesError(UsageError):
+    """No patch of a slide passed QC, so there is nothing to predict from."""
+
+    def __init__(self, sid: str) -> None:
+        super().__init__(f"{sid}: no tissue patches passed QC",
+                         "check the slide, or lower --min-tissue when extracting")

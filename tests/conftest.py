@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import tifffile
 
-from gigamil.wsi.synthetic import SynthConfig, make_cohort, save_masks, write_synthetic_slide
+from gigamil.synth.model import SynthConfig
+from gigamil.synth.slides import make_cohort, save_masks, write_synthetic_slide
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -9,7 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from gigamil.cli.main import app
-from gigamil.cluster.slurm import ClusterOptions, make_executor
+from gigamil.cluster.executor import ClusterOptions
+from gigamil.cluster.slurm import make_executor
 from gigamil.cluster.templates import TEMPLATES, render_template
 from gigamil.errors import UsageError
 

@@ -8,16 +8,10 @@ import pytest
 import torch
 
 from gigamil.errors import UsageError
-from gigamil.mil.data import (
-    BagBatchSampler,
-    BagDataset,
-    collate_bags,
-    make_folds,
-    match_features,
-    read_labels,
-    write_splits,
-)
-from gigamil.mil.synthetic import make_feature_bags
+from gigamil.mil.bags import BagBatchSampler, BagDataset, collate_bags
+from gigamil.mil.labels import match_features, read_labels
+from gigamil.mil.splits import make_folds, write_splits
+from gigamil.synth.bags import make_feature_bags
 
 
 def _csv(path: Path, text: str) -> Path:

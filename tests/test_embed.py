@@ -18,9 +18,10 @@ import typer
 
 from gigamil.cli.options import parse_shard
 from gigamil.errors import UsageError
-from gigamil.mil.embed import EmbedConfig, _select, embed_stores
+from gigamil.mil.embed import EmbedConfig, embed_stores, select_share
 from gigamil.mil.encoders import create_encoder, list_encoders
-from gigamil.wsi.extract import ExtractConfig, extract_slides
+from gigamil.cluster.stages import extract_slides
+from gigamil.wsi.extract_config import ExtractConfig
 from gigamil.wsi.features import read_bag, write_bag
 from gigamil.wsi.store import PatchStore
 
@@ -110,9 +111,9 @@ def test_rerun_skips_and_shards_split_the_slides(data: Path, tmp_path: Path) -> 
     assert [r.status for r in embed_stores(d, cfg)] == ["ok"] * 4
     assert [r.status for r in embed_stores(d, cfg)] == ["skipped"] * 4
     paths = [Path(f"s{i:03d}.lmdb") for i in range(10)]
-    shares = [_select(paths, (k, 3)) for k in (0, 1, 2)]  # 0-based, as SLURM array task ids
+    shares = [select_share(paths, (k, 3)) for k in (0, 1, 2)]  # 0-based, as SLURM array task ids
     assert sorted(p for s in shares for p in s) == paths  # disjoint, complete, deterministic
-    assert shares[0] == _select(list(reversed(paths)), (0, 3))
+    assert shares[0] == select_share(list(reversed(paths)), (0, 3))
     assert parse_shard("3/16") == (3, 16)
     for bad in ("16/16", "x/2", "-1/4"):
         with pytest.raises(typer.BadParameter):
@@ -219,7 +220,7 @@ def test_from_slides_matches_the_store_path(cohort: Path, tmp_path: Path) -> Non
     """--from-slides: the same patches as extract → embed, without a store."""
     from safetensors.torch import save_file
 
-    from gigamil.mil.embed import embed_slides
+    from gigamil.mil.embed_slides import embed_slides
 
     w = tmp_path / "w.safetensors"
     save_file({k: v.contiguous() for k, v in create_encoder("tiny-cnn").model.state_dict().items()}, str(w))
@@ -245,7 +246,7 @@ def test_ranks_take_disjoint_shares(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv("RANK", str(rank))
         monkeypatch.setenv("WORLD_SIZE", "2")
         env = dist_env()
-        shares.append(_select(paths, (0, 1), env.rank, env.world_size))
+        shares.append(select_share(paths, (0, 1), env.rank, env.world_size))
     assert sorted(shares[0] + shares[1]) == paths and not set(shares[0]) & set(shares[1])
     cfg = EmbedConfig(shard=(2, 4), rank=1, world_size=2)
     assert cfg.manifest_name == "embed.shard2of4.rank1.csv"

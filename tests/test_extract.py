@@ -15,8 +15,11 @@ import numpy as np
 import pytest
 
 from gigamil.errors import UsageError
-from gigamil.wsi.extract import ExtractConfig, extract_slide, extract_slides
-from gigamil.wsi.reader import open_slide, resize_area
+from gigamil.cluster.stages import extract_slides
+from gigamil.wsi.extract import extract_slide
+from gigamil.wsi.extract_config import ExtractConfig
+from gigamil.wsi.reader import open_slide
+from gigamil.wsi.slide import resize_area
 from gigamil.wsi.store import PatchStore
 
 

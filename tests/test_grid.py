@@ -5,7 +5,7 @@ import pytest
 
 from gigamil.errors import SlideTooSmallError, UsageError
 from gigamil.wsi.grid import GridSpec, make_grid
-from gigamil.wsi.reader import Level
+from gigamil.wsi.metadata import Level
 from gigamil.wsi.tissue import TissueMask
 
 

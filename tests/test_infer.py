@@ -18,7 +18,7 @@ from gigamil.cli.main import app
 from gigamil.errors import UsageError
 from gigamil.mil.export import PARITY_LENGTHS, OnnxMIL, export_onnx
 from gigamil.mil.models import create_model
-from gigamil.wsi.synthetic import make_cohort
+from gigamil.synth.slides import make_cohort
 
 runner = CliRunner()
 
@@ -39,7 +39,7 @@ def test_onnx_matches_torch_at_every_bag_length(name: str, tmp_path: Path) -> No
     assert report["max_abs_diff"] < 1e-5 and report["lengths"] == list(PARITY_LENGTHS)
     onnx_model = OnnxMIL(tmp_path / "m.onnx")
     assert onnx_model.meta["model"] == name
-    from gigamil.mil.train import load_model
+    from gigamil.mil.predict import load_model
 
     model, _ = load_model(state)
     for n in (3, 250, 1000):  # lengths other than those checked at export
@@ -118,8 +118,9 @@ def test_slides_cut_in_many_chunks_on_ray_match_one_process(trained: dict[str, P
     import dataclasses
 
     from gigamil.cluster.ray import infer_slides, infer_slides_local
-    from gigamil.mil.infer import InferenceSpec, plan_inference
-    from gigamil.wsi.extract import discover_slides
+    from gigamil.mil.infer import plan_inference
+    from gigamil.mil.infer_spec import InferenceSpec
+    from gigamil.wsi.discovery import discover_slides
 
     spec = InferenceSpec.from_run(trained["run"])
     paths = discover_slides([trained["slides"]])
@@ -142,7 +143,8 @@ def test_slides_cut_in_many_chunks_on_ray_match_one_process(trained: dict[str, P
 
 
 def test_encoding_chunks_together_equals_encoding_them_apart(trained: dict[str, Path]) -> None:
-    from gigamil.mil.infer import InferenceSpec, SlidePredictor
+    from gigamil.mil.infer import SlidePredictor
+    from gigamil.mil.infer_spec import InferenceSpec
 
     predictor = SlidePredictor(InferenceSpec.from_run(trained["run"], batch_size=8))
     rng = np.random.default_rng(0)
@@ -186,8 +188,9 @@ def test_a_worker_killed_mid_slide_is_retried_and_counted_once(trained: dict[str
     import ray
 
     from gigamil.cluster.ray import infer_slides
-    from gigamil.mil.infer import InferenceSpec, write_outputs
-    from gigamil.wsi.extract import discover_slides
+    from gigamil.mil.infer_outputs import write_outputs
+    from gigamil.mil.infer_spec import InferenceSpec
+    from gigamil.wsi.discovery import discover_slides
 
     spec = InferenceSpec.from_run(trained["run"])
     paths = discover_slides([trained["slides"]])
@@ -311,8 +314,9 @@ def test_a_reader_killed_mid_chunk_is_retried_and_each_slide_written_once(
     import time
 
     from gigamil.cluster.ray import infer_slides
-    from gigamil.mil.infer import InferenceSpec, write_outputs
-    from gigamil.wsi.extract import discover_slides
+    from gigamil.mil.infer_outputs import write_outputs
+    from gigamil.mil.infer_spec import InferenceSpec
+    from gigamil.wsi.discovery import discover_slides
 
     spec = dataclasses.replace(InferenceSpec.from_run(trained["run"]), chunk_patches=8)
     paths = discover_slides([trained["slides"]])
@@ -350,8 +354,9 @@ def test_export_and_heatmap_commands(trained: dict[str, Path], tmp_path: Path) -
 
 def test_patch_probabilities_are_each_patch_scored_as_a_bag_of_one(trained: dict[str, Path]
                                                                    ) -> None:
-    from gigamil.mil.infer import InferenceSpec, SlidePredictor
-    from gigamil.mil.train import load_model
+    from gigamil.mil.infer import SlidePredictor
+    from gigamil.mil.infer_spec import InferenceSpec
+    from gigamil.mil.predict import load_model
 
     spec = InferenceSpec.from_run(trained["run"], heatmap_values="probability")
     predictor = SlidePredictor(spec)

@@ -5,11 +5,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gigamil.wsi.extract import ExtractConfig, extract_slide, plan_slide, process_grid
+from gigamil.synth.model import SynthConfig
+from gigamil.synth.slides import load_masks, save_masks, write_synthetic_slide
+from gigamil.wsi.extract import extract_slide
+from gigamil.wsi.extract_config import ExtractConfig
+from gigamil.wsi.planning import plan_slide, process_grid
 from gigamil.wsi.qc import QCConfig, laplacian_variance
-from gigamil.wsi.reader import open_slide, resize_area
+from gigamil.wsi.reader import open_slide
+from gigamil.wsi.slide import resize_area
 from gigamil.wsi.store import PatchStore
-from gigamil.wsi.synthetic import SynthConfig, load_masks, save_masks, write_synthetic_slide
 
 
 @pytest.fixture(scope="module")

@@ -6,16 +6,9 @@ import numpy as np
 import pytest
 
 from gigamil.errors import MissingMppError, SlideOpenError, UpsampleError, UsageError
-from gigamil.wsi.reader import (
-    CuCIMReader,
-    Level,
-    OpenSlideReader,
-    choose_level,
-    cucim_available,
-    open_slide,
-    resize_area,
-    slide_id,
-)
+from gigamil.wsi.metadata import Level, choose_level, slide_id
+from gigamil.wsi.reader import CuCIMReader, OpenSlideReader, cucim_available, open_slide
+from gigamil.wsi.slide import resize_area
 from tests.conftest import H, W, tiff_tile
 
 BACKENDS = ["openslide", pytest.param("cucim", marks=pytest.mark.skipif(

@@ -13,10 +13,14 @@ import numpy as np
 import pytest
 import tifffile
 
-from gigamil.wsi.extract import ExtractConfig, extract_slide, extract_slides
-from gigamil.wsi.reader import open_slide, resize_area
+from gigamil.synth.model import SynthConfig
+from gigamil.synth.slides import write_synthetic_slide
+from gigamil.cluster.stages import extract_slides
+from gigamil.wsi.extract import extract_slide
+from gigamil.wsi.extract_config import ExtractConfig
+from gigamil.wsi.reader import open_slide
+from gigamil.wsi.slide import resize_area
 from gigamil.wsi.store import PatchStore
-from gigamil.wsi.synthetic import SynthConfig, write_synthetic_slide
 
 
 def test_wsi_never_imports_torch() -> None:

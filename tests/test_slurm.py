@@ -15,9 +15,9 @@ import torch
 from typer.testing import CliRunner
 
 from gigamil.cli.main import app
-from gigamil.mil.synthetic import make_feature_bags
+from gigamil.synth.bags import make_feature_bags
+from gigamil.synth.slides import make_cohort
 from gigamil.wsi.store import PatchStore
-from gigamil.wsi.synthetic import make_cohort
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 runner = CliRunner()
@@ -103,6 +103,7 @@ def test_ddp_job_equals_local_two_ranks(slurm_cluster: str, bags: Path, local_tw
     _assert_same(local_two_ranks, out)
     log = (out / "train.log").read_text()
     assert "rank 0 of 2" in log and "start 1 (SLURM_RESTART_COUNT=0)" in log
+    assert "rank 0 of 2, 1 torch threads" in log  # sized from --cpus-per-task 1
 
 
 def _submit_and_wait_for_step(bags: Path, out: Path, step: int) -> tuple[str, float, float]:

@@ -6,10 +6,12 @@ import cv2
 import numpy as np
 import pytest
 
-from gigamil.errors import UsageError
-from gigamil.wsi.extract import ExtractConfig, extract_slide
-from gigamil.wsi.reader import open_slide, resize_area
-from gigamil.wsi.stain import StainFitError, create_stain_normalizer
+from gigamil.errors import StainFitError, UsageError
+from gigamil.wsi.extract import extract_slide
+from gigamil.wsi.extract_config import ExtractConfig
+from gigamil.wsi.reader import open_slide
+from gigamil.wsi.slide import resize_area
+from gigamil.wsi.stain import create_stain_normalizer
 from gigamil.wsi.store import PatchStore
 
 
@@ -66,7 +68,7 @@ def test_fit_on_blank_sample_is_a_clear_error(method: str) -> None:
 def test_stain_norm_in_extraction_is_fitted_once_and_recorded(
         method: str, cohort: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from gigamil.wsi import stain
-    from gigamil.wsi.extract import plan_slide
+    from gigamil.wsi.planning import plan_slide
 
     cls = stain.STAIN_NORMALIZERS.get(method)
     fits = []

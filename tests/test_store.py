@@ -8,13 +8,9 @@ import numpy as np
 import pytest
 
 from gigamil.errors import StoreError
-from gigamil.wsi.store import (
-    PatchStore,
-    PatchStoreWriter,
-    decode_patch,
-    encode_patch,
-    write_coords_h5,
-)
+from gigamil.wsi.store import PatchStore
+from gigamil.wsi.store_format import decode_patch, encode_patch, write_coords_h5
+from gigamil.wsi.store_writer import PatchStoreWriter
 
 
 def _patches(n: int, size: int = 32) -> list[np.ndarray]:

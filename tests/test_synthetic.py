@@ -6,14 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from gigamil.synth.model import MASK_MPP, SynthConfig, SyntheticSlideModel
+from gigamil.synth.slides import load_masks, make_cohort
 from gigamil.wsi.reader import open_slide
-from gigamil.wsi.synthetic import (
-    MASK_MPP,
-    SynthConfig,
-    SyntheticSlideModel,
-    load_masks,
-    make_cohort,
-)
 
 
 def test_cohort_layout(cohort: Path) -> None:

@@ -6,8 +6,8 @@ import cv2
 import numpy as np
 import pytest
 
+from gigamil.synth.slides import load_masks
 from gigamil.wsi.reader import open_slide
-from gigamil.wsi.synthetic import load_masks
 from gigamil.wsi.tissue import TISSUE_DETECTORS, OtsuTissueDetector, TissueMask, detect_tissue
 
 

@@ -19,8 +19,8 @@ from typer.testing import CliRunner
 
 from gigamil.cli.main import app
 from gigamil.cluster.launch import run_training
-from gigamil.mil.synthetic import make_feature_bags
-from gigamil.mil.train import TrainConfig
+from gigamil.mil.train_config import TrainConfig
+from gigamil.synth.bags import make_feature_bags
 
 runner = CliRunner()
 
@@ -146,6 +146,10 @@ def test_cli_train_eval_and_refusals(split_bags: Path, tmp_path: Path) -> None:
 
 # -- fault tolerance (subprocesses) -----------------------------------------------------------
 
+#: Runs compared bitwise use the same thread count on both sides (float32 sums depend on it).
+FIXED_THREADS = {**os.environ, "OMP_NUM_THREADS": "2"}  # fixed, whatever the core count
+
+
 def _train_cmd(feats: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "gigamil", "train", "--features", str(feats), "--labels",
             str(feats / "labels.csv"), "--out", str(out), "--folds", "2", "--epochs", "4",
@@ -181,7 +185,8 @@ def _assert_same_run(a: Path, b: Path) -> None:
 @pytest.fixture(scope="module")
 def reference_run(heavy_bags: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("ref") / "run"
-    subprocess.run(_train_cmd(heavy_bags, out), check=True, capture_output=True)
+    subprocess.run(_train_cmd(heavy_bags, out), check=True, capture_output=True,
+                   env=FIXED_THREADS)
     return out
 
 
@@ -192,7 +197,7 @@ def test_kill9_then_resume_is_bitwise_equal(heavy_bags: Path, reference_run: Pat
     out = tmp_path / "run"
     step = random.Random(int(corrupt_latest)).randint(4, 20)  # 32 steps per fold
     proc = subprocess.Popen(_train_cmd(heavy_bags, out), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.DEVNULL, env=FIXED_THREADS)
     _wait_for_step(out, step, proc)
     proc.kill()
     proc.wait()
@@ -202,7 +207,7 @@ def test_kill9_then_resume_is_bitwise_equal(heavy_bags: Path, reference_run: Pat
         data = bytearray(latest.read_bytes())
         data[len(data) // 2] ^= 0x55
         latest.write_bytes(bytes(data))
-    res = subprocess.run(_train_cmd(heavy_bags, out, "--resume", "auto"),
+    res = subprocess.run(_train_cmd(heavy_bags, out, "--resume", "auto"), env=FIXED_THREADS,
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert "resumes from step_" in res.stderr
@@ -217,7 +222,8 @@ def test_sigterm_checkpoints_and_stops_sigusr1_goes_on(heavy_bags: Path, referen
     out = tmp_path / "run"
     cmd = _train_cmd(heavy_bags, out)
     cmd[cmd.index("--checkpoint-every") + 1] = "1000"  # only epoch ends and signals checkpoint
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=FIXED_THREADS)
     t0 = time.time()
     while not list((out / "checkpoints/fold0").glob("step_*.json")):  # first epoch done
         assert proc.poll() is None and time.time() - t0 < 120
@@ -229,7 +235,8 @@ def test_sigterm_checkpoints_and_stops_sigusr1_goes_on(heavy_bags: Path, referen
     assert proc.returncode == 2 and "--resume auto" in stderr, stderr
     steps = [int(p.stem[5:]) for p in (out / "checkpoints/fold0").glob("step_*.pt")]
     assert len(steps) >= 2 and any(s % 8 for s in steps)  # a mid-epoch checkpoint exists
-    res = subprocess.run([*cmd, "--resume", "auto"], capture_output=True, text=True)
+    res = subprocess.run([*cmd, "--resume", "auto"], capture_output=True, text=True,
+                         env=FIXED_THREADS)
     assert res.returncode == 0, res.stderr
     _assert_same_run(reference_run, out)
 
@@ -277,7 +284,9 @@ def test_stop_request_then_resume_in_process(split_bags: Path, tmp_path: Path, d
     loaded with map_location=cuda (RNG states must come back to the host).
     """
     from gigamil.cluster.checkpoint import CheckpointManager
-    from gigamil.mil.train import StopRequest, TrainingInterrupted, train
+    from gigamil.errors import TrainingInterrupted
+    from gigamil.mil.fold import StopRequest
+    from gigamil.mil.train import train
 
     extra = dict(device=device, preload=True, precision="bf16") if device == "cuda" else {}
     dev = torch.device(device)

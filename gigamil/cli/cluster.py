@@ -2,51 +2,48 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
+from rich.progress import Progress, TaskID
 from rich.table import Column, Table
 
 import gigamil.cli.options as opt
 from gigamil.cli._common import EXIT_FAILED, cli_errors, err, out
+from gigamil.cluster.executor import ClusterOptions, Stage, run_stage
+
+R = TypeVar("R")
 
 app = typer.Typer(help="SLURM helpers: sbatch templates for users who submit by hand.",
                   no_args_is_help=True)
 
 
-def cluster_options(executor: opt.ExecutorChoice, partition: str | None, account: str | None,
-                    qos: str | None, constraint: str | None, time: str, cpus_per_task: int,
-                    mem: str | None, nodes: int, gpus_per_node: int, tasks_per_node: int | None,
-                    exclusive: bool, signal_delay: int, array_parallelism: int,
-                    slides_per_job: int, wait: bool) -> Any:
-    from gigamil.cluster.slurm import ClusterOptions
+def run_stage_here_or_submit(stage: Stage[R], cluster: ClusterOptions,
+                             bar: Progress | None = None, task: TaskID | None = None
+                             ) -> list[R] | None:
+    """Run ``stage`` where ``--executor`` says; print what was submitted, and under
+    ``--wait`` show the jobs' states on the command's progress bar (or a spinner). The
+    results, one per job (None: submitted, not waited for)."""
 
-    return ClusterOptions(
-        executor=executor.value, partition=partition, account=account, qos=qos,
-        constraint=constraint, time=time, cpus_per_task=cpus_per_task, mem=mem, nodes=nodes,
-        gpus_per_node=gpus_per_node, tasks_per_node=tasks_per_node, exclusive=exclusive,
-        signal_delay=signal_delay, array_parallelism=array_parallelism,
-        slides_per_job=slides_per_job, wait=wait)
+    def on_submit(jobs: list[Any]) -> None:
+        ids = ", ".join(str(j.job_id) for j in jobs)
+        err.print(f"[green]submitted[/] {len(jobs)} job(s): {ids}", highlight=False)
+        if not cluster.wait:
+            err.print(f"follow them with `gigamil jobs {stage.target}`", highlight=False)
 
+    def waiting(states: list[str]) -> str:
+        return f"waiting for SLURM: {states.count('done')}/{len(states)} done"
 
-def submitted(jobs: list[Any], target: Path, wait: bool,
-              after: Callable[[list[Any]], None] | None = None) -> list[Any] | None:
-    """Print what was submitted; with ``wait`` block until done and return the results."""
-    from gigamil.cluster.slurm import wait_jobs
-
-    ids = ", ".join(str(j.job_id) for j in jobs)
-    err.print(f"[green]submitted[/] {len(jobs)} job(s): {ids}", highlight=False)
-    if not wait:
-        err.print(f"follow them with `gigamil jobs {target}`", highlight=False)
-        return None
+    if not (cluster.submits and cluster.wait):
+        return run_stage(stage, cluster, on_submit).results
+    if bar is not None and task is not None:
+        return run_stage(stage, cluster, on_submit, on_poll=lambda states: bar.update(
+            task, info=waiting(states))).results
     with err.status("waiting for SLURM…") as status:
-        results = wait_jobs(jobs, on_poll=lambda states: status.update(
-            f"waiting for SLURM: {states.count('done')}/{len(states)} done"))
-    if after is not None:
-        after(results)
-    return results
+        return run_stage(stage, cluster, on_submit,
+                         on_poll=lambda states: status.update(waiting(states))).results
 
 
 @cli_errors
@@ -59,10 +56,13 @@ def jobs(
     Exit code 1 if any job failed. When every extract task is done, their manifests are
     merged into extract.csv.
     """
-    from gigamil.cluster.slurm import job_report, merge_extract_manifests
+    from gigamil.cluster.slurm import job_report
+    from gigamil.cluster.stages import merge_extract_manifests
 
     rows = job_report(target)
-    table = Table("job", "kind", "state", "restarts", Column("log", overflow="fold"),
+    # an 80-column login-node terminal must show each state and log path whole: the table
+    # keeps the short columns, and the paths follow on lines of their own (never cut)
+    table = Table("job", "kind", Column("state", no_wrap=True, min_width=8), "restarts",
                   Column("message / cancel", overflow="fold"),
                   title=f"jobs for {target}", title_justify="left")
     colors = {"done": "green", "failed": "red", "running": "cyan", "pending": "yellow",
@@ -70,10 +70,13 @@ def jobs(
     for r in rows:
         c = colors.get(r["state"], "white")
         table.add_row(r["job_id"], r["kind"], f"[{c}]{r['state']}[/]", str(r["restarts"]),
-                      r["stderr"] if r["state"] == "failed" else r["stdout"],
                       r["message"] or (r["cancel"] if r["state"] in ("pending", "running",
                                                                       "requeued") else ""))
     out.print(table)
+    for r in rows:
+        log_path = r["stderr"] if r["state"] == "failed" else r["stdout"]
+        out.print(f"log {r['job_id']} ({r['state']}): {log_path}", highlight=False,
+                  soft_wrap=True, overflow="ignore", crop=False)
     extract = [r for r in rows if r["kind"] == "extract"]
     if extract and all(r["state"] in ("done", "failed") for r in extract):
         merged = merge_extract_manifests(target)
@@ -86,6 +89,8 @@ def jobs(
 @app.command("template", context_settings={"allow_extra_args": True,
                                            "ignore_unknown_options": True})
 @cli_errors
+@opt.from_config(ClusterOptions, "cluster", panel="SLURM",
+                 exclude=("executor", "slides_per_job", "wait"))
 def template(
     ctx: typer.Context,
     kind: Annotated[str, typer.Argument(help="train, extract, embed or infer.")],
@@ -93,12 +98,8 @@ def template(
     data: Annotated[str | None, typer.Option(help="Extract output to embed (embed).")] = None,
     out_dir: Annotated[str | None, typer.Option("--out", help="Output / run directory.")] = None,
     n_tasks: Annotated[int, typer.Option(min=1, help="Array tasks (extract, embed).")] = 1,
-    partition: opt.Partition = None, account: opt.Account = None, qos: opt.Qos = None,
-    constraint: opt.Constraint = None, time: opt.Time = "02:00:00",
-    cpus_per_task: opt.CpusPerTask = 8, mem: opt.Mem = None, nodes: opt.Nodes = 1,
-    gpus_per_node: opt.GpusPerNode = 0, tasks_per_node: opt.TasksPerNode = None,
-    exclusive: opt.Exclusive = False, signal_delay: opt.SignalDelay = 120,
-    array_parallelism: opt.ArrayParallelism = 32,
+    *,
+    cluster: ClusterOptions,
 ) -> None:
     """Print an sbatch script; arguments after `--` go to the gigamil command.
 
@@ -108,9 +109,7 @@ def template(
     from gigamil.cluster.templates import render_template
     from gigamil.errors import UsageError
 
-    opts = cluster_options(opt.ExecutorChoice.slurm, partition, account, qos, constraint, time,
-                           cpus_per_task, mem, nodes, gpus_per_node, tasks_per_node, exclusive,
-                           signal_delay, array_parallelism, 1, False)
+    opts = dataclasses.replace(cluster, executor="slurm", slides_per_job=1)
     needs = {"train": ["out_dir"], "extract": ["slides", "out_dir"], "embed": ["data"],
              "infer": ["slides", "out_dir"]}
     given = {"slides": slides, "data": data, "out_dir": out_dir}

@@ -11,8 +11,11 @@ from rich.table import Table
 
 import gigamil.cli.options as opt
 from gigamil.cli._common import EXIT_FAILED, cli_errors, err, out, progress_bar
-from gigamil.cli.cluster import cluster_options, submitted
+from gigamil.cli.cluster import run_stage_here_or_submit
+from gigamil.cluster.executor import ClusterOptions
+from gigamil.cluster.stages import EmbedStage
 from gigamil.errors import UsageError
+from gigamil.wsi.extract_config import ExtractConfig
 
 
 class PrecisionChoice(str, Enum):
@@ -23,6 +26,7 @@ class PrecisionChoice(str, Enum):
 
 
 @cli_errors
+@opt.cluster_options("embed", gpus_per_node="--gpus-per-job")
 def embed(
     data: Annotated[Path, typer.Argument(exists=True, help="The --out of `gigamil extract` "
                                          "(holds patches/), or slides with --from-slides.")],
@@ -48,20 +52,13 @@ def embed(
         exists=True, dir_okay=False, help="Reference image for --stain-norm.")] = None,
     from_slides: Annotated[bool, typer.Option(
         help="DATA holds slides: cut patches on the fly (tissue, grid, QC), store none.")] = False,
-    mpp: Annotated[float, typer.Option(help="With --from-slides: target µm/px.")] = 0.5,
-    patch_size: Annotated[int, typer.Option(help="With --from-slides: patch px.")] = 256,
-    min_tissue: Annotated[float, typer.Option(help="With --from-slides: min tissue.")] = 0.5,
-    backend: Annotated[str, typer.Option(help="With --from-slides: auto, openslide, cucim.")] = "auto",
-    mpp_override: Annotated[float | None, typer.Option(
-        help="With --from-slides: level-0 µm/px for slides that lack it.")] = None,
-    executor: opt.Executor = opt.ExecutorChoice.local,
-    partition: opt.Partition = None, account: opt.Account = None, qos: opt.Qos = None,
-    constraint: opt.Constraint = None, time: opt.Time = "04:00:00",
-    cpus_per_task: opt.CpusPerTask = 8, mem: opt.Mem = None, nodes: opt.Nodes = 1,
-    gpus_per_job: opt.GpusPerNode = 0, tasks_per_node: opt.TasksPerNode = None,
-    exclusive: opt.Exclusive = False, signal_delay: opt.SignalDelay = 120,
-    array_parallelism: opt.ArrayParallelism = 32, slides_per_job: opt.SlidesPerJob = 20,
-    wait: opt.Wait = False,
+    mpp: opt.Mpp = "0.5",
+    patch_size: opt.PatchSize = 256,
+    min_tissue: opt.MinTissue = 0.5,
+    backend: opt.Backend = opt.BackendChoice.auto,
+    mpp_override: opt.MppOverride = None,
+    *,
+    cluster: ClusterOptions,
 ) -> None:
     """Turn every patch store in DATA/patches into DATA/features/<encoder>/<slide_id>.h5.
 
@@ -72,7 +69,7 @@ def embed(
     takes its share of the slides.
     """
     from gigamil.cluster.distributed import dist_env
-    from gigamil.mil.embed import EmbedConfig, embed_stores
+    from gigamil.mil.embed import EmbedConfig
 
     env = dist_env()
     cfg = EmbedConfig(rank=env.rank, world_size=env.world_size, local_rank=env.local_rank,
@@ -81,34 +78,23 @@ def embed(
                       device=device, shard=opt.parse_shard(shard), compile=compile_model,
                       overwrite=overwrite, stain_norm=stain_norm,
                       stain_reference=str(stain_reference) if stain_reference else None)
-    copts = cluster_options(executor, partition, account, qos, constraint, time, cpus_per_task,
-                            mem, nodes, gpus_per_job, tasks_per_node, exclusive, signal_delay,
-                            array_parallelism, slides_per_job, wait)
-    if copts.is_slurm:
-        from gigamil.cluster.slurm import submit_embed
-
-        if from_slides:
-            raise UsageError("--from-slides runs locally only",
-                             "extract with --executor slurm, then embed the stores")
-        submitted(submit_embed(data, cfg, copts, out_dir), Path(out_dir or data), wait)
-        return
+    from_slides_cfg = None
+    if from_slides:
+        mpps = opt.parse_mpps(mpp)
+        if len(mpps) != 1:
+            raise UsageError("--from-slides embeds one scale", "give one --mpp, e.g. 0.5")
+        from_slides_cfg = ExtractConfig(
+            mpp=mpps[0], patch_size=patch_size, min_tissue=min_tissue, backend=backend.value,
+            mpp_override=mpp_override, stain_norm=stain_norm, stain_reference=cfg.stain_reference)
     with progress_bar() as bar:
         task = bar.add_task("embed", total=None, info="")
-        on_result = lambda r: bar.update(task, info=f"{r.slide_id} {r.status}")  # noqa: E731
-        on_batch = lambda n: bar.update(task, advance=n)  # noqa: E731
-        if from_slides:
-            from gigamil.mil.embed import embed_slides
-            from gigamil.wsi.extract import ExtractConfig
-
-            if out_dir is None:
-                raise UsageError("--from-slides needs --out", "e.g. --out data/")
-            extract = ExtractConfig(mpp=mpp, patch_size=patch_size, min_tissue=min_tissue,
-                                    backend=backend, mpp_override=mpp_override,
-                                    stain_norm=stain_norm,
-                                    stain_reference=cfg.stain_reference)
-            results = embed_slides([data], out_dir, cfg, extract, on_result, on_batch)
-        else:
-            results = embed_stores(data, cfg, out_dir, on_result=on_result, on_batch=on_batch)
+        stage = EmbedStage(data, cfg, out_dir, from_slides=from_slides_cfg, hooks={
+            "on_result": lambda r: bar.update(task, info=f"{r.slide_id} {r.status}"),
+            "on_batch": lambda n: bar.update(task, advance=n)})
+        jobs = run_stage_here_or_submit(stage, cluster, bar, task)
+    if jobs is None:
+        return
+    results = [r for job in jobs for r in job]
     failed = [r for r in results if r.status == "failed"]
     err.print(f"[green]{sum(r.status == 'ok' for r in results)} embedded[/], "
               f"{sum(r.status == 'skipped' for r in results)} skipped, "

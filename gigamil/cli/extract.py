@@ -11,8 +11,10 @@ from rich.table import Table
 
 from gigamil.cli import options as opt
 from gigamil.cli._common import EXIT_FAILED, cli_errors, err, progress_bar
-from gigamil.cli.cluster import cluster_options, submitted
-from gigamil.wsi.extract import ExtractConfig, SlideResult, extract_slides
+from gigamil.cli.cluster import run_stage_here_or_submit
+from gigamil.cluster.executor import ClusterOptions
+from gigamil.cluster.stages import ExtractStage
+from gigamil.wsi.extract_config import ExtractConfig, SlideResult
 
 
 class Format(str, Enum):
@@ -27,6 +29,7 @@ class StainChoice(str, Enum):
 
 
 @cli_errors
+@opt.cluster_options("extract")
 def extract(
     inputs: Annotated[list[Path], typer.Argument(help="Slide files or directories of slides.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (patches/, extract.csv).")],
@@ -65,14 +68,8 @@ def extract(
     ] = False,
     shard: Annotated[str | None, typer.Option(
         help="Take share k of n of the slides (sorted), e.g. 3/16 for a SLURM array task.")] = None,
-    executor: opt.Executor = opt.ExecutorChoice.local,
-    partition: opt.Partition = None, account: opt.Account = None, qos: opt.Qos = None,
-    constraint: opt.Constraint = None, time: opt.Time = "02:00:00",
-    cpus_per_task: opt.CpusPerTask = 8, mem: opt.Mem = None, nodes: opt.Nodes = 1,
-    gpus_per_node: opt.GpusPerNode = 0, tasks_per_node: opt.TasksPerNode = None,
-    exclusive: opt.Exclusive = False, signal_delay: opt.SignalDelay = 120,
-    array_parallelism: opt.ArrayParallelism = 32, slides_per_job: opt.SlidesPerJob = 20,
-    wait: opt.Wait = False,
+    *,
+    cluster: ClusterOptions,
 ) -> None:
     """Detect tissue, cut patches at an exact µm/px and store them, one LMDB file per slide.
 
@@ -94,21 +91,6 @@ def extract(
         stain_reference=str(stain_reference) if stain_reference else None,
         coords_h5=coords_h5, previews=previews, record_paths=record_paths,
     )
-    copts = cluster_options(executor, partition, account, qos, constraint, time, cpus_per_task,
-                            mem, nodes, gpus_per_node, tasks_per_node, exclusive, signal_delay,
-                            array_parallelism, slides_per_job, wait)
-    if copts.is_slurm:
-        from gigamil.cluster.slurm import merge_extract_manifests, submit_extract
-
-        jobs = submit_extract(inputs, out, cfg, copts, overwrite)
-        results = submitted(jobs, out, wait, lambda _: merge_extract_manifests(out))
-        if results is not None:
-            totals = {k: sum(r[k] for r in results) for k in ("ok", "skipped", "failed")}
-            err.print(f"{totals['ok']} ok, {totals['skipped']} skipped, {totals['failed']} "
-                      f"failed; manifest {out / 'extract.csv'}", highlight=False)
-            if totals["failed"]:
-                raise typer.Exit(EXIT_FAILED)
-        return
     counts = {"patches": 0}
     with progress_bar() as bar:
         task = bar.add_task("extract", total=None, info="")
@@ -121,11 +103,14 @@ def extract(
             counts["patches"] += n
             bar.update(task, info=f"{counts['patches']} patches read")
 
-        results = extract_slides(
-            inputs, out, cfg, workers=workers, overwrite=overwrite,
-            on_start=lambda n: bar.update(task, total=n),
-            on_result=on_result, on_patches=on_patches, shard=opt.parse_shard(shard),
-        )
+        stage = ExtractStage(inputs, out, cfg, workers=workers, overwrite=overwrite,
+                             shard=opt.parse_shard(shard), hooks={
+                                 "on_start": lambda n: bar.update(task, total=n),
+                                 "on_result": on_result, "on_patches": on_patches})
+        jobs = run_stage_here_or_submit(stage, cluster, bar, task)
+    if jobs is None:
+        return
+    results = [r for job in jobs for r in job]
     _summary(results, out)
     if any(r.status == "failed" for r in results):
         raise typer.Exit(EXIT_FAILED)

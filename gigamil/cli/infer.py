@@ -74,8 +74,9 @@ def infer(
     rerun skips finished slides; exit code 1 if any slide failed.
     """
     from gigamil.cluster.ray import infer_slides, infer_slides_local, todo
-    from gigamil.mil.infer import InferenceSpec, write_outputs
-    from gigamil.wsi.extract import discover_slides
+    from gigamil.mil.infer_outputs import write_outputs
+    from gigamil.mil.infer_spec import InferenceSpec
+    from gigamil.wsi.discovery import discover_slides
 
     spec = InferenceSpec.from_run(run, engine.value, fold.value, device, heatmaps, batch_size,
                                   threads, heatmap_values.value, heatmap_class)
@@ -143,7 +144,9 @@ def heatmap(
 ) -> None:
     """Attention, or per-patch probability, of the run's model(s) over the slide's
     thumbnail, with a colour bar."""
-    from gigamil.mil.infer import InferenceSpec, SlidePredictor, slide_heatmap
+    from gigamil.mil.infer import SlidePredictor
+    from gigamil.mil.infer_outputs import slide_heatmap
+    from gigamil.mil.infer_spec import InferenceSpec
     from gigamil.wsi.preview import save_png
 
     predictor = SlidePredictor(InferenceSpec.from_run(

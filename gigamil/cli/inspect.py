@@ -11,7 +11,8 @@ from rich.table import Table
 
 from gigamil.cli import options as opt
 from gigamil.cli._common import cli_errors, err, out
-from gigamil.wsi.extract import ExtractConfig, preview_slide
+from gigamil.wsi.extract import preview_slide
+from gigamil.wsi.extract_config import ExtractConfig
 from gigamil.wsi.preview import patch_montage, save_png
 from gigamil.wsi.reader import open_slide
 from gigamil.wsi.store import PatchStore, describe_store

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
+import typing
+from collections.abc import Callable
 from enum import Enum
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 import typer
 
 from gigamil.wsi.qc import QCConfig
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 class BackendChoice(str, Enum):
@@ -77,41 +84,60 @@ def qc_config(background_max: float, pen_max: float, blur_min: float) -> QCConfi
     )
 
 
-# -- where a command runs (the same options on extract, embed and train) ---------------------
+# -- options derived from a config dataclass -------------------------------------------------
 
-class ExecutorChoice(str, Enum):
-    local = "local"
-    slurm = "slurm"
+def from_config(cls: type[Any], name: str, *, panel: str | None = None,
+                defaults: dict[str, Any] | None = None, flags: dict[str, str] | None = None,
+                exclude: tuple[str, ...] = ()) -> Callable[[F], F]:
+    """Give a command one ``--option`` per field of the dataclass ``cls``, and pass the
+    built instance as the keyword argument ``name``.
+
+    Help, bounds and choices come from each field's metadata (``help``, ``min``, ``max``,
+    ``choices``; ``choices="executors"`` means the registered executors), defaults from the
+    dataclass (``defaults`` overrides a few per command) — so the dataclass is the single
+    source of the options. ``flags`` renames an option (``{"gpus_per_node": "--gpus-per-job"}``).
+    """
+    hints = typing.get_type_hints(cls)
+    fields = [f for f in dataclasses.fields(cls) if f.init and f.name not in exclude]
+    defaults, flags = defaults or {}, flags or {}
+
+    def option(f: dataclasses.Field[Any]) -> inspect.Parameter:
+        meta = f.metadata
+        extra: dict[str, Any] = {k: meta[k] for k in ("min", "max") if k in meta}
+        kind, default = hints[f.name], defaults.get(f.name, f.default)
+        if meta.get("choices") == "executors":  # the registry's names, as a choice
+            from gigamil.cluster.executor import EXECUTORS
+
+            kind = Enum("Executor", {n: n for n in EXECUTORS.ordered()}, type=str)  # type: ignore[misc]
+            default = kind(default)
+        decls = [flags[f.name]] if f.name in flags else []
+        info = typer.Option(*decls, help=meta.get("help"), rich_help_panel=panel, **extra)
+        return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                 annotation=Annotated[kind, info])
+
+    added = [option(f) for f in fields]
+
+    def decorator(fn: F) -> F:
+        sig = inspect.signature(fn, eval_str=True)  # real types: typer reads __signature__
+        kept = [p for p in sig.parameters.values() if p.name != name]
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            values = {f.name: kwargs.pop(f.name) for f in fields if f.name in kwargs}
+            kwargs[name] = cls(**values)
+            return fn(*args, **kwargs)
+
+        wrapper.__signature__ = sig.replace(parameters=[*kept, *added])  # type: ignore[attr-defined]
+        wrapper.__annotations__ = {p.name: p.annotation for p in kept} | {
+            p.name: p.annotation for p in added}
+        return wrapper  # type: ignore[return-value]
+
+    return decorator
 
 
-_SLURM = "SLURM (with --executor slurm)"
-Executor = Annotated[ExecutorChoice, typer.Option(
-    help="local: run here; slurm: submit jobs through submitit (arrays for extract/embed).",
-    rich_help_panel=_SLURM)]
-Partition = Annotated[str | None, typer.Option(help="Partition.", rich_help_panel=_SLURM)]
-Account = Annotated[str | None, typer.Option(help="Account to charge.", rich_help_panel=_SLURM)]
-Qos = Annotated[str | None, typer.Option(help="Quality of service.", rich_help_panel=_SLURM)]
-Constraint = Annotated[str | None, typer.Option(help="Node features, e.g. a100.",
-                                                rich_help_panel=_SLURM)]
-Time = Annotated[str, typer.Option(help="Time limit per job, HH:MM:SS or D-HH:MM:SS.",
-                                   rich_help_panel=_SLURM)]
-CpusPerTask = Annotated[int, typer.Option(min=1, help="CPUs per task.", rich_help_panel=_SLURM)]
-Mem = Annotated[str | None, typer.Option(help="Memory per node, e.g. 64G (0 = all).",
-                                         rich_help_panel=_SLURM)]
-Nodes = Annotated[int, typer.Option(min=1, help="Nodes per job (multi-node DDP for train).",
-                                    rich_help_panel=_SLURM)]
-GpusPerNode = Annotated[int, typer.Option(min=0, help="GPUs per node (one rank each).",
-                                          rich_help_panel=_SLURM)]
-TasksPerNode = Annotated[int | None, typer.Option(
-    min=1, help="Ranks per node (default: one per GPU, or 1); e.g. 2 for CPU DDP.",
-    rich_help_panel=_SLURM)]
-Exclusive = Annotated[bool, typer.Option(help="Whole nodes only.", rich_help_panel=_SLURM)]
-SignalDelay = Annotated[int, typer.Option(
-    min=0, help="Seconds before the time limit that USR2 asks for a checkpoint and requeue.",
-    rich_help_panel=_SLURM)]
-ArrayParallelism = Annotated[int, typer.Option(min=1, help="Array tasks running at once.",
-                                               rich_help_panel=_SLURM)]
-SlidesPerJob = Annotated[int, typer.Option(min=1, help="Slides per array task.",
-                                           rich_help_panel=_SLURM)]
-Wait = Annotated[bool, typer.Option(help="Block until the jobs finish (else print job ids "
-                                    "and return).", rich_help_panel=_SLURM)]
+def cluster_options(stage: str, **flags: str) -> Callable[[F], F]:
+    """The SLURM/executor options of a command (``ClusterOptions``), passed as ``cluster``."""
+    from gigamil.cluster.executor import DEFAULT_TIME, ClusterOptions
+
+    return from_config(ClusterOptions, "cluster", panel="Where it runs (--executor, SLURM)",
+                       defaults={"time": DEFAULT_TIME[stage]}, flags=flags)

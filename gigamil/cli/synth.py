@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from gigamil.cli._common import cli_errors, err, parse_size, progress_bar
-from gigamil.wsi.synthetic import make_cohort
+from gigamil.synth.slides import make_cohort
 
 
 @cli_errors

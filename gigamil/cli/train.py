@@ -12,7 +12,9 @@ from rich.table import Table
 
 import gigamil.cli.options as opt
 from gigamil.cli._common import cli_errors, err, out, progress_bar
-from gigamil.cli.cluster import cluster_options, submitted
+from gigamil.cli.cluster import run_stage_here_or_submit
+from gigamil.cluster.executor import ClusterOptions
+from gigamil.cluster.stages import TrainStage
 from gigamil.errors import UsageError
 
 
@@ -78,6 +80,7 @@ def _metrics_table(title: str, report: dict[str, Any]) -> Table:
 
 
 @cli_errors
+@opt.cluster_options("train")
 def train(
     features: Annotated[Path, typer.Option(help="Feature folder from `gigamil embed`, e.g. "
                                            "data/features/resnet50.")],
@@ -127,14 +130,8 @@ def train(
     keep_last: Annotated[int, typer.Option(min=1, help="Numbered checkpoints kept per fold.")] = 3,
     bootstrap: Annotated[int, typer.Option(min=0, help="Bootstrap resamples for the 95% CIs.")] = 1000,
     label_column: Annotated[str, typer.Option(help="Column of the labels CSV to predict.")] = "label",
-    executor: opt.Executor = opt.ExecutorChoice.local,
-    partition: opt.Partition = None, account: opt.Account = None, qos: opt.Qos = None,
-    constraint: opt.Constraint = None, time: opt.Time = "24:00:00",
-    cpus_per_task: opt.CpusPerTask = 8, mem: opt.Mem = None, nodes: opt.Nodes = 1,
-    gpus_per_node: opt.GpusPerNode = 0, tasks_per_node: opt.TasksPerNode = None,
-    exclusive: opt.Exclusive = False, signal_delay: opt.SignalDelay = 120,
-    array_parallelism: opt.ArrayParallelism = 32, slides_per_job: opt.SlidesPerJob = 20,
-    wait: opt.Wait = False,
+    *,
+    cluster: ClusterOptions,
 ) -> None:
     """Train an attention-MIL model with stratified, patient-grouped k-fold cross-validation.
 
@@ -148,8 +145,7 @@ def train(
     checkpoints and requeues itself on USR2 (time limit or pre-emption) and resumes
     from its checkpoints after any restart.
     """
-    from gigamil.cluster.launch import run_training
-    from gigamil.mil.train import TrainConfig
+    from gigamil.mil.train_config import TrainConfig
 
     cfg = TrainConfig(
         features=str(features), labels=str(labels), out=str(run_out), model=model,
@@ -162,16 +158,6 @@ def train(
         early_stop=early_stop or None, monitor=monitor.value, seed=seed,
         only_folds=tuple(fold) if fold else None, device=device, workers=workers, preload=preload,
         checkpoint_every=checkpoint_every, keep_last=keep_last, bootstrap=bootstrap)
-    copts = cluster_options(executor, partition, account, qos, constraint, time, cpus_per_task,
-                            mem, nodes, gpus_per_node, tasks_per_node, exclusive, signal_delay,
-                            array_parallelism, slides_per_job, wait)
-    if copts.is_slurm:
-        from gigamil.cluster.slurm import submit_train
-
-        results = submitted(submit_train(cfg, copts), run_out, wait)
-        if results:
-            out.print(_metrics_table(f"{model} — test metrics with 95% CIs", results[0]))
-        return
     with progress_bar() as bar:
         task = bar.add_task("train", total=None, info="")
 
@@ -181,7 +167,11 @@ def train(
             bar.update(task, advance=1, info=f"fold {e['fold']} epoch {e['epoch']}/{e['epochs']} "
                        f"loss {e['train_loss']:.3f}{val}")
 
-        summary = run_training(cfg, resume=resume is Resume.auto, on_epoch=on_epoch)
+        stage = TrainStage(cfg, resume=resume is Resume.auto, on_epoch=on_epoch)
+        jobs = run_stage_here_or_submit(stage, cluster, bar, task)
+    if not jobs:
+        return
+    summary = jobs[0]
     if "pooled" in summary or summary.get("folds"):
         out.print(_metrics_table(f"{model} — test metrics with 95% CIs", summary))
     err.print(f"[green]run written to[/] {run_out}", highlight=False)
@@ -205,7 +195,7 @@ def evaluate(
     --labels: every fold's best model predicts that cohort, and their mean is the ensemble.
     """
     from gigamil.mil.evaluate import evaluate_run
-    from gigamil.mil.train import default_device
+    from gigamil.mil.train_config import default_device
 
     if (features is None) != (labels is None):
         raise UsageError("--features and --labels go together")

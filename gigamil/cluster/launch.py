@@ -18,9 +18,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from gigamil.cluster.checkpoint import CheckpointManager
 from gigamil.cluster.distributed import DistEnv, dist_env, process_group
-from gigamil.mil.train import StopRequest, TrainConfig, default_device, train
+from gigamil.mil.fold import StopRequest
+from gigamil.mil.train import train
+from gigamil.mil.train_config import TrainConfig, default_device
 
 __all__ = ["run_training", "stop_on_signals", "run_log"]
 
@@ -92,7 +96,7 @@ def run_training(cfg: TrainConfig, resume: bool = False, env: DistEnv | None = N
 
     with run_log(out, env.is_main), stop_on_signals(stop, preempt_signal), \
             process_group(env, device):
-        log.info("training %s on %s, rank %d of %d%s", cfg.model, device, env.rank,
-                 env.world_size, " (resume)" if resume else "")
+        log.info("training %s on %s, rank %d of %d, %d torch threads%s", cfg.model, device,
+                 env.rank, env.world_size, torch.get_num_threads(), " (resume)" if resume else "")
         return train(cfg, checkpoints, device, env.rank, env.world_size, resume, stop,
                      on_epoch if env.is_main else None)

@@ -34,20 +34,19 @@ from typing import Any
 
 import numpy as np
 
+from gigamil.cluster.resources import configure_threads
+from gigamil.errors import NoPatchesError
 from gigamil.memory import retain_freed_memory
 from gigamil.mil.infer import (
-    InferenceSpec,
-    NoPatchesError,
     SlidePredictor,
     SlideScores,
     SlideWork,
     merge_rejected,
     plan_inference,
-    prediction_row,
     read_chunk,
-    slide_done,
-    write_slide,
 )
+from gigamil.mil.infer_outputs import prediction_row, slide_done, write_slide
+from gigamil.mil.infer_spec import InferenceSpec
 
 __all__ = ["infer_slides", "infer_slides_local", "todo"]
 
@@ -61,11 +60,9 @@ Outcome = tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]  # r
 
 
 def _set_threads(threads: int) -> None:
-    import cv2
-    import torch
+    import torch  # noqa: F401 - imported first, so that configure_threads sizes it
 
-    torch.set_num_threads(max(1, threads))
-    cv2.setNumThreads(max(1, threads))
+    configure_threads(threads)
 
 
 def _warm_up() -> int:
@@ -115,17 +112,17 @@ def _read(work: SlideWork, k: int, extract: Any
 
 def _message(exc: BaseException, path: str) -> str:
     """What went wrong with a slide, without its directory (paths may hold patient data)."""
-    from gigamil.wsi.extract import _safe_message
+    from gigamil.wsi.extract import safe_message
 
     cause = getattr(exc, "cause", None) or exc
     if not isinstance(cause, BaseException):
         cause = exc
-    text = _safe_message(cause, Path(path))
+    text = safe_message(cause, Path(path))
     return text.splitlines()[0] if text else cause.__class__.__name__
 
 
 def _failure(path: str, error: str) -> dict[str, Any]:
-    from gigamil.wsi.reader import slide_id
+    from gigamil.wsi.metadata import slide_id
 
     return {"slide_id": slide_id(Path(path)), "file": Path(path).name, "error": error}
 
@@ -447,6 +444,6 @@ def _use_cluster_token() -> None:
 
 def todo(paths: Sequence[Path], out: Path) -> list[Path]:
     """The slides without a finished result (a rerun does only these)."""
-    from gigamil.wsi.reader import slide_id
+    from gigamil.wsi.metadata import slide_id
 
     return [p for p in paths if not slide_done(out, slide_id(p))]

@@ -1,19 +1,16 @@
-"""SLURM through submitit: the one place that turns cluster options into jobs.
+"""SLURM through submitit: options → submitit executors, the job registry, the training job.
 
-    opts = ClusterOptions(executor="slurm", partition="a100", gpus_per_node=8, nodes=4)
-    jobs = submit_train(cfg, opts)                     # one multi-node DDP job
-    jobs = submit_extract(slides, out, cfg, opts)      # an array over chunks of slides
-    report = job_report("runs/crc1")                   # pending/running/done/failed + logs
+    executor = make_executor(opts, out / "jobs", "gigamil-extract")   # submitit AutoExecutor
+    record_jobs(out, "extract", jobs, opts)                           # for `gigamil jobs`
+    report = job_report("runs/crc1")          # pending/running/requeued/done/failed + logs
 
-Every unit of work is idempotent (extraction and embedding skip finished slides,
-training resumes from its checkpoints), so a resubmitted array or a requeued job
-does only what is missing. Submitted jobs are recorded in ``<out>/jobs/jobs.json``
-beside submitit's logs, for ``gigamil jobs``.
+The stages and how they split into jobs are in :mod:`gigamil.cluster.stages`; the executor
+that submits them is :class:`gigamil.cluster.executor.SlurmExecutor`. Submitted jobs are
+recorded in ``<out>/jobs/jobs.json`` beside submitit's logs.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import datetime as dt
 import json
@@ -24,80 +21,19 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gigamil.cluster.executor import ClusterOptions
 from gigamil.errors import GigamilError, UsageError
-from gigamil.io import write_csv, write_json
+from gigamil.io import write_json
+from gigamil.layout import JOBS
 
-__all__ = [
-    "ClusterOptions",
-    "make_executor",
-    "submit_extract",
-    "submit_embed",
-    "submit_train",
-    "TrainJob",
-    "job_report",
-    "merge_extract_manifests",
-    "JOBS_DIR",
-]
+__all__ = ["make_executor", "record_jobs", "TrainJob", "job_report", "wait_jobs", "JOBS_DIR"]
 
 log = logging.getLogger(__name__)
 
-JOBS_DIR = "jobs"
-
-
-@dataclass
-class ClusterOptions:
-    """Where and how long commands run; every command takes the same options."""
-
-    executor: str = "local"  # local: in this process; slurm: submitit jobs
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    constraint: str | None = None
-    time: str = "02:00:00"
-    cpus_per_task: int = 4
-    mem: str | None = None  # e.g. 64G; "0" = all of the node's memory
-    nodes: int = 1
-    gpus_per_node: int = 0
-    tasks_per_node: int | None = None  # default: one per GPU (or 1)
-    exclusive: bool = False
-    signal_delay: int = 120  # seconds before the time limit that USR2 arrives
-    array_parallelism: int = 32
-    slides_per_job: int = 20
-    wait: bool = False
-
-    def __post_init__(self) -> None:
-        if self.executor not in ("local", "slurm"):
-            raise UsageError(f"--executor {self.executor!r} is not local or slurm")
-        self.time_minutes()  # validates
-
-    @property
-    def is_slurm(self) -> bool:
-        return self.executor == "slurm"
-
-    def time_minutes(self) -> int:
-        """``D-HH:MM:SS``, ``HH:MM:SS``, ``MM:SS`` or minutes → minutes (rounded up)."""
-        text = str(self.time)
-        days, _, rest = text.rpartition("-")
-        try:
-            parts = [int(p) for p in rest.split(":")]
-            d = int(days) if days else 0
-        except ValueError:
-            raise UsageError(f"--time {text!r} is not D-HH:MM:SS or HH:MM:SS",
-                             "e.g. --time 02:00:00") from None
-        if len(parts) == 1:
-            h, m, s = 0, parts[0], 0
-        elif len(parts) == 2:
-            h, m, s = 0, parts[0], parts[1]
-        else:
-            h, m, s = parts[-3:]
-        return max(1, d * 1440 + h * 60 + m + (1 if s else 0))
-
-    def tasks(self) -> int:
-        return self.tasks_per_node or max(1, self.gpus_per_node)
+JOBS_DIR = JOBS
 
 
 def make_executor(opts: ClusterOptions, folder: Path, name: str) -> Any:
@@ -130,8 +66,9 @@ def make_executor(opts: ClusterOptions, folder: Path, name: str) -> Any:
 
 # -- the job registry ------------------------------------------------------------------------
 
-def _record(out: Path, kind: str, jobs: Sequence[Any], opts: ClusterOptions,
-            extra: dict[str, Any] | None = None) -> None:
+def record_jobs(out: Path, kind: str, jobs: Sequence[Any], opts: ClusterOptions,
+                extra: dict[str, Any] | None = None) -> None:
+    """Append ``jobs`` to ``<out>/jobs/jobs.json`` (what ``gigamil jobs`` reads)."""
     path = out / JOBS_DIR / "jobs.json"
     entries = json.loads(path.read_text()) if path.exists() else []
     now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
@@ -216,82 +153,6 @@ def job_report(out: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return rows
 
 
-# -- extract and embed arrays ----------------------------------------------------------------
-
-def _extract_shard(inputs: list[str], out: str, cfg: Any, workers: int, overwrite: bool,
-                   shard: tuple[int, int]) -> dict[str, int]:
-    from gigamil.wsi.extract import extract_slides
-
-    results = extract_slides(inputs, out, cfg, workers=workers, overwrite=overwrite, shard=shard)
-    return {s: sum(r.status == s for r in results) for s in ("ok", "skipped", "failed")}
-
-
-def merge_extract_manifests(out: str | os.PathLike[str]) -> Path | None:
-    """Join the array tasks' ``extract.shard*.csv`` into ``extract.csv`` (then remove them)."""
-    from gigamil.wsi.extract import MANIFEST_FIELDS
-
-    out = Path(out)
-    parts = sorted(out.glob("extract.shard*.csv"))
-    if not parts:
-        return None
-    rows = []
-    for p in parts:
-        with open(p, newline="") as fh:
-            rows.extend(csv.DictReader(fh))
-    rows.sort(key=lambda r: r["slide_id"])
-    write_csv(out / "extract.csv", rows, MANIFEST_FIELDS)
-    for p in parts:
-        p.unlink()
-    return out / "extract.csv"
-
-
-def submit_extract(inputs: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str],
-                   cfg: Any, opts: ClusterOptions, overwrite: bool = False) -> list[Any]:
-    """An array job: about ``opts.slides_per_job`` slides per task (task k takes shard k/n)."""
-    from gigamil.wsi.extract import discover_slides
-
-    out = Path(out)
-    n_slides = len(discover_slides(inputs))
-    if not n_slides:
-        raise UsageError("no slides found", "check the slide directory")
-    n = -(-n_slides // max(1, opts.slides_per_job))
-    executor = make_executor(opts, out / JOBS_DIR, "gigamil-extract")
-    out.mkdir(parents=True, exist_ok=True)
-    sources = [str(Path(p).resolve()) for p in inputs]
-    with executor.batch():
-        jobs = [executor.submit(_extract_shard, sources, str(out.resolve()), cfg,
-                                opts.cpus_per_task, overwrite, (k, n)) for k in range(n)]
-    _record(out, "extract", jobs, opts, {"slides": n_slides})
-    return jobs
-
-
-def _embed_shard(data: str, cfg: Any, out: str | None) -> dict[str, int]:
-    from gigamil.mil.embed import embed_stores
-
-    results = embed_stores(data, cfg, out)
-    return {s: sum(r.status == s for r in results) for s in ("ok", "skipped", "failed")}
-
-
-def submit_embed(data: str | os.PathLike[str], cfg: Any, opts: ClusterOptions,
-                 out: str | os.PathLike[str] | None = None) -> list[Any]:
-    """An array job: task ``k`` of ``n`` embeds shard ``k/n`` of the stores."""
-    data = Path(data)
-    patch_dir = data / "patches" if (data / "patches").is_dir() else data
-    n_stores = len(list(patch_dir.glob("*.lmdb")))
-    if not n_stores:
-        raise UsageError(f"no patch stores in {patch_dir}", "run `gigamil extract` first")
-    n = max(1, -(-n_stores // max(1, opts.slides_per_job)))
-    target = Path(out or data)
-    executor = make_executor(opts, target / JOBS_DIR, "gigamil-embed")
-    with executor.batch():
-        jobs = [executor.submit(_embed_shard, str(data.resolve()),
-                                dataclasses.replace(cfg, shard=(k, n)),
-                                str(Path(out).resolve()) if out else None)
-                for k in range(n)]
-    _record(target, "embed", jobs, opts, {"stores": n_stores})
-    return jobs
-
-
 # -- training --------------------------------------------------------------------------------
 
 class TrainJob:
@@ -310,8 +171,10 @@ class TrainJob:
 
         from gigamil.cluster.distributed import DistEnv
         from gigamil.cluster.launch import run_log, run_training
-        from gigamil.mil.train import TrainingInterrupted
+        from gigamil.cluster.resources import configure_threads
+        from gigamil.errors import TrainingInterrupted
 
+        configure_threads()  # this rank's --cpus-per-task, not every core of the node
         env = submitit.JobEnvironment()
         if env.num_tasks > 1:
             dist = submitit.helpers.TorchDistributedEnvironment().export(
@@ -344,15 +207,6 @@ class TrainJob:
         import submitit
 
         return submitit.helpers.DelayedSubmission(TrainJob(self.cfg))
-
-
-def submit_train(cfg: Any, opts: ClusterOptions) -> list[Any]:
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    executor = make_executor(opts, out / JOBS_DIR, f"gigamil-train-{out.name}")
-    job = executor.submit(TrainJob(cfg))
-    _record(out, "train", [job], opts)
-    return [job]
 
 
 def _error_line(text: str) -> str:

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from importlib import resources
 
-from gigamil.cluster.slurm import ClusterOptions
+from gigamil.cluster.executor import ClusterOptions
 from gigamil.errors import UsageError
 
 __all__ = ["TEMPLATES", "render_template"]

@@ -6,7 +6,8 @@ process normalizes on the device and runs the encoder under autocast. A slide's
 bag is written (temporary name, flush, rename) as soon as its last batch is
 done, so a killed job loses at most the slides in flight and a rerun skips the
 finished ones. Patches that fail to decode are dropped and counted, never
-turned into NaN features.
+turned into NaN features. ``--from-slides`` (no patch store) is
+:mod:`gigamil.mil.embed_slides`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,11 +29,10 @@ from gigamil.io import write_csv, write_json
 from gigamil.memory import retain_freed_memory
 from gigamil.mil.encoders import Encoder, create_encoder
 from gigamil.versions import gigamil_version, package_versions
-from gigamil.wsi.extract import ExtractConfig
 from gigamil.wsi.features import bag_header, trident_attrs, write_bag
 from gigamil.wsi.store import PatchStore
 
-__all__ = ["EmbedConfig", "EmbedResult", "embed_stores", "embed_slides", "slide_features",
+__all__ = ["EmbedConfig", "EmbedResult", "embed_stores", "select_share", "forward_patches",
            "EMBED_FIELDS"]
 
 log = logging.getLogger("gigamil.embed")
@@ -146,8 +145,8 @@ class _Patches(Dataset):
         return torch.from_numpy(np.ascontiguousarray(patch)), ok, s, i
 
 
-def _select(stores: list[Path], shard: tuple[int, int] | None, rank: int = 0,
-            world_size: int = 1) -> list[Path]:
+def select_share(stores: list[Path], shard: tuple[int, int] | None, rank: int = 0,
+                 world_size: int = 1) -> list[Path]:
     """The share of the slides for this shard and this rank (deterministic: sorted by name)."""
     stores = sorted(stores)
     if shard is not None:
@@ -203,7 +202,7 @@ def embed_stores(
             on_result(res)
 
     pending: list[PatchStore] = []
-    for path in _select(paths, cfg.shard, cfg.rank, cfg.world_size):
+    for path in select_share(paths, cfg.shard, cfg.rank, cfg.world_size):
         store = PatchStore(path)
         sid = path.stem
         try:
@@ -319,106 +318,10 @@ def _finish(k: int, stores: list[PatchStore], encoder: Encoder, feats: dict, row
     record(res)
 
 
-
-def _forward(encoder: Encoder, patches: list[np.ndarray], device: torch.device,
-             dtype: torch.dtype | None) -> np.ndarray:
+def forward_patches(encoder: Encoder, patches: list[np.ndarray], device: torch.device,
+                    dtype: torch.dtype | None) -> np.ndarray:
+    """Features (B, D) of a batch of uint8 HWC patches: preprocess, encode under autocast."""
     x = encoder.preprocess(torch.from_numpy(np.stack(patches)).to(device))
     with torch.inference_mode(), torch.autocast(device.type, dtype=dtype,
                                                 enabled=dtype is not None):
         return encoder.model(x).float().cpu().numpy()
-
-
-def embed_slides(
-    inputs: Sequence[str | Path],
-    out_dir: str | Path,
-    cfg: EmbedConfig,
-    extract: ExtractConfig,
-    on_result: Callable[[EmbedResult], None] | None = None,
-    on_batch: Callable[[int], None] | None = None,
-) -> list[EmbedResult]:
-    """``--from-slides``: patches straight from the slides through the extraction code
-    (tissue, grid, QC, stain), no patch store. Reading runs in ``cfg.workers`` threads
-    beside the model; each slide's bag is written as soon as it is done.
-    """
-    from gigamil.wsi.extract import discover_slides
-    from gigamil.wsi.reader import slide_id
-
-    retain_freed_memory()  # activations are re-allocated every batch
-    device = cfg.resolved_device()
-    encoder = create_encoder(cfg.encoder, cfg.weights, device)
-    feat_dir = Path(out_dir) / "features" / cfg.encoder.replace("/", "_").replace(":", "_")
-    feat_dir.mkdir(parents=True, exist_ok=True)
-    dtype = cfg.autocast_dtype(device)
-    results: list[EmbedResult] = []
-    paths = _select([Path(p) for p in discover_slides(inputs)], cfg.shard, cfg.rank,
-                    cfg.world_size)
-    for path in paths:
-        sid = slide_id(path)
-        h5 = feat_dir / f"{sid}.h5"
-        t0 = time.perf_counter()
-        res = EmbedResult(sid, "ok")
-        try:
-            header = None if cfg.overwrite else bag_header(h5)
-            if header is not None:
-                a, n = header
-                if (a.get("encoder") == encoder.spec.name
-                        and (a.get("encoder_sha256") or "") == (encoder.weights_sha256 or "")
-                        and a.get("source_size") == path.stat().st_size
-                        and a.get("extract_params") == repr(extract.output_params())):
-                    res.status, res.n_patches = "skipped", n
-                    results.append(res)
-                    continue
-            f, coords, attrs = slide_features(path, encoder, extract, device, dtype,
-                                              cfg.batch_size, max(1, cfg.workers), on_batch)
-            write_bag(h5, f, coords, attrs)
-            res.n_patches = len(f)
-        except Exception as exc:  # one bad slide never stops the batch
-            res.status, res.error = "failed", str(exc)
-        res.seconds = time.perf_counter() - t0
-        results.append(res)
-        write_csv(feat_dir / cfg.manifest_name, [r.row() for r in results], EMBED_FIELDS)
-        if on_result is not None:
-            on_result(res)
-    return results
-
-
-def slide_features(path: Path, encoder: Encoder, extract: ExtractConfig, device: torch.device,
-                   dtype: torch.dtype | None, batch_size: int = 64, threads: int = 1,
-                   on_batch: Callable[[int], None] | None = None
-                   ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """One slide → (features (N, D), level-0 coords (N, 2), bag attributes), with patches cut
-    on the fly by the extraction code (tissue, grid, QC, stain); nothing is stored."""
-    from gigamil.wsi.extract import plan_slide, process_grid, rejection_summary, store_meta
-    from gigamil.wsi.reader import open_slide, slide_id
-
-    sid = slide_id(path)
-    with open_slide(path, extract.backend, extract.mpp_override) as slide:
-        plan = plan_slide(slide, extract, sid)
-        grid = plan.grids[0]
-        feats, kept = [], []
-        rejected: Counter[str] = Counter()
-        buf: list[np.ndarray] = []
-        for run in process_grid(slide, grid, extract, plan.normalizer, threads=threads,
-                                encode=False, keep_patches=True):
-            kept.extend(run.kept)
-            rejected.update(run.rejections())
-            for patch in run.patches or []:
-                buf.append(patch)
-                if len(buf) == batch_size:
-                    feats.append(_forward(encoder, buf, device, dtype))
-                    if on_batch is not None:
-                        on_batch(len(buf))
-                    buf = []
-        if buf:
-            feats.append(_forward(encoder, buf, device, dtype))
-            if on_batch is not None:
-                on_batch(len(buf))
-        meta = store_meta(sid, path, slide, plan, extract, {})
-    f = np.concatenate(feats) if feats else np.zeros((0, encoder.feature_dim), np.float32)
-    attrs = {**trident_attrs(meta), "encoder": encoder.spec.name,
-             "encoder_arch": encoder.spec.arch, "encoder_sha256": encoder.weights_sha256 or "",
-             "feature_dim": encoder.feature_dim, "source_size": path.stat().st_size,
-             "extract_params": repr(extract.output_params()),
-             "stain_norm": extract.stain_norm or "",
-             "qc_counts": rejection_summary(rejected)}
-    return f, grid.coords[kept], attrs

@@ -17,21 +17,22 @@ import torch
 
 from gigamil.errors import UsageError
 from gigamil.io import write_csv, write_json
-from gigamil.mil.data import BagDataset, match_features, read_labels
+from gigamil.mil.bags import BagDataset
+from gigamil.mil.labels import match_features, read_labels
 from gigamil.mil.metrics import reliability_diagram
-from gigamil.mil.train import (
-    load_model,
-    predict,
+from gigamil.mil.predict import load_model, predict
+from gigamil.mil.run_outputs import (
     prediction_fields,
     prediction_rows,
     read_predictions,
     summarize,
 )
 
-__all__ = ["evaluate_run", "fold_models"]
+__all__ = ["evaluate_run", "fold_models", "run_config"]
 
 
-def _run_config(run: Path) -> dict[str, Any]:
+def run_config(run: Path) -> dict[str, Any]:
+    """The saved ``config.json`` of a training run (a clear error if ``run`` is not one)."""
     path = run / "config.json"
     if not path.exists():
         raise UsageError(f"{run} is not a gigamil run (no config.json)",
@@ -60,7 +61,7 @@ def evaluate_run(run: str | os.PathLike[str], features: str | os.PathLike[str] |
     the ensemble. Results go to ``out`` (default ``<run>/eval/<features dir name>``).
     """
     run = Path(run)
-    config = _run_config(run)
+    config = run_config(run)
     classes: list[str] = config["classes"]
     report: dict[str, Any] = {"run": run.name, "classes": classes, "folds": {}}
     if features is None:

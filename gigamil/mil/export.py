@@ -43,7 +43,7 @@ def export_onnx(state: dict[str, Any], path: str | os.PathLike[str], check: bool
     """Write ``path`` (atomically) from a ``best.pt`` state; returns the parity report."""
     import warnings
 
-    from gigamil.mil.train import load_model
+    from gigamil.mil.predict import load_model
 
     model, meta = load_model(state, "cpu")
     wrapper = _OneBag(model).eval()

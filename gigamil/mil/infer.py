@@ -9,151 +9,33 @@ Each slide's result is written atomically on its own, so a rerun skips finished
 slides and a crash loses at most the slides in flight. A slide goes through stages
 (plan → read chunks → encode → MIL → write) that ``SlidePredictor.predict`` runs one
 after another here and ``gigamil.cluster.ray`` spreads over Ray: reading in CPU tasks,
-the models in actors. This module has no Ray in it.
+the models in actors. This module has no Ray in it; the spec is in
+:mod:`gigamil.mil.infer_spec`, the writing (``write_slide``, ``write_outputs``) in
+:mod:`gigamil.mil.infer_outputs`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import io
-import json
 import math
 import os
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from gigamil.errors import UsageError
-from gigamil.io import atomic_path, write_csv, write_json
-from gigamil.wsi.extract import ExtractConfig
+from gigamil.errors import NoPatchesError
+from gigamil.mil.infer_outputs import prediction_row, write_slide
+from gigamil.mil.infer_spec import InferenceSpec
+from gigamil.wsi.extract_config import ExtractConfig
 from gigamil.wsi.grid import PatchGrid
-from gigamil.wsi.qc import QCConfig
 
-__all__ = ["InferenceSpec", "SlideWork", "PatchChunk", "SlideScores", "SlidePredictor",
-           "plan_inference",
-           "read_chunk", "write_slide", "write_outputs", "slide_done", "PREDICTION_FIELDS"]
-
-FAILURE_FIELDS = ["slide_id", "file", "error"]
-
-
-def _extract_config(features_dir: Path) -> ExtractConfig:
-    """The extraction the run's features were made with (so new slides are cut the same)."""
-    saved = features_dir.parent.parent / "extract_config.json"
-    if saved.exists():
-        cfg = json.loads(saved.read_text())["config"]
-        cfg["qc"] = QCConfig(**cfg["qc"])
-        cfg["mpp"] = tuple(cfg["mpp"])
-        cfg.update(previews=False, coords_h5=False)
-        return ExtractConfig(**{k: v for k, v in cfg.items()
-                                if k in {f.name for f in dataclasses.fields(ExtractConfig)}})
-    from gigamil.wsi.features import bag_header
-
-    for h5 in sorted(features_dir.glob("*.h5")):
-        header = bag_header(h5)
-        if header and "mpp" in header[0]:
-            attrs = header[0]
-            return ExtractConfig(mpp=float(attrs["mpp"]), patch_size=int(attrs["patch_size"]))
-    raise UsageError(f"cannot tell how the features in {features_dir} were extracted",
-                     "keep extract_config.json beside patches/ and features/")
-
-
-@dataclass
-class InferenceSpec:
-    """Everything a worker needs to predict a slide (plain values: cheap to ship to Ray)."""
-
-    run: str
-    classes: list[str]
-    model_files: list[str]  # best.pt per fold, or .onnx per fold with engine="onnx"
-    encoder: str
-    encoder_weights: str | None
-    extract: ExtractConfig
-    engine: str = "torch"
-    device: str = "cpu"
-    batch_size: int = 64
-    chunk_patches: int = 512  # patches per read task (and per object-store chunk)
-    threads: int = 1
-    heatmaps: bool = False
-    heatmap_values: str = "attention"  # or "probability": each patch scored as a bag of one
-    heatmap_class: str | None = None  # the class whose probability is mapped [default: last]
-    model_name: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def from_run(cls, run: str | os.PathLike[str], engine: str = "torch", folds: str = "all",
-                 device: str = "cpu", heatmaps: bool = False, batch_size: int = 64,
-                 threads: int = 1, heatmap_values: str = "attention",
-                 heatmap_class: str | None = None) -> InferenceSpec:
-        from gigamil.mil.evaluate import _run_config, fold_models
-
-        run = Path(run)
-        config = _run_config(run)
-        features = Path(config["config"]["features"])
-        embed_cfg = features / "embed_config.json"
-        if not embed_cfg.exists():
-            raise UsageError(f"{embed_cfg} is missing",
-                             "inference re-embeds new slides the way the run's features were made")
-        embed = json.loads(embed_cfg.read_text())["config"]
-        models = fold_models(run)
-        if folds == "best":
-            scores = []
-            for m in models:
-                meta = json.loads(m.with_suffix(".json").read_text())
-                scores.append(meta.get("metric", 0.0))
-            sign = -1 if config["config"].get("monitor", "loss") == "loss" else 1
-            models = [models[int(np.argmax([sign * s for s in scores]))]]
-        elif folds != "all":
-            raise UsageError(f"--fold {folds!r} is not best or all")
-        if heatmap_values not in ("attention", "probability"):
-            raise UsageError(f"--heatmap-values {heatmap_values!r} is not attention or probability")
-        if engine == "onnx":
-            models = [_ensure_onnx(m, run) for m in models]
-        elif engine != "torch":
-            raise UsageError(f"--engine {engine!r} is not torch or onnx")
-        spec = cls(run=str(run), classes=config["classes"], model_files=[str(m) for m in models],
-                   encoder=embed["encoder"], encoder_weights=embed.get("weights"),
-                   extract=_extract_config(features), engine=engine, device=device,
-                   batch_size=batch_size, threads=threads, heatmaps=heatmaps,
-                   heatmap_values=heatmap_values, heatmap_class=heatmap_class,
-                   model_name=config["config"]["model"])
-        spec.heatmap_class_index()  # an unknown --heatmap-class fails here, early
-        return spec
-
-    @property
-    def patch_probs(self) -> bool:
-        """Whether per-patch probabilities are computed (and saved in the .npz)."""
-        return self.heatmap_values == "probability"
-
-    def heatmap_class_index(self) -> int:
-        if self.heatmap_class is None:
-            return len(self.classes) - 1
-        if self.heatmap_class not in self.classes:
-            raise UsageError(f"--heatmap-class {self.heatmap_class!r} is not one of the run's "
-                             f"classes {self.classes}", "pick one of them")
-        return self.classes.index(self.heatmap_class)
-
-    def model_id(self) -> str:
-        folds = ",".join(Path(m).parent.name if m.endswith(".pt") else Path(m).stem
-                         for m in self.model_files)
-        return f"{Path(self.run).name}:{self.model_name}:{folds}:{self.engine}"
-
-
-def _ensure_onnx(best: Path, run: Path) -> Path:
-    from gigamil.mil.export import export_onnx
-
-    target = run / "onnx" / f"{best.parent.name}.onnx"
-    if not target.exists() or target.stat().st_mtime < best.stat().st_mtime:
-        export_onnx(torch.load(best, map_location="cpu", weights_only=True), target)
-    return target
-
-
-def slide_done(out: Path, sid: str) -> bool:
-    return (out / "slides" / f"{sid}.json").exists()
+__all__ = ["SlideWork", "PatchChunk", "SlideScores", "SlidePredictor", "plan_inference",
+           "read_chunk", "merge_rejected"]
 
 
 # ---- the stages of one slide: plan → read chunks → encode → MIL → write --------------
@@ -200,8 +82,9 @@ def plan_inference(path: str | os.PathLike[str], extract: ExtractConfig,
                    chunk_patches: int = 512) -> SlideWork:
     """Tissue, grid and stain fit of one slide; its reads grouped into as few chunks of at
     most ~``chunk_patches`` patches as will do, of even size (so no chunk is a small tail)."""
-    from gigamil.wsi.extract import plan_slide, read_runs
-    from gigamil.wsi.reader import open_slide, slide_id
+    from gigamil.wsi.metadata import slide_id
+    from gigamil.wsi.planning import plan_slide, read_runs
+    from gigamil.wsi.reader import open_slide
 
     sid = slide_id(Path(path))
     with open_slide(path, extract.backend, extract.mpp_override) as slide:
@@ -222,7 +105,7 @@ def plan_inference(path: str | os.PathLike[str], extract: ExtractConfig,
 
 def read_chunk(work: SlideWork, k: int, extract: ExtractConfig) -> PatchChunk:
     """Read, QC and stain-normalize the patches of chunk ``k``."""
-    from gigamil.wsi.extract import process_grid
+    from gigamil.wsi.planning import process_grid
     from gigamil.wsi.reader import open_slide
 
     patches: list[np.ndarray] = []
@@ -241,7 +124,7 @@ def read_chunk(work: SlideWork, k: int, extract: ExtractConfig) -> PatchChunk:
 
 def merge_rejected(counts: Sequence[Mapping[str, int]]) -> str:
     """The QC rejections of a slide's chunks, summed, as ``rejection_summary`` writes them."""
-    from gigamil.wsi.extract import rejection_summary
+    from gigamil.wsi.extract_config import rejection_summary
 
     return rejection_summary(sum((Counter(c) for c in counts), Counter()))
 
@@ -263,7 +146,7 @@ class SlidePredictor:
 
                 self.models.append(OnnxMIL(path))
             else:
-                from gigamil.mil.train import load_model
+                from gigamil.mil.predict import load_model
 
                 state = torch.load(path, map_location=self.device, weights_only=True)
                 self.models.append(load_model(state, self.device))
@@ -276,12 +159,12 @@ class SlidePredictor:
 
     def encode(self, chunks: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Features of each chunk of patches; batches run across chunk (and slide) borders."""
-        from gigamil.mil.embed import _forward
+        from gigamil.mil.embed import forward_patches
 
         sizes = [len(c) for c in chunks]
         flat = np.concatenate(chunks) if len(chunks) > 1 else chunks[0]
         bs = self.spec.batch_size
-        out = [_forward(self.encoder, flat[i:i + bs], self.device, self.dtype)
+        out = [forward_patches(self.encoder, flat[i:i + bs], self.device, self.dtype)
                for i in range(0, len(flat), bs)]
         feats = np.concatenate(out) if out else np.zeros((0, self.encoder.feature_dim),
                                                          np.float32)
@@ -298,12 +181,12 @@ class SlidePredictor:
                 probs.append(p)
                 attn.append(a)
                 continue
-            from gigamil.mil.train import _uncertainty
+            from gigamil.mil.predict import probs_and_uncertainty
 
             model, meta = m
             with torch.no_grad():
                 out = model(torch.from_numpy(bag).to(self.device)[None])
-                p, u = _uncertainty(out.logits.float(), meta.get("evidential", False))
+                p, u = probs_and_uncertainty(out.logits.float(), meta.get("evidential", False))
                 a = out.attention if out.attention.dim() == 2 else out.attention.mean(1)
             probs.append(p[0].cpu().numpy())
             attn.append(a[0].float().cpu().numpy())
@@ -321,14 +204,15 @@ class SlidePredictor:
             if self.spec.engine == "onnx":
                 per_model.append(np.stack([m(bag[i:i + 1])[0] for i in range(len(bag))]))
                 continue
-            from gigamil.mil.train import _uncertainty
+            from gigamil.mil.predict import probs_and_uncertainty
 
             model, meta = m
             rows = []
             with torch.no_grad():
                 for i in range(0, len(bag), block):
                     x = torch.from_numpy(bag[i:i + block]).to(self.device)[:, None]
-                    p, _ = _uncertainty(model(x).logits.float(), meta.get("evidential", False))
+                    p, _ = probs_and_uncertainty(model(x).logits.float(),
+                                                 meta.get("evidential", False))
                     rows.append(p.cpu().numpy())
             per_model.append(np.concatenate(rows))
         return np.mean(per_model, 0).astype(np.float32)
@@ -353,86 +237,3 @@ class SlidePredictor:
         """Predict and write ``out/slides/<id>.json`` and ``.npz`` (and the heatmap)."""
         row, coords, scores, work = self.predict(path)
         return write_slide(self.spec, out, path, row, coords, scores, work.patch_size_level0)
-
-
-class NoPatchesError(UsageError):
-    def __init__(self, sid: str) -> None:
-        super().__init__(f"{sid}: no tissue patches passed QC",
-                         "check the slide, or lower --min-tissue when extracting")
-
-
-def prediction_row(spec: InferenceSpec, sid: str, scores: SlideScores, qc: str,
-                   seconds: float) -> dict[str, Any]:
-    return {"slide_id": sid, "pred": spec.classes[int(scores.probs.argmax())],
-            **{f"prob_{c}": float(scores.probs[k]) for k, c in enumerate(spec.classes)},
-            "uncertainty": scores.uncertainty, "n_patches": int(len(scores.attention)),
-            "qc": qc, "model": spec.model_id(), "seconds": round(seconds, 3)}
-
-
-def write_slide(spec: InferenceSpec, out: str | os.PathLike[str], path: str | os.PathLike[str],
-                row: dict[str, Any], coords: np.ndarray, scores: SlideScores,
-                patch_size_level0: float) -> dict[str, Any]:
-    """Write one slide's ``.npz`` (coords, attention, per-patch probabilities if computed),
-    heatmap, then its ``.json`` (last: the json marks the slide done), each atomically."""
-    out = Path(out)
-    sid = row["slide_id"]
-    arrays = {"coords": coords, "attention": scores.attention.astype(np.float32)}
-    if scores.patch_probs is not None:
-        arrays["probability"] = scores.patch_probs
-    buf = io.BytesIO()
-    np.savez_compressed(buf, **arrays)
-    with atomic_path(out / "slides" / f"{sid}.npz") as tmp:
-        tmp.write_bytes(buf.getvalue())
-    if spec.heatmaps:
-        from gigamil.wsi.preview import save_png
-
-        save_png(out / "heatmaps" / f"{sid}.png",
-                 slide_heatmap(spec, path, coords, scores, patch_size_level0,
-                               title=f"{sid}: {row['pred']}"))
-    write_json(out / "slides" / f"{sid}.json", row)
-    return row
-
-
-def slide_heatmap(spec: InferenceSpec, path: str | os.PathLike[str], coords: np.ndarray,
-                  scores: SlideScores, patch_size_level0: float, title: str = "") -> np.ndarray:
-    """Attention (rank-scaled) or a class's per-patch probability over a thumbnail read at
-    ``HEATMAP_MPP`` (bounded memory), with a colour bar."""
-    from gigamil.mil.heatmap import HEATMAP_MPP, attention_heatmap
-    from gigamil.wsi.reader import open_slide
-
-    with open_slide(path) as slide:
-        thumb = slide.read_at_mpp(HEATMAP_MPP)
-        scale = slide.mpp / HEATMAP_MPP
-    if spec.patch_probs and scores.patch_probs is not None:
-        k = spec.heatmap_class_index()
-        return attention_heatmap(thumb, scale, coords, patch_size_level0,
-                                 scores.patch_probs[:, k], title=title, rank_scale=False,
-                                 label=f"P({spec.classes[k]}) per patch")
-    return attention_heatmap(thumb, scale, coords, patch_size_level0, scores.attention,
-                             title=title)
-
-
-PREDICTION_FIELDS = ["slide_id", "pred", "uncertainty", "n_patches", "qc", "model", "seconds"]
-
-
-def write_outputs(out: str | os.PathLike[str], spec: InferenceSpec,
-                  failures: list[dict[str, Any]], stats: dict[str, Any] | None = None
-                  ) -> tuple[Path, Path]:
-    """Aggregate ``slides/*.json`` into ``predictions.csv``; write ``failures.csv`` and
-    ``infer_config.json`` (the resolved spec, with names instead of paths, and ``stats``)."""
-    from gigamil.versions import gigamil_version, package_versions
-
-    out = Path(out)
-    rows = [json.loads(p.read_text()) for p in sorted((out / "slides").glob("*.json"))]
-    fields = PREDICTION_FIELDS[:2] + [f"prob_{c}" for c in spec.classes] + PREDICTION_FIELDS[2:]
-    write_csv(out / "predictions.csv", rows, fields)
-    write_csv(out / "failures.csv", failures, FAILURE_FIELDS)
-    config = dataclasses.asdict(spec) | {
-        "run": Path(spec.run).name, "model_id": spec.model_id(),
-        "model_files": [str(Path(m).relative_to(spec.run)) if Path(m).is_relative_to(spec.run)
-                        else Path(m).name for m in spec.model_files],
-        "encoder_weights": Path(spec.encoder_weights).name if spec.encoder_weights else None}
-    write_json(out / "infer_config.json", {
-        "config": config, "pipeline": stats or {},
-        "versions": {"gigamil": gigamil_version(), **package_versions(), "torch": torch.__version__}})
-    return out / "predictions.csv", out / "failures.csv"

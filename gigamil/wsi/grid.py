@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gigamil.errors import SlideTooSmallError, UsageError
-from gigamil.wsi.reader import Level, choose_level
+from gigamil.wsi.metadata import Level, choose_level
 from gigamil.wsi.tissue import TissueMask
 
 __all__ = ["GridSpec", "PatchGrid", "make_grid"]

@@ -25,19 +25,15 @@ from typing import Protocol
 import cv2
 import numpy as np
 
-from gigamil.errors import GigamilError, UsageError
+from gigamil.errors import StainFitError, UsageError
 from gigamil.registry import Registry
 
-__all__ = ["StainNormalizer", "STAIN_NORMALIZERS", "create_stain_normalizer", "StainFitError",
+__all__ = ["StainNormalizer", "STAIN_NORMALIZERS", "create_stain_normalizer",
            "MacenkoNormalizer", "ReinhardNormalizer", "load_reference"]
 
 _IO = 240.0  # transmitted light intensity, as torchstain
 _BETA = 0.15  # optical density below which a pixel counts as unstained, as torchstain
 _GLASS = int(_IO * np.exp(-_BETA)) - 1  # RGB above this in every channel: unstained
-
-
-class StainFitError(GigamilError):
-    """The slide's stain could not be estimated (too little tissue in the sample)."""
 
 
 class StainNormalizer(Protocol):

@@ -1,14 +1,8 @@
-"""On-disk patch stores (one LMDB file per slide) and coordinate HDF5 files.
+"""Reading finished patch stores (one LMDB file per slide).
 
-Layout of ``patches/<slide_id>.lmdb`` (``subdir=False``), schema version 1:
-
-- ``00000000`` … : the encoded patch (``jpeg``, ``png``, or ``raw`` uint8 HWC);
-- ``__meta__``   : JSON — schema, slide id, source, mpp, patch size, encoding, count, parameters, versions;
-- ``__coords__`` : int64 (N, 2) level-0 top-left x, y, little-endian.
-
-The writer fills ``<slide_id>.lmdb.partial`` and renames it only once complete,
-so a reader never sees a half-written store. Readers open read-only with
-``lock=False``: many processes can read one store, also on Lustre/GPFS.
+Readers open read-only with ``lock=False``: many processes can read one store,
+also on Lustre/GPFS. The layout is in :mod:`gigamil.wsi.store_format`, the
+writer in :mod:`gigamil.wsi.store_writer`.
 """
 
 from __future__ import annotations
@@ -17,221 +11,23 @@ import json
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import imagecodecs
 import numpy as np
 
 from gigamil.errors import StoreError
-from gigamil.io import atomic_path, fsync_dir
+from gigamil.wsi.store_format import (
+    META_KEY,
+    PARTIAL_SUFFIX,
+    SCHEMA_VERSION,
+    Encoding,
+    coords_key,
+    decode_patch,
+    patch_key,
+    scale_key,
+)
 
-__all__ = [
-    "SCHEMA_VERSION",
-    "Encoding",
-    "encode_patch",
-    "decode_patch",
-    "PatchStoreWriter",
-    "PatchStore",
-    "write_coords_h5",
-    "PARTIAL_SUFFIX",
-    "describe_store",
-    "scale_key",
-]
-
-SCHEMA_VERSION = 1
-PARTIAL_SUFFIX = ".partial"
-META_KEY = b"__meta__"
-COORDS_KEY = b"__coords__"
-Encoding = Literal["jpeg", "png", "raw"]
-
-
-def encode_patch(patch: np.ndarray, encoding: Encoding, quality: int = 90) -> bytes:
-    """Encode an RGB uint8 (h, w, 3) patch; JPEG via libjpeg-turbo, 4:4:4 chroma."""
-    if encoding == "jpeg":
-        return bytes(imagecodecs.jpeg8_encode(patch, level=quality, subsampling="444"))
-    if encoding == "png":
-        return bytes(imagecodecs.png_encode(patch, level=1))
-    if encoding == "raw":
-        return np.ascontiguousarray(patch, dtype=np.uint8).tobytes()
-    raise StoreError(f"unknown patch encoding {encoding!r}", "use jpeg, png or raw")
-
-
-def decode_patch(data: bytes, encoding: Encoding, patch_size: int) -> np.ndarray:
-    """Decode bytes from a store into an RGB uint8 (patch_size, patch_size, 3) array."""
-    if encoding == "jpeg":
-        arr = imagecodecs.jpeg8_decode(data)
-    elif encoding == "png":
-        arr = imagecodecs.png_decode(data)
-    elif encoding == "raw":
-        arr = np.frombuffer(data, np.uint8).reshape(patch_size, patch_size, 3)
-    else:
-        raise StoreError(f"unknown patch encoding {encoding!r}", "the store may be from a newer gigamil")
-    if arr.shape != (patch_size, patch_size, 3):
-        raise StoreError(f"decoded patch has shape {arr.shape}, expected {(patch_size, patch_size, 3)}")
-    return arr
-
-
-def scale_key(mpp: float) -> str:
-    """Key prefix of an extra scale in a multi-scale store (``1`` for 1.0 µm/px)."""
-    return f"{mpp:g}"
-
-
-def _patch_key(index: int, scale: str = "") -> bytes:
-    return (f"{scale}/{index:08d}" if scale else f"{index:08d}").encode()
-
-
-def _coords_key(scale: str = "") -> bytes:
-    return COORDS_KEY + (f"/{scale}".encode() if scale else b"")
-
-
-class PatchStoreWriter:
-    """Writes one slide's store to ``<path>.partial``; :meth:`finish` renames it to ``path``.
-
-    Patches are committed in large transactions. If the writer is left without
-    :meth:`finish` (an exception, or the process is killed) the ``.partial`` file
-    is never mistaken for a store; the next run removes it. An exclusive lock on
-    ``<path>.lock`` keeps two processes from writing the same slide.
-
-    A multi-scale store has a primary scale (plain keys) and extra scales whose
-    keys carry a prefix (``add_encoded(data, scale="1")``).
-    """
-
-    def __init__(
-        self,
-        path: str | os.PathLike[str],
-        n_patches: int,
-        patch_size: int,
-        encoding: Encoding = "jpeg",
-        quality: int = 90,
-        commit_bytes: int = 16 << 20,
-    ) -> None:
-        import lmdb
-
-        self.path = Path(path)
-        self.partial = self.path.with_name(self.path.name + PARTIAL_SUFFIX)
-        self.encoding: Encoding = encoding
-        self.quality = quality
-        self.patch_size = patch_size
-        self._commit_bytes = commit_bytes
-        self._counts: dict[str, int] = {}
-        self._pending: list[tuple[bytes, bytes]] = []
-        self._pending_bytes = 0
-        self._last_key = b""
-        self.partial.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = _exclusive_lock(self.path.with_name(f".{self.path.name}.lock"))
-        for stale in (self.partial, Path(str(self.partial) + "-lock")):
-            if stale.exists():
-                stale.unlink()
-        raw = patch_size * patch_size * 3
-        map_size = max(64 << 20, int(n_patches * raw * 1.25) + (32 << 20))
-        self._env = lmdb.open(
-            str(self.partial), subdir=False, map_size=map_size, lock=False,
-            sync=False, metasync=False, readahead=False, meminit=False,
-        )  # no writemap: written pages would stay mapped, and RSS would grow with the store
-
-    @property
-    def count(self) -> int:
-        return self._counts.get("", 0)
-
-    def add(self, patch: np.ndarray, scale: str = "") -> None:
-        self.add_encoded(encode_patch(patch, self.encoding, self.quality), scale)
-
-    def add_encoded(self, data: bytes, scale: str = "") -> None:
-        index = self._counts.get(scale, 0)
-        self._pending.append((_patch_key(index, scale), data))
-        self._pending_bytes += len(data)
-        self._counts[scale] = index + 1
-        if self._pending_bytes >= self._commit_bytes:
-            self._flush()
-
-    def _flush(self) -> None:
-        if not self._pending:
-            return
-        self._pending.sort()
-        # appending (keys above every key so far) is several times faster than inserting
-        import lmdb
-
-        append = self._pending[0][0] > self._last_key
-        while True:
-            try:
-                with self._env.begin(write=True) as txn:
-                    for key, value in self._pending:
-                        txn.put(key, value, append=append)
-                break
-            except lmdb.MapFullError:  # incompressible patches: grow the map and redo the batch
-                self._env.set_mapsize(self._env.info()["map_size"] * 2)
-        self._last_key = max(self._last_key, self._pending[-1][0])
-        self._pending.clear()
-        self._pending_bytes = 0
-
-    def finish(self, coords: np.ndarray | dict[str, np.ndarray], meta: dict[str, Any]) -> Path:
-        """Write coordinates (per scale) and metadata, flush to disk and rename into place."""
-        by_scale = coords if isinstance(coords, dict) else {"": coords}
-        if "" not in by_scale:
-            raise StoreError("the primary scale needs coordinates")
-        for scale, xy in by_scale.items():
-            if len(xy) != self._counts.get(scale, 0):
-                raise StoreError(f"{len(xy)} coordinates for {self._counts.get(scale, 0)} patches"
-                                 f" at scale {scale or 'primary'}")
-        self._flush()
-        meta = {
-            **meta,
-            "schema_version": SCHEMA_VERSION,
-            "count": self.count,
-            "patch_size": self.patch_size,
-            "encoding": self.encoding,
-            "jpeg_quality": self.quality if self.encoding == "jpeg" else None,
-        }
-        if len(by_scale) > 1:
-            meta["scale_counts"] = {k: int(self._counts.get(k, 0)) for k in by_scale if k}
-        with self._env.begin(write=True) as txn:
-            for scale, xy in by_scale.items():
-                xy = np.ascontiguousarray(xy, dtype="<i8").reshape(-1, 2)
-                txn.put(_coords_key(scale), xy.tobytes())
-            txn.put(META_KEY, json.dumps(meta, sort_keys=True).encode())
-        self._env.sync(True)
-        self._env.close()
-        os.replace(self.partial, self.path)
-        fsync_dir(self.path.parent)
-        self._release()
-        return self.path
-
-    def _release(self) -> None:
-        if self._lock is not None:
-            self._lock.close()  # closing the descriptor drops the flock
-            self._lock = None
-
-    def abort(self) -> None:
-        """Close and delete the partial file."""
-        try:
-            self._env.close()
-        finally:
-            if self.partial.exists():
-                self.partial.unlink()
-            self._release()
-
-    def __enter__(self) -> PatchStoreWriter:
-        return self
-
-    def __exit__(self, exc_type: object, *exc: object) -> None:
-        if exc_type is not None:
-            self.abort()
-
-
-def _exclusive_lock(path: Path) -> Any:
-    """Hold an exclusive ``flock`` on ``path`` (released when the process dies)."""
-    import fcntl
-
-    fh = open(path, "a+b")
-    try:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        fh.close()
-        raise StoreError(
-            f"another process is writing {path.name[1:].removesuffix('.lock')}",
-            "wait for the other gigamil run to finish (or stop it) before rerunning",
-        ) from None
-    return fh
+__all__ = ["PatchStore", "describe_store"]
 
 
 # LMDB refuses to open one file twice in a process, so PatchStore objects of the
@@ -370,7 +166,7 @@ class PatchStore:
     def coords(self) -> np.ndarray:
         if self._coords is None:
             _ = self.meta
-            raw = self._get(_coords_key(self._scale)) or b""
+            raw = self._get(coords_key(self._scale)) or b""
             self._coords = np.frombuffer(raw, dtype="<i8").reshape(-1, 2).astype(np.int64)
         return self._coords
 
@@ -396,7 +192,7 @@ class PatchStore:
 
     def get_encoded(self, index: int) -> bytes:
         index = self._check_index(index)
-        data = self._get(_patch_key(index, self._scale))
+        data = self._get(patch_key(index, self._scale))
         if data is None:
             raise StoreError(f"{self.path.name} lacks patch {index}", "re-extract the slide")
         return data
@@ -413,7 +209,7 @@ class PatchStore:
         n = len(self)
         with self._open().begin(buffers=False) as txn:
             for i in range(n):
-                data = txn.get(_patch_key(i, self._scale))
+                data = txn.get(patch_key(i, self._scale))
                 if data is None:
                     raise StoreError(f"{self.path.name} lacks patch {i}", "re-extract the slide")
                 yield data
@@ -422,7 +218,7 @@ class PatchStore:
         """Encoded bytes of several patches in one transaction."""
         idx = [self._check_index(int(i)) for i in indices]
         with self._open().begin(buffers=False) as txn:
-            out = [txn.get(_patch_key(i, self._scale)) for i in idx]
+            out = [txn.get(patch_key(i, self._scale)) for i in idx]
         if any(d is None for d in out):
             raise StoreError(f"{self.path.name} lacks patches", "re-extract the slide")
         return out  # type: ignore[return-value]
@@ -445,26 +241,6 @@ class PatchStore:
 
     def __repr__(self) -> str:
         return f"PatchStore({self.path.name!r})"
-
-
-def write_coords_h5(
-    path: str | os.PathLike[str],
-    coords: np.ndarray,
-    attrs: dict[str, Any],
-) -> None:
-    """Coordinates in the CLAM/TRIDENT layout: dataset ``coords`` int64 (N, 2) with attributes."""
-    import h5py
-
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
-            ds = f.create_dataset(
-                "coords", data=np.asarray(coords, np.int64).reshape(-1, 2),
-                chunks=(max(1, min(len(coords), 4096)), 2),
-                maxshape=(None, 2),
-            )
-            for key, value in attrs.items():
-                if value is not None:
-                    ds.attrs[key] = value
 
 
 def describe_store(store: PatchStore) -> dict[str, Any]:

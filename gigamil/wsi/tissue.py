@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 
 from gigamil.registry import Registry
-from gigamil.wsi.reader import SlideReader
+from gigamil.wsi.slide import SlideReader
 
 __all__ = ["TissueDetector", "TissueMask", "OtsuTissueDetector", "TISSUE_DETECTORS", "detect_tissue"]
 

@@ -1,0 +1,300 @@
+"""The pipeline's stages, each defined once as jobs that any executor runs.
+
+    stage = ExtractStage(inputs, out, cfg, workers=8)
+    outcome = run_stage(stage, ClusterOptions(executor="slurm", slides_per_job=20))
+
+- :class:`ExtractStage`: slides → patch stores. Here: the slides in a crash-tolerant process
+  pool; on SLURM: an array task per ``slides_per_job`` slides, each with its own pool.
+- :class:`EmbedStage`: patch stores → feature bags. One process (DataLoader workers); on
+  SLURM an array task per ``slides_per_job`` stores.
+- :class:`TrainStage`: the cross-validated run; on SLURM one multi-rank job that
+  checkpoints and requeues itself (:class:`gigamil.cluster.slurm.TrainJob`).
+
+Every job is idempotent (finished slides are skipped, training resumes from its
+checkpoints), so a resubmitted array or a requeued job does only what is missing.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import functools
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from gigamil.cluster.executor import ClusterOptions, Stage
+from gigamil.cluster.pool import report_progress, run_pool
+from gigamil.errors import UsageError
+from gigamil.io import write_csv, write_json
+from gigamil.layout import ExtractDir
+from gigamil.versions import gigamil_version, package_versions
+from gigamil.wsi.discovery import discover_slides, duplicate_ids
+from gigamil.wsi.extract import extract_slide
+from gigamil.wsi.extract_config import MANIFEST_FIELDS, ExtractConfig, SlideResult
+from gigamil.wsi.metadata import SLIDE_EXTENSIONS
+
+__all__ = ["ExtractStage", "EmbedStage", "TrainStage", "extract_slides",
+           "merge_extract_manifests"]
+
+WORKER_DIED = ("the worker process died on this slide (a crash in the slide library, or out "
+               "of memory); check the file, or try --backend openslide")
+
+
+# -- extract ---------------------------------------------------------------------------------
+
+def _extract_one(job: tuple[Path, str], out: Path, cfg: ExtractConfig, overwrite: bool,
+                 threads: int) -> SlideResult:
+    """One slide, in a pool worker (patch counts go to the parent's progress)."""
+    return extract_slide(job[0], out, cfg, job[1], overwrite, threads, on_patches=report_progress)
+
+
+def _prepare_extract_dir(out: ExtractDir, cfg: ExtractConfig) -> None:
+    if out.root.exists() and not out.root.is_dir():
+        raise UsageError(f"--out {out.root} is a file", "give a directory for the outputs")
+    for sub in (out.patches, out.coords, out.previews):
+        if sub.exists() and not sub.is_dir():
+            raise UsageError(f"{sub} is a file", "remove it or choose another --out")
+    try:
+        out.patches.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create --out {out.root}: {exc.strerror}",
+                         "give a directory you can write to") from None
+    write_json(out.config, {"config": dataclasses.asdict(cfg),
+                            "versions": {"gigamil": gigamil_version(), **package_versions()}})
+
+
+def extract_slides(
+    inputs: Sequence[str | os.PathLike[str]],
+    out_dir: str | os.PathLike[str],
+    cfg: ExtractConfig,
+    workers: int = 1,
+    overwrite: bool = False,
+    on_result: Callable[[SlideResult], None] | None = None,
+    on_start: Callable[[int], None] | None = None,
+    on_patches: Callable[[int], None] | None = None,
+    shard: tuple[int, int] | None = None,
+) -> list[SlideResult]:
+    """Extract every slide in ``inputs`` into ``out_dir``; write ``out_dir/extract.csv``.
+
+    ``shard=(k, n)`` takes every n-th slide from the k-th (one SLURM array task) and
+    writes ``extract.shard<k>of<n>.csv``; :func:`merge_extract_manifests` joins the parts.
+
+    Slides run in worker processes: ``min(workers, slides)`` at a time, each with
+    ``workers // processes`` reading threads, so one large slide still uses every core. A
+    process that dies (a crash inside a slide library, or out of memory) fails only the
+    slide it was on, and the batch goes on. ``workers=0``: every slide in this process.
+    """
+    out = ExtractDir(out_dir)
+    paths = discover_slides(inputs)
+    if not paths:
+        raise UsageError("no slides found",
+                         f"slides need one of: {' '.join(sorted(SLIDE_EXTENSIONS))}")
+    if shard is not None:
+        paths = paths[shard[0]::shard[1]]
+    _prepare_extract_dir(out, cfg)
+    jobs, duplicates = duplicate_ids(paths)
+    order = {p.name: i for i, p in enumerate(paths)}
+    results: list[SlideResult] = []
+    if on_start is not None:
+        on_start(len(paths))
+    last_write = [0.0]
+
+    def write_manifest() -> None:
+        results.sort(key=lambda r: order.get(r.file, 0))
+        write_csv(out.manifest(shard), [r.row() for r in results], MANIFEST_FIELDS)
+        last_write[0] = time.monotonic()
+
+    def record(res: SlideResult) -> None:
+        results.append(res)
+        if time.monotonic() - last_write[0] > 2.0:  # not once per slide: cheap on big cohorts
+            write_manifest()
+        if on_result is not None:
+            on_result(res)
+
+    try:
+        for res in duplicates:
+            record(res)
+        if workers <= 0:  # in this process (the debug executor)
+            for path, sid in jobs:
+                record(extract_slide(path, out.root, cfg, sid, overwrite, 1, on_patches))
+        else:
+            processes = max(1, min(workers, len(jobs)))
+            threads = max(1, workers // processes)
+            run_pool(functools.partial(_extract_one, out=out.root, cfg=cfg, overwrite=overwrite,
+                                       threads=threads),
+                     [(sid, (path, sid)) for path, sid in jobs], processes,
+                     threads=threads, on_result=record, on_progress=on_patches,
+                     on_died=lambda sid, job: SlideResult(sid, job[0].name, "failed",
+                                                          error=WORKER_DIED))
+    finally:
+        write_manifest()
+    return results
+
+
+def merge_extract_manifests(out: str | os.PathLike[str]) -> Path | None:
+    """Join the array tasks' ``extract.shard*.csv`` into ``extract.csv`` (then remove them)."""
+    layout = ExtractDir(out)
+    parts = layout.shard_manifests()
+    if not parts:
+        return None
+    rows: list[dict[str, str]] = []
+    for p in parts:
+        with open(p, newline="") as fh:
+            rows.extend(csv.DictReader(fh))
+    rows.sort(key=lambda r: r["slide_id"])
+    write_csv(layout.manifest(), rows, MANIFEST_FIELDS)
+    for p in parts:
+        p.unlink()
+    return layout.manifest()
+
+
+def _extract_job(inputs: list[str], out: str, cfg: ExtractConfig, workers: int,
+                 overwrite: bool, shard: tuple[int, int] | None,
+                 hooks: dict[str, Any]) -> list[SlideResult]:
+    from gigamil.cluster.resources import configure_threads
+
+    if not hooks:  # a job of its own (SLURM): --cpus-per-task, not every core of the node
+        configure_threads()
+    return extract_slides(inputs, out, cfg, workers=workers, overwrite=overwrite, shard=shard,
+                          **hooks)
+
+
+@dataclass
+class ExtractStage(Stage[list[SlideResult]]):
+    """Slides → one patch store per slide, and the manifest ``extract.csv``."""
+
+    kind: ClassVar[str] = "extract"
+    inputs: Sequence[str | os.PathLike[str]]
+    out: Path
+    cfg: ExtractConfig
+    workers: int = 1
+    overwrite: bool = False
+    shard: tuple[int, int] | None = None
+    #: progress callbacks of a run in this process (on_start, on_result, on_patches)
+    hooks: dict[str, Callable[..., None]] = field(default_factory=dict)
+
+    @property
+    def target(self) -> Path:
+        return Path(self.out)
+
+    @property
+    def local_shard(self) -> tuple[int, int] | None:
+        return self.shard
+
+    @property
+    def local_workers(self) -> int:
+        return self.workers
+
+    def n_jobs(self, opts: ClusterOptions) -> int:
+        n_slides = len(discover_slides(self.inputs))
+        if not n_slides:
+            raise UsageError("no slides found", "check the slide directory")
+        self._n_slides = n_slides
+        return -(-n_slides // max(1, opts.slides_per_job))
+
+    def job(self, shard: tuple[int, int] | None, workers: int, here: bool
+            ) -> Callable[[], list[SlideResult]]:
+        sources = [str(Path(p).resolve()) for p in self.inputs]
+        return functools.partial(_extract_job, sources, str(Path(self.out).resolve()), self.cfg,
+                                 workers, self.overwrite, shard, self.hooks if here else {})
+
+    def finish(self, results: list[list[SlideResult]]) -> None:
+        merge_extract_manifests(self.out)
+
+    def record(self) -> dict[str, Any]:
+        return {"slides": getattr(self, "_n_slides", None)}
+
+
+# -- embed -----------------------------------------------------------------------------------
+
+def _embed_job(data: str, cfg: Any, out: str | None, from_slides: ExtractConfig | None,
+               hooks: dict[str, Any]) -> list[Any]:
+    from gigamil.cluster.resources import configure_threads
+    from gigamil.mil.embed import embed_stores
+    from gigamil.mil.embed_slides import embed_slides
+
+    if not hooks:
+        configure_threads()  # --cpus-per-task, not every core of the node
+    if from_slides is not None:
+        if out is None:
+            raise UsageError("--from-slides needs --out", "e.g. --out data/")
+        return embed_slides([data], out, cfg, from_slides, **hooks)
+    return embed_stores(data, cfg, out, **hooks)
+
+
+@dataclass
+class EmbedStage(Stage[list[Any]]):
+    """Patch stores → ``features/<encoder>/<slide_id>.h5`` (``cfg``: an ``EmbedConfig``);
+    with ``from_slides``, patches cut from the slides in ``data`` on the fly, stored nowhere."""
+
+    kind: ClassVar[str] = "embed"
+    data: Path
+    cfg: Any
+    out: Path | None = None
+    from_slides: ExtractConfig | None = None
+    hooks: dict[str, Callable[..., None]] = field(default_factory=dict)
+
+    @property
+    def target(self) -> Path:
+        return Path(self.out or self.data)
+
+    def n_jobs(self, opts: ClusterOptions) -> int:
+        if self.from_slides is not None:
+            raise UsageError("--from-slides runs locally only",
+                             "extract with --executor slurm, then embed the stores")
+        data = ExtractDir.of_stores(self.data)
+        n_stores = len(data.stores())
+        if not n_stores:
+            raise UsageError(f"no patch stores in {data.patches}", "run `gigamil extract` first")
+        self._n_stores = n_stores
+        return max(1, -(-n_stores // max(1, opts.slides_per_job)))
+
+    def job(self, shard: tuple[int, int] | None, workers: int, here: bool
+            ) -> Callable[[], list[Any]]:
+        cfg = self.cfg
+        if shard is not None:
+            cfg = dataclasses.replace(cfg, shard=shard)
+        if workers == 0:
+            cfg = dataclasses.replace(cfg, workers=0)
+        return functools.partial(_embed_job, str(Path(self.data).resolve()), cfg,
+                                 str(Path(self.out).resolve()) if self.out else None,
+                                 self.from_slides, self.hooks if here else {})
+
+    def record(self) -> dict[str, Any]:
+        return {"stores": getattr(self, "_n_stores", None)}
+
+
+# -- train -----------------------------------------------------------------------------------
+
+def _train_here(cfg: Any, resume: bool, on_epoch: Callable[[dict[str, Any]], None] | None
+                ) -> dict[str, Any]:
+    from gigamil.cluster.launch import run_training
+
+    return run_training(cfg, resume=resume, on_epoch=on_epoch)
+
+
+@dataclass
+class TrainStage(Stage[dict[str, Any]]):
+    """The cross-validated run (``cfg``: a ``TrainConfig``); its result is the summary."""
+
+    kind: ClassVar[str] = "train"
+    multi_rank: ClassVar[bool] = True
+    cfg: Any
+    resume: bool = False
+    on_epoch: Callable[[dict[str, Any]], None] | None = None
+
+    @property
+    def target(self) -> Path:
+        return Path(self.cfg.out)
+
+    def job(self, shard: tuple[int, int] | None, workers: int, here: bool
+            ) -> Callable[[], dict[str, Any]]:
+        if here:
+            return functools.partial(_train_here, self.cfg, self.resume, self.on_epoch)
+        from gigamil.cluster.slurm import TrainJob
+
+        return TrainJob(self.cfg)  # resumes from its checkpoints on every start

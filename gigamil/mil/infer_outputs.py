@@ -1,0 +1,112 @@
+"""What inference writes: one slide's ``.json``/``.npz``/heatmap, and the run's tables.
+
+    write_slide(spec, "preds/", path, row, coords, scores, patch_size_level0)
+    write_outputs("preds/", spec, failures)          # predictions.csv + failures.csv
+
+Each slide's result is written atomically, its ``.json`` last: the json marks it done
+(:func:`slide_done`), so a rerun skips it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from gigamil.io import atomic_path, write_csv, write_json
+from gigamil.mil.infer_spec import InferenceSpec
+
+if TYPE_CHECKING:
+    from gigamil.mil.infer import SlideScores
+
+__all__ = ["slide_done", "prediction_row", "write_slide", "slide_heatmap", "write_outputs",
+           "PREDICTION_FIELDS", "FAILURE_FIELDS"]
+
+PREDICTION_FIELDS = ["slide_id", "pred", "uncertainty", "n_patches", "qc", "model", "seconds"]
+FAILURE_FIELDS = ["slide_id", "file", "error"]
+
+
+def slide_done(out: Path, sid: str) -> bool:
+    """Whether the slide's result is already written under ``out``."""
+    return (out / "slides" / f"{sid}.json").exists()
+
+
+def prediction_row(spec: InferenceSpec, sid: str, scores: SlideScores, qc: str,
+                   seconds: float) -> dict[str, Any]:
+    """The slide's row of ``predictions.csv`` (also its ``.json``)."""
+    return {"slide_id": sid, "pred": spec.classes[int(scores.probs.argmax())],
+            **{f"prob_{c}": float(scores.probs[k]) for k, c in enumerate(spec.classes)},
+            "uncertainty": scores.uncertainty, "n_patches": int(len(scores.attention)),
+            "qc": qc, "model": spec.model_id(), "seconds": round(seconds, 3)}
+
+
+def write_slide(spec: InferenceSpec, out: str | os.PathLike[str], path: str | os.PathLike[str],
+                row: dict[str, Any], coords: np.ndarray, scores: SlideScores,
+                patch_size_level0: float) -> dict[str, Any]:
+    """Write one slide's ``.npz`` (coords, attention, per-patch probabilities if computed),
+    heatmap, then its ``.json`` (last: the json marks the slide done), each atomically."""
+    out = Path(out)
+    sid = row["slide_id"]
+    arrays = {"coords": coords, "attention": scores.attention.astype(np.float32)}
+    if scores.patch_probs is not None:
+        arrays["probability"] = scores.patch_probs
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    with atomic_path(out / "slides" / f"{sid}.npz") as tmp:
+        tmp.write_bytes(buf.getvalue())
+    if spec.heatmaps:
+        from gigamil.wsi.preview import save_png
+
+        save_png(out / "heatmaps" / f"{sid}.png",
+                 slide_heatmap(spec, path, coords, scores, patch_size_level0,
+                               title=f"{sid}: {row['pred']}"))
+    write_json(out / "slides" / f"{sid}.json", row)
+    return row
+
+
+def slide_heatmap(spec: InferenceSpec, path: str | os.PathLike[str], coords: np.ndarray,
+                  scores: SlideScores, patch_size_level0: float, title: str = "") -> np.ndarray:
+    """Attention (rank-scaled) or a class's per-patch probability over a thumbnail read at
+    ``HEATMAP_MPP`` (bounded memory), with a colour bar."""
+    from gigamil.mil.heatmap import HEATMAP_MPP, attention_heatmap
+    from gigamil.wsi.reader import open_slide
+
+    with open_slide(path) as slide:
+        thumb = slide.read_at_mpp(HEATMAP_MPP)
+        scale = slide.mpp / HEATMAP_MPP
+    if spec.patch_probs and scores.patch_probs is not None:
+        k = spec.heatmap_class_index()
+        return attention_heatmap(thumb, scale, coords, patch_size_level0,
+                                 scores.patch_probs[:, k], title=title, rank_scale=False,
+                                 label=f"P({spec.classes[k]}) per patch")
+    return attention_heatmap(thumb, scale, coords, patch_size_level0, scores.attention,
+                             title=title)
+
+
+def write_outputs(out: str | os.PathLike[str], spec: InferenceSpec,
+                  failures: list[dict[str, Any]], stats: dict[str, Any] | None = None
+                  ) -> tuple[Path, Path]:
+    """Aggregate ``slides/*.json`` into ``predictions.csv``; write ``failures.csv`` and
+    ``infer_config.json`` (the resolved spec, with names instead of paths, and ``stats``)."""
+    from gigamil.versions import gigamil_version, package_versions
+
+    out = Path(out)
+    rows = [json.loads(p.read_text()) for p in sorted((out / "slides").glob("*.json"))]
+    fields = PREDICTION_FIELDS[:2] + [f"prob_{c}" for c in spec.classes] + PREDICTION_FIELDS[2:]
+    write_csv(out / "predictions.csv", rows, fields)
+    write_csv(out / "failures.csv", failures, FAILURE_FIELDS)
+    config = dataclasses.asdict(spec) | {
+        "run": Path(spec.run).name, "model_id": spec.model_id(),
+        "model_files": [str(Path(m).relative_to(spec.run)) if Path(m).is_relative_to(spec.run)
+                        else Path(m).name for m in spec.model_files],
+        "encoder_weights": Path(spec.encoder_weights).name if spec.encoder_weights else None}
+    write_json(out / "infer_config.json", {
+        "config": config, "pipeline": stats or {},
+        "versions": {"gigamil": gigamil_version(), **package_versions(), "torch": torch.__version__}})
+    return out / "predictions.csv", out / "failures.csv"

@@ -1,0 +1,104 @@
+"""The options of a training run, and the device it runs on.
+
+    cfg = TrainConfig(features="data/features/resnet50", labels="labels.csv", out="runs/crc1")
+    device = default_device(cfg.device, local_rank)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from gigamil.errors import UsageError
+
+__all__ = ["PRECISIONS", "MONITORS", "TrainConfig", "default_device"]
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+MONITORS = {"loss": -1.0, "auroc": 1.0, "bal_acc": 1.0, "acc": 1.0}  # sign: higher is better
+
+
+@dataclass
+class TrainConfig:
+    """Every option of a training run; the resolved config is saved as ``config.json``."""
+
+    features: str
+    labels: str
+    out: str
+    model: str = "abmil"
+    model_options: dict[str, Any] = field(default_factory=dict)
+    label_column: str = "label"
+    classes: tuple[str, ...] | None = None
+    folds: int = 5
+    cv: str = "patient"  # or "site"
+    val_frac: float = 0.15
+    epochs: int = 50
+    lr: float = 2e-4
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+    batch_size: int = 8  # global: split across ranks
+    accumulate: int = 1
+    max_instances: int | None = 4096
+    bucket: bool = False
+    clip_grad: float | None = 1.0
+    precision: str = "fp32"
+    class_weights: str = "auto"  # auto: inverse frequency unless the balanced sampler is on
+    balanced_sampler: bool = False
+    loss: str = "ce"  # or "evidential"
+    aux_weight: float = 0.3  # weight of a model's own loss (CLAM's instance loss)
+    early_stop: int | None = 10
+    monitor: str = "loss"
+    seed: int = 0
+    only_folds: tuple[int, ...] | None = None
+    # how the work runs (never changes the result):
+    device: str = "auto"
+    workers: int = 0
+    preload: bool = False
+    checkpoint_every: int = 0  # optimizer steps; 0 = at the end of every epoch only
+    keep_last: int = 3
+    bootstrap: int = 1000
+
+    RUNTIME_FIELDS = ("out", "device", "workers", "preload", "checkpoint_every", "keep_last",
+                      "bootstrap", "only_folds", "epochs", "early_stop")
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        if self.monitor not in MONITORS:
+            raise UsageError(f"monitor {self.monitor!r} is not one of {', '.join(MONITORS)}")
+        if self.loss not in ("ce", "evidential"):
+            raise UsageError(f"loss {self.loss!r} is not ce or evidential")
+        if self.class_weights not in ("auto", "none"):
+            raise UsageError(f"class weights {self.class_weights!r} is not auto or none")
+        if self.batch_size < 1 or self.accumulate < 1 or self.epochs < 1:
+            raise UsageError("batch size, accumulation steps and epochs must be at least 1")
+        if self.classes is not None:
+            self.classes = tuple(self.classes)
+        if self.only_folds is not None:
+            self.only_folds = tuple(self.only_folds)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every option, as plain values."""
+        return dataclasses.asdict(self)
+
+    def identity(self) -> dict[str, Any]:
+        """The options that decide the result (a resumed run must match them)."""
+        d = self.to_dict()
+        for k in self.RUNTIME_FIELDS:
+            d.pop(k, None)
+        d["classes"] = list(d["classes"]) if d["classes"] else None
+        return d
+
+
+def default_device(spec: str = "auto", local_rank: int = 0) -> torch.device:
+    """``auto``: this rank's GPU when CUDA is available, else the CPU."""
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank % torch.cuda.device_count())
+        return torch.device("cpu")
+    dev = torch.device(spec)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {spec}: CUDA is not available here", "use --device cpu")
+    return dev

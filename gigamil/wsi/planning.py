@@ -1,0 +1,191 @@
+"""Planning and reading one slide's patches: grids, stain fit, region runs, the thread map.
+
+:func:`plan_slide` computes the tissue mask, a grid per scale and (if asked)
+the slide's fitted stain normalizer. The hot path reads runs of neighbouring
+patches as one tile-aligned region (:func:`read_runs`), shrinks the whole region
+at once when the scale factor is an integer (which is bit-identical to shrinking
+each patch), and :func:`process_grid` runs reading, QC, normalization and
+encoding in a thread pool, results in grid order.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TypeVar
+
+import numpy as np
+
+from gigamil.errors import UsageError
+from gigamil.wsi.extract_config import ExtractConfig, RunResult, SlidePlan
+from gigamil.wsi.grid import PatchGrid, make_grid
+from gigamil.wsi.qc import QCConfig, pen_mask
+from gigamil.wsi.slide import SlideReader, resize_area
+from gigamil.wsi.stain import StainNormalizer, create_stain_normalizer
+from gigamil.wsi.store_format import encode_patch
+from gigamil.wsi.tissue import detect_tissue
+
+__all__ = ["plan_slide", "read_runs", "iter_patches", "process_grid"]
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def plan_slide(slide: SlideReader, cfg: ExtractConfig, sid: str) -> SlidePlan:
+    """Tissue mask, grids for every scale and (if asked) the slide's fitted stain normalizer."""
+    _ = slide.mpp  # fails early, naming --mpp-override
+    tissue, thumb = detect_tissue(slide, cfg.tissue_detector, cfg.tissue_mpp)
+    grids = [make_grid(slide.levels, spec, tissue, sid) for spec in cfg.grids]
+    if len(grids) > 1:
+        _check_aligned(grids, sid)
+    normalizer = None
+    if cfg.stain_norm is not None and len(grids[0]):
+        normalizer = create_stain_normalizer(cfg.stain_norm, cfg.stain_reference)
+        normalizer.fit_slide(_stain_sample(slide, grids[0], cfg.qc))
+    return SlidePlan(tissue, thumb, grids, normalizer)
+
+
+def _check_aligned(grids: list[PatchGrid], sid: str) -> None:
+    """Multi-scale grids must nest: each coarser patch covers whole finer patches."""
+    fine = min(grids, key=lambda g: g.spec.mpp)
+    for g in grids:
+        ratio = g.size_level0 / fine.size_level0
+        stride_ok = abs(ratio - round(ratio)) < 1e-6 and g.spec.overlap == 0
+        if not stride_ok:
+            raise UsageError(
+                f"{sid}: --mpp {g.spec.mpp:g} is not an integer multiple of {fine.spec.mpp:g} "
+                "(or --overlap is set)", "use scales like 0.5,1.0,2.0 and no overlap")
+
+
+def _stain_sample(slide: SlideReader, grid: PatchGrid, qc: QCConfig, n: int = 64,
+                  seed: int = 0) -> np.ndarray:
+    """A mosaic of up to ``n`` of the slide's tissue patches (fixed seed) to fit the stain on.
+
+    Patches that QC rejects are skipped and ink pixels are blanked to glass, so that
+    marker ink never becomes a "stain" vector.
+    """
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(grid))
+    tiles: list[np.ndarray] = []
+    for i in order[: 4 * n]:
+        patch = _read_run(slide, grid, int(i), int(i) + 1)[0][0]
+        if qc.reason(patch) == "":
+            tiles.append(patch)
+            if len(tiles) == n:
+                break
+    if not tiles:  # everything fails QC: fit on what there is rather than fail
+        tiles = [_read_run(slide, grid, int(i), int(i) + 1)[0][0] for i in order[:n]]
+    mosaic = np.concatenate(tiles, axis=0).copy()
+    mosaic[pen_mask(mosaic)] = 255
+    return mosaic
+
+
+# ---- reading --------------------------------------------------------------------
+
+
+def read_runs(grid: PatchGrid, max_block_px: int) -> list[tuple[int, int]]:
+    """Index ranges [i, j) of the grid read as one region each.
+
+    Runs are neighbours on one grid row. On a level whose downsample is not an
+    integer, openslide resamples fractional positions differently for a wide
+    region than for one patch, so each patch is then read on its own.
+    """
+    n = len(grid)
+    rs = grid.read_size
+    xy = grid.read_xy
+    if abs(grid.downsample - round(grid.downsample)) > 1e-9:
+        return [(i, i + 1) for i in range(n)]
+    runs, i = [], 0
+    while i < n:
+        x0, y0 = xy[i]
+        j = i + 1
+        while (j < n and xy[j, 1] == y0 and xy[j, 0] + rs - x0 <= max(max_block_px, rs)
+               and xy[j, 0] - xy[j - 1, 0] <= rs):
+            j += 1
+        runs.append((i, j))
+        i = j
+    return runs
+
+
+def _read_run(slide: SlideReader, grid: PatchGrid, i: int, j: int
+              ) -> tuple[list[np.ndarray], np.ndarray | None]:
+    """Patches i..j-1 of the grid, each exactly as a direct read + area resize would give.
+
+    Also returns the shrunk region when the patches tile it side by side (no gaps,
+    no overlap), so that QC can look at the whole strip at once; else None.
+    """
+    rs, ps = grid.read_size, grid.spec.patch_size
+    xy = grid.read_xy
+    x0, y0 = int(xy[i, 0]), int(xy[i, 1])
+    width = int(xy[j - 1, 0]) + rs - x0
+    region = slide.read_region(grid.level, x0, y0, width, rs)
+    offsets = [int(xy[k, 0]) - x0 for k in range(i, j)]
+    factor = rs / ps
+    k = int(round(factor))
+    if k >= 1 and abs(factor - k) < 1e-9 and width % k == 0 and all(o % k == 0 for o in offsets):
+        # integer shrink factor and aligned offsets: shrinking the region at once is
+        # bit-identical to shrinking each patch (area interpolation = k×k box mean)
+        small = resize_area(region, (width // k, ps)) if k > 1 else region
+        patches = [small[:, o // k : o // k + ps] for o in offsets]
+        tiled = small.shape[1] == ps * len(offsets) and all(
+            o // k == n * ps for n, o in enumerate(offsets))
+        return patches, small if tiled else None
+    return [np.ascontiguousarray(resize_area(region[:, o : o + rs], ps)) for o in offsets], None
+
+
+def iter_patches(slide: SlideReader, grid: PatchGrid, max_block_px: int = 4096) -> Iterator[np.ndarray]:
+    """Yield the grid's patches in order (RGB uint8), without QC or normalization."""
+    for i, j in read_runs(grid, max_block_px):
+        yield from _read_run(slide, grid, i, j)[0]
+
+
+def _ordered_map(fn: Callable[[T], R], items: Iterable[T], threads: int) -> Iterator[R]:
+    """``map`` over a thread pool with bounded look-ahead, results in input order.
+
+    Even with one thread the work runs beside the caller, so that reading and
+    decoding overlap with the caller's writes (LMDB commits release the GIL).
+    """
+    with cf.ThreadPoolExecutor(max(1, threads), thread_name_prefix="gigamil-read") as pool:
+        pending: deque[cf.Future[R]] = deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= 2 * max(1, threads) + 1:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def process_grid(
+    slide: SlideReader,
+    grid: PatchGrid,
+    cfg: ExtractConfig,
+    normalizer: StainNormalizer | None = None,
+    threads: int = 1,
+    encode: bool = True,
+    keep_patches: bool = False,
+    runs: Sequence[tuple[int, int]] | None = None,
+) -> Iterator[RunResult]:
+    """Read, QC, normalize and encode the grid's patches (or only ``runs``, a part of
+    :func:`read_runs`); results in grid order."""
+    qc = cfg.qc
+
+    def work(run: tuple[int, int]) -> RunResult:
+        i, j = run
+        patches, strip = _read_run(slide, grid, i, j)
+        reasons = qc.check_strip(strip, len(patches)) if strip is not None else qc.check(patches)
+        kept = [p for p, r in zip(patches, reasons) if not r]
+        if normalizer is not None and kept:
+            kept = list(normalizer.apply(np.stack(kept)))
+        encoded: list[bytes | None] = []
+        it = iter(kept)
+        for r in reasons:
+            if r:
+                encoded.append(None)
+            else:
+                patch = next(it)
+                encoded.append(encode_patch(patch, cfg.encoding, cfg.jpeg_quality) if encode else b"")
+        return RunResult(list(range(i, j)), reasons, encoded, kept if keep_patches else None)
+
+    todo = read_runs(grid, cfg.read_block_px) if runs is None else runs
+    yield from _ordered_map(work, todo, threads)
