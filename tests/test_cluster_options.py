@@ -66,3 +66,70 @@ def test_template_command_prints_a_script() -> None:
     assert "train --out 'runs/a b' --features f --labels l.csv --resume auto" in res.output
     res = runner.invoke(app, ["slurm", "template", "extract", "--out", "o"])
     assert res.exit_code == 2 and "--slides" in res.output
+
+
+def test_debug_executor_runs_the_stage_in_process_like_local(cohort: Path, tmp_path: Path
+                                                             ) -> None:
+    """`--executor debug` (submitit's DebugExecutor) runs the same job in this process: the
+    stores equal a local run's, and the job's folder is where submitit keeps its logs."""
+    import os
+
+    from gigamil.cluster.executor import EXECUTORS, DebugExecutor
+    from gigamil.wsi.store import PatchStore
+
+    assert EXECUTORS.get("debug") is DebugExecutor
+    common = [str(cohort / "s000.svs"), str(cohort / "s001.svs"), "--mpp", "1.0",
+              "--patch-size", "128"]
+    res = runner.invoke(app, ["extract", *common, "--out", str(tmp_path / "local")])
+    assert res.exit_code == 0, res.output
+    pid = os.getpid()
+    res = runner.invoke(app, ["extract", *common, "--out", str(tmp_path / "debug"),
+                              "--executor", "debug", "--workers", "2"])
+    assert res.exit_code == 0, res.output
+    assert os.getpid() == pid
+    for sid in ("s000", "s001"):
+        with PatchStore(tmp_path / "local/patches" / f"{sid}.lmdb") as a, \
+                PatchStore(tmp_path / "debug/patches" / f"{sid}.lmdb") as b:
+            assert len(a) == len(b) > 0 and (a.coords == b.coords).all()
+            assert all((a[i] == b[i]).all() for i in range(0, len(a), 5))
+    res = runner.invoke(app, ["extract", *common, "--out", str(tmp_path / "x"),
+                              "--executor", "k8s"])
+    assert res.exit_code == 2 and "k8s" in res.output
+    # the seam itself: a stage's job, run by submitit's DebugJob in this process
+    import submitit
+
+    from gigamil.cluster.executor import run_stage
+    from gigamil.cluster.stages import ExtractStage
+    from gigamil.wsi.extract_config import ExtractConfig
+
+    outcome = run_stage(ExtractStage([cohort / "s002.svs"], tmp_path / "api",
+                                     ExtractConfig(mpp=1.0, patch_size=128)),
+                        ClusterOptions(executor="debug"))
+    assert isinstance(outcome.jobs[0], submitit.DebugJob) and outcome.jobs[0].done()
+    assert outcome.results is not None and [r.status for r in outcome.results[0]] == ["ok"]
+
+
+def test_tissue_detector_and_its_options_reach_the_extraction(cohort: Path, tmp_path: Path
+                                                              ) -> None:
+    """`--tissue-detector NAME -t key=value` builds the registered detector with those
+    options: a saturation floor above any pixel finds no tissue, so no patch is kept."""
+    import csv
+
+    common = [str(cohort / "s000.svs"), "--mpp", "1.0", "--patch-size", "128"]
+    res = runner.invoke(app, ["extract", *common, "--out", str(tmp_path / "a"),
+                              "--tissue-detector", "otsu", "-t", "min_saturation=20"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["extract", *common, "--out", str(tmp_path / "b"),
+                              "--tissue-detector", "otsu", "-t", "min_saturation=256"])
+    rows = {r["slide_id"]: r for r in csv.DictReader(open(tmp_path / "b" / "extract.csv"))}
+    first = {r["slide_id"]: r for r in csv.DictReader(open(tmp_path / "a" / "extract.csv"))}
+    assert int(first["s000"]["n_patches"]) > 0
+    assert rows["s000"]["status"] == "failed" or int(rows["s000"]["n_patches"]) == 0
+    res = runner.invoke(app, ["extract", *common, "--out", str(tmp_path / "c"),
+                              "--tissue-detector", "nonesuch"])
+    assert res.exit_code == 2 and "otsu" in res.output  # the known detectors are named
+    res = runner.invoke(app, ["extract", *common, "--out", str(tmp_path / "c"),
+                              "-t", "no_such_option=1"])
+    assert res.exit_code == 2 and "no_such_option" in res.output
+    res = runner.invoke(app, ["models"])
+    assert res.exit_code == 0 and "min_saturation" in res.output

@@ -52,9 +52,9 @@ def embed(
         exists=True, dir_okay=False, help="Reference image for --stain-norm.")] = None,
     from_slides: Annotated[bool, typer.Option(
         help="DATA holds slides: cut patches on the fly (tissue, grid, QC), store none.")] = False,
-    mpp: opt.Mpp = "0.5",
-    patch_size: opt.PatchSize = 256,
-    min_tissue: opt.MinTissue = 0.5,
+    mpp: opt.Mpp = opt.DEFAULT_MPP,
+    patch_size: opt.PatchSize = opt.EXTRACT.patch_size,
+    min_tissue: opt.MinTissue = opt.EXTRACT.min_tissue,
     backend: opt.Backend = opt.BackendChoice.auto,
     mpp_override: opt.MppOverride = None,
     *,

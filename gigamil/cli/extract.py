@@ -33,25 +33,27 @@ class StainChoice(str, Enum):
 def extract(
     inputs: Annotated[list[Path], typer.Argument(help="Slide files or directories of slides.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (patches/, extract.csv).")],
-    mpp: opt.Mpp = "0.5",
-    patch_size: opt.PatchSize = 256,
-    overlap: opt.Overlap = 0,
-    min_tissue: opt.MinTissue = 0.5,
+    mpp: opt.Mpp = opt.DEFAULT_MPP,
+    patch_size: opt.PatchSize = opt.EXTRACT.patch_size,
+    overlap: opt.Overlap = opt.EXTRACT.overlap,
+    min_tissue: opt.MinTissue = opt.EXTRACT.min_tissue,
     workers: Annotated[int, typer.Option(
         min=1, help="CPU workers: slides run in parallel processes; with fewer slides than "
                     "workers, each slide is read with several threads.")] = 1,
     fmt: Annotated[Format, typer.Option("--format", help="Patch encoding in the store.")] = Format.jpeg,
-    jpeg_quality: Annotated[int, typer.Option(min=1, max=100, help="JPEG quality.")] = 90,
+    jpeg_quality: Annotated[int, typer.Option(min=1, max=100, help="JPEG quality.")] = opt.EXTRACT.jpeg_quality,
     backend: opt.Backend = opt.BackendChoice.auto,
     mpp_override: opt.MppOverride = None,
-    allow_upsample: opt.AllowUpsample = False,
-    tissue_mpp: opt.TissueMpp = 8.0,
+    allow_upsample: opt.AllowUpsample = opt.EXTRACT.allow_upsample,
+    tissue_mpp: opt.TissueMpp = opt.EXTRACT.tissue_mpp,
+    tissue_detector: opt.TissueDetector = opt.EXTRACT.tissue_detector,
+    tissue_param: opt.TissueParam = None,
     coords_h5: Annotated[
         bool, typer.Option(help="Also write coords/<slide_id>.h5 in the CLAM/TRIDENT layout.")
     ] = False,
-    qc_background_max: opt.QcBackground = 0.75,
-    qc_pen_max: opt.QcPen = 0.10,
-    qc_blur_min: opt.QcBlur = 30.0,
+    qc_background_max: opt.QcBackground = opt.qc_default(opt.QC.background_max, 1.0),
+    qc_pen_max: opt.QcPen = opt.qc_default(opt.QC.pen_max, 1.0),
+    qc_blur_min: opt.QcBlur = opt.qc_default(opt.QC.blur_min, 0.0),
     stain_norm: Annotated[
         StainChoice | None, typer.Option(help="Normalize stain, fitted once per slide.")
     ] = None,
@@ -86,6 +88,8 @@ def extract(
         mpp=opt.parse_mpps(mpp), patch_size=patch_size, overlap=overlap, min_tissue=min_tissue,
         allow_upsample=allow_upsample, encoding=fmt.value, jpeg_quality=jpeg_quality,
         backend=backend.value, mpp_override=mpp_override, tissue_mpp=tissue_mpp,
+        tissue_detector=tissue_detector,
+        tissue_params=opt.parse_key_values(tissue_param, "tissue option"),
         qc=opt.qc_config(qc_background_max, qc_pen_max, qc_blur_min),
         stain_norm=stain_norm.value if stain_norm else None,
         stain_reference=str(stain_reference) if stain_reference else None,

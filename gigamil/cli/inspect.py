@@ -45,15 +45,17 @@ def inspect_slide(
     preview: Annotated[Path | None, typer.Option(
         help="Write a PNG of what `extract` would do with the options below: tissue contour, "
              "kept patches, rejected patches coloured by reason. Nothing is extracted.")] = None,
-    mpp: opt.Mpp = "0.5",
-    patch_size: opt.PatchSize = 256,
-    overlap: opt.Overlap = 0,
-    min_tissue: opt.MinTissue = 0.5,
-    allow_upsample: opt.AllowUpsample = False,
-    tissue_mpp: opt.TissueMpp = 8.0,
-    qc_background_max: opt.QcBackground = 0.75,
-    qc_pen_max: opt.QcPen = 0.10,
-    qc_blur_min: opt.QcBlur = 30.0,
+    mpp: opt.Mpp = opt.DEFAULT_MPP,
+    patch_size: opt.PatchSize = opt.EXTRACT.patch_size,
+    overlap: opt.Overlap = opt.EXTRACT.overlap,
+    min_tissue: opt.MinTissue = opt.EXTRACT.min_tissue,
+    allow_upsample: opt.AllowUpsample = opt.EXTRACT.allow_upsample,
+    tissue_mpp: opt.TissueMpp = opt.EXTRACT.tissue_mpp,
+    tissue_detector: opt.TissueDetector = opt.EXTRACT.tissue_detector,
+    tissue_param: opt.TissueParam = None,
+    qc_background_max: opt.QcBackground = opt.qc_default(opt.QC.background_max, 1.0),
+    qc_pen_max: opt.QcPen = opt.qc_default(opt.QC.pen_max, 1.0),
+    qc_blur_min: opt.QcBlur = opt.qc_default(opt.QC.blur_min, 0.0),
 ) -> None:
     """Vendor, size, pyramid levels and their µm/px, objective power, backend, associated images.
 
@@ -69,6 +71,8 @@ def inspect_slide(
             mpp=opt.parse_mpps(mpp)[:1], patch_size=patch_size, overlap=overlap,
             min_tissue=min_tissue, allow_upsample=allow_upsample, backend=backend.value,
             mpp_override=mpp_override, tissue_mpp=tissue_mpp,
+            tissue_detector=tissue_detector,
+            tissue_params=opt.parse_key_values(tissue_param, "tissue option"),
             qc=opt.qc_config(qc_background_max, qc_pen_max, qc_blur_min),
         )
         image, counts = preview_slide(slide, cfg)

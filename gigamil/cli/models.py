@@ -1,4 +1,4 @@
-"""`gigamil models`: the registered MIL models and their options."""
+"""`gigamil models`: the registered MIL models and tissue detectors, with their options."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ from gigamil.cli._common import cli_errors, out
 
 @cli_errors
 def models() -> None:
-    """Registered MIL models, their constructor options and defaults, and what they are."""
+    """Registered MIL models (`train --model`, options `-o`) and tissue detectors
+    (`extract --tissue-detector`, options `-t`): their options, defaults, and what they are."""
     from gigamil.mil.models import MODELS
+    from gigamil.wsi.tissue import TISSUE_DETECTORS
 
     table = Table("name", "options (defaults)", "description", title="MIL models",
                   title_justify="left")
@@ -22,4 +24,12 @@ def models() -> None:
         opts = ", ".join(f"{p.name}={p.default!r}" if p.default is not inspect.Parameter.empty
                          else p.name for p in inspect.signature(factory).parameters.values())
         table.add_row(name, opts, (inspect.getdoc(cls) or "").splitlines()[0])
+    out.print(table)
+    table = Table("name", "options (defaults)", "description", title="tissue detectors",
+                  title_justify="left")
+    for name in TISSUE_DETECTORS.names():
+        factory = TISSUE_DETECTORS.get(name)
+        opts = ", ".join(f"{p.name}={p.default!r}" for p in
+                         inspect.signature(factory).parameters.values())
+        table.add_row(name, opts, (inspect.getdoc(factory) or "").splitlines()[0])
     out.print(table)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import json
 import typing
 from collections.abc import Callable
 from enum import Enum
@@ -12,9 +13,15 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
+from gigamil.wsi.extract_config import ExtractConfig
 from gigamil.wsi.qc import QCConfig
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+#: The defaults of every extraction option: the CLI reads them from here, never restates them.
+EXTRACT = ExtractConfig()
+QC = QCConfig()
+DEFAULT_MPP = ",".join(f"{m:g}" for m in EXTRACT.mpps)
 
 
 class BackendChoice(str, Enum):
@@ -49,6 +56,32 @@ QcBlur = Annotated[
     float, typer.Option(min=0.0, help="QC: reject a patch whose focus score (median Laplacian "
                         "variance of its 32-px blocks) is below this (0 = off).")
 ]
+
+
+TissueDetector = Annotated[str, typer.Option(
+    help="A registered tissue detector (see `gigamil models`).")]
+TissueParam = Annotated[list[str] | None, typer.Option(
+    "--tissue-param", "-t", help="Tissue detector option KEY=VALUE, repeatable "
+                                 "(e.g. -t min_saturation=30).")]
+
+
+def parse_key_values(items: list[str] | None, what: str = "option") -> dict[str, Any]:
+    """``["hidden=128", "gated=true"]`` → ``{"hidden": 128, "gated": True}`` (JSON values)."""
+    options: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise typer.BadParameter(f"{what} {item!r} is not KEY=VALUE, e.g. hidden=128")
+        try:
+            options[key.strip()] = json.loads(value)
+        except ValueError:
+            options[key.strip()] = value
+    return options
+
+
+def qc_default(value: float | None, off: float) -> float:
+    """A QCConfig threshold as the CLI shows it (``off`` for a filter switched off)."""
+    return off if value is None else value
 
 
 def parse_mpps(text: str) -> tuple[float, ...]:

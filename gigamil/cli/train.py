@@ -51,20 +51,6 @@ class Loss(str, Enum):
     evidential = "evidential"
 
 
-def parse_model_options(items: list[str]) -> dict[str, Any]:
-    """``["hidden=128", "gated=true"]`` → ``{"hidden": 128, "gated": True}`` (JSON values)."""
-    options: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise typer.BadParameter(f"{item!r} is not KEY=VALUE, e.g. hidden=128")
-        try:
-            options[key.strip()] = json.loads(value)
-        except ValueError:
-            options[key.strip()] = value
-    return options
-
-
 def _metrics_table(title: str, report: dict[str, Any]) -> Table:
     names = ["auroc", "bal_acc", "acc", "f1_macro", "kappa", "ece"]
     table = Table("fold", "n", *names, title=title, title_justify="left")
@@ -149,7 +135,7 @@ def train(
 
     cfg = TrainConfig(
         features=str(features), labels=str(labels), out=str(run_out), model=model,
-        model_options=parse_model_options(model_option or []), label_column=label_column,
+        model_options=opt.parse_key_values(model_option, "model option"), label_column=label_column,
         folds=folds, cv=cv.value, val_frac=val_frac, epochs=epochs, lr=lr,
         weight_decay=weight_decay, warmup_epochs=warmup_epochs, batch_size=batch_size,
         accumulate=accumulate, max_instances=max_instances or None, bucket=bucket,

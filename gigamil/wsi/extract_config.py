@@ -23,7 +23,7 @@ from gigamil.wsi.grid import GridSpec, PatchGrid
 from gigamil.wsi.qc import QC_REASONS, QCConfig
 from gigamil.wsi.stain import StainNormalizer, create_stain_normalizer
 from gigamil.wsi.store_format import Encoding
-from gigamil.wsi.tissue import TissueMask
+from gigamil.wsi.tissue import TISSUE_DETECTORS, TissueMask
 
 __all__ = [
     "Status",
@@ -58,6 +58,7 @@ class ExtractConfig:
     backend: str = "auto"
     mpp_override: float | None = None
     tissue_detector: str = "otsu"
+    tissue_params: dict[str, Any] = field(default_factory=dict)  # the detector's options
     tissue_mpp: float = 8.0
     qc: QCConfig = field(default_factory=QCConfig)
     stain_norm: str | None = None
@@ -68,6 +69,11 @@ class ExtractConfig:
     read_block_px: int = 4096
 
     def __post_init__(self) -> None:
+        try:  # an unknown detector or option is a usage error now, not on the first slide
+            TISSUE_DETECTORS.create(self.tissue_detector, **self.tissue_params)
+        except TypeError as exc:
+            raise UsageError(f"tissue detector {self.tissue_detector!r}: {exc}",
+                             "see `gigamil models` for each detector's options") from None
         if isinstance(self.mpp, (int, float)):
             object.__setattr__(self, "mpp", (float(self.mpp),))
         mpps = tuple(float(m) for m in self.mpp)  # type: ignore[union-attr]

@@ -35,7 +35,8 @@ R = TypeVar("R")
 def plan_slide(slide: SlideReader, cfg: ExtractConfig, sid: str) -> SlidePlan:
     """Tissue mask, grids for every scale and (if asked) the slide's fitted stain normalizer."""
     _ = slide.mpp  # fails early, naming --mpp-override
-    tissue, thumb = detect_tissue(slide, cfg.tissue_detector, cfg.tissue_mpp)
+    tissue, thumb = detect_tissue(slide, cfg.tissue_detector, cfg.tissue_mpp,
+                                  **cfg.tissue_params)
     grids = [make_grid(slide.levels, spec, tissue, sid) for spec in cfg.grids]
     if len(grids) > 1:
         _check_aligned(grids, sid)
