@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gigamil.cluster.stages import extract_slides
 from gigamil.mil.embed import EmbedConfig, embed_stores
 from gigamil.mil.encoders import create_encoder
 from gigamil.synth.slides import make_cohort
-from gigamil.cluster.stages import extract_slides
 from gigamil.wsi.extract_config import ExtractConfig
 from gigamil.wsi.store import PatchStore
 

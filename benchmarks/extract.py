@@ -34,9 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
+from gigamil.cluster.stages import extract_slides
 from gigamil.synth.model import SynthConfig
 from gigamil.synth.slides import write_synthetic_slide
-from gigamil.cluster.stages import extract_slides
 from gigamil.wsi.extract import extract_slide
 from gigamil.wsi.extract_config import ExtractConfig
 from gigamil.wsi.planning import plan_slide

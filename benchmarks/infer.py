@@ -28,6 +28,7 @@ from pathlib import Path
 
 from gigamil.cluster.launch import run_training
 from gigamil.cluster.ray import infer_slides
+from gigamil.cluster.stages import extract_slides
 from gigamil.memory import retain_freed_memory
 from gigamil.mil.embed import EmbedConfig, embed_stores
 from gigamil.mil.infer import SlidePredictor
@@ -35,7 +36,6 @@ from gigamil.mil.infer_spec import InferenceSpec
 from gigamil.mil.train_config import TrainConfig
 from gigamil.synth.slides import make_cohort
 from gigamil.wsi.discovery import discover_slides
-from gigamil.cluster.stages import extract_slides
 from gigamil.wsi.extract_config import ExtractConfig
 
 

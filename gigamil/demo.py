@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
+from gigamil.cluster.stages import extract_slides
 from gigamil.io import write_json
 from gigamil.synth.slides import load_masks, make_cohort
-from gigamil.cluster.stages import extract_slides
 from gigamil.wsi.extract_config import ExtractConfig
 from gigamil.wsi.preview import patch_montage, save_png
 from gigamil.wsi.store import PatchStore

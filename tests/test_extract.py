@@ -14,8 +14,8 @@ import h5py
 import numpy as np
 import pytest
 
-from gigamil.errors import UsageError
 from gigamil.cluster.stages import extract_slides
+from gigamil.errors import UsageError
 from gigamil.wsi.extract import extract_slide
 from gigamil.wsi.extract_config import ExtractConfig
 from gigamil.wsi.reader import open_slide

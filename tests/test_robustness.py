@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import tifffile
 
+from gigamil.cluster.stages import extract_slides
 from gigamil.synth.model import SynthConfig
 from gigamil.synth.slides import write_synthetic_slide
-from gigamil.cluster.stages import extract_slides
 from gigamil.wsi.extract import extract_slide
 from gigamil.wsi.extract_config import ExtractConfig
 from gigamil.wsi.reader import open_slide
