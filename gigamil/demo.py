@@ -73,7 +73,8 @@ def _localization(pred_dir: Path, masks_dir: Path, ids: list[str], mpp0: float,
 def run_demo(cfg: DemoConfig, on_stage: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run every stage, write ``<out>/demo_summary.json`` and return the summary."""
     from gigamil.cluster.launch import run_training
-    from gigamil.cluster.ray import infer_slides, todo
+    from gigamil.cluster.infer import todo
+    from gigamil.cluster.ray import infer_slides
     from gigamil.mil.embed import EmbedConfig, embed_stores
     from gigamil.mil.infer_outputs import write_outputs
     from gigamil.mil.infer_spec import InferenceSpec
@@ -96,7 +97,7 @@ def run_demo(cfg: DemoConfig, on_stage: Callable[[str], None] | None = None) -> 
     timings["synth_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    stage(f"extract: {cfg.extract.patch_size} px patches at {cfg.extract.mpp[0]} µm/px")
+    stage(f"extract: {cfg.extract.patch_size} px patches at {cfg.extract.mpps[0]} µm/px")
     results = extract_slides([out / "slides"], out / "data", cfg.extract, workers=cfg.workers)
     timings["extract_s"] = time.perf_counter() - t
     stores = []

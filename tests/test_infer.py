@@ -117,7 +117,8 @@ def test_slides_cut_in_many_chunks_on_ray_match_one_process(trained: dict[str, P
     and the pipeline never holds more chunks than its bound."""
     import dataclasses
 
-    from gigamil.cluster.ray import infer_slides, infer_slides_local
+    from gigamil.cluster.infer import infer_slides_local
+    from gigamil.cluster.ray import infer_slides
     from gigamil.mil.infer import plan_inference
     from gigamil.mil.infer_spec import InferenceSpec
     from gigamil.wsi.discovery import discover_slides

@@ -15,3 +15,12 @@ def test_ruff_is_clean() -> None:
     res = subprocess.run([ruff, "check", "gigamil", "tests", "benchmarks"], cwd=ROOT,
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+@pytest.mark.slow
+def test_mypy_is_clean() -> None:
+    """The annotations are checked: ``[tool.mypy]`` in pyproject.toml forbids untyped defs."""
+    pytest.importorskip("mypy", reason="mypy not installed (pip install -e '.[dev]')")
+    res = subprocess.run([sys.executable, "-m", "mypy", "gigamil"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout[-5000:] + res.stderr[-2000:]

@@ -8,7 +8,9 @@ from typing import Annotated, Any
 
 import typer
 
+import gigamil.cli.options as opt
 from gigamil.cli._common import EXIT_FAILED, cli_errors, err, out, progress_bar
+from gigamil.cluster.infer import RayOptions
 
 
 class Engine(str, Enum):
@@ -38,21 +40,12 @@ RunDir = Annotated[Path, typer.Option("--run", exists=True, file_okay=False,
 
 
 @cli_errors
+@opt.from_config(RayOptions, "where", panel="Where it runs (Ray)")
 def infer(
     slides: Annotated[list[Path], typer.Argument(help="Slide files or directories.")],
     run: RunDir,
     preds_out: Annotated[Path, typer.Option("--out", help="Where predictions go.")],
-    ray_address: Annotated[str, typer.Option(
-        help="local: start Ray here; auto or host:port: join a cluster (see `gigamil slurm "
-             "template infer`); none: no Ray, one process.")] = "local",
-    workers: Annotated[int | None, typer.Option(
-        min=1, help="Predictor actors: each holds the encoder and the MIL models (on "
-                    "--gpus-per-worker GPUs) [default: one per GPU share; on CPUs, one per "
-                    "--threads cores, as the encoder is then most of the work].")] = None,
-    cpus: Annotated[int | None, typer.Option(
-        min=1, help="CPUs of a local Ray for reading patches [default: every core].")] = None,
     threads: Annotated[int, typer.Option(min=1, help="Torch threads per predictor.")] = 1,
-    gpus_per_worker: Annotated[float, typer.Option(min=0, help="GPUs per predictor.")] = 0,
     heatmaps: Annotated[bool, typer.Option(help="Also write heatmaps/<slide_id>.png.")] = False,
     heatmap_values: Values = HeatmapValues.attention,
     heatmap_class: HeatmapClass = None,
@@ -62,6 +55,8 @@ def infer(
                                         "with the best validation metric.")] = Folds.all,
     batch_size: Annotated[int, typer.Option(min=1, help="Patches per encoder batch.")] = 64,
     device: Annotated[str, typer.Option(help="cpu, or cuda with --gpus-per-worker.")] = "cpu",
+    *,
+    where: RayOptions,
 ) -> None:
     """Predict new slides with a trained run: patches, encoder and MIL models, per slide.
 
@@ -73,7 +68,7 @@ def infer(
     (coords, attention, and per-patch probabilities with --heatmap-values probability). A
     rerun skips finished slides; exit code 1 if any slide failed.
     """
-    from gigamil.cluster.ray import infer_slides, infer_slides_local, todo
+    from gigamil.cluster.infer import infer_slides_where, todo
     from gigamil.mil.infer_outputs import write_outputs
     from gigamil.mil.infer_spec import InferenceSpec
     from gigamil.wsi.discovery import discover_slides
@@ -94,11 +89,7 @@ def infer(
             bar.update(task, advance=1, info=what)
 
         try:
-            if remaining and ray_address == "none":
-                _, failures, stats = infer_slides_local(remaining, spec, preds_out, on_result)
-            elif remaining:
-                _, failures, stats = infer_slides(remaining, spec, preds_out, ray_address,
-                                                  workers, gpus_per_worker, cpus, on_result)
+            _, failures, stats = infer_slides_where(remaining, spec, preds_out, where, on_result)
         finally:  # Ctrl-C too: the finished slides are kept and listed
             preds_out.mkdir(parents=True, exist_ok=True)
             pred_csv, fail_csv = write_outputs(preds_out, spec, failures, stats)
@@ -119,16 +110,9 @@ def export(
     fold: Annotated[int, typer.Option(help="Which fold's model.")] = 0,
 ) -> None:
     """Export a fold's MIL model to ONNX with a dynamic bag length (parity-checked)."""
-    import torch
+    from gigamil.mil.export import export_run
 
-    from gigamil.mil.export import export_onnx
-
-    best = run / "checkpoints" / f"fold{fold}" / "best.pt"
-    if not best.exists():
-        from gigamil.errors import UsageError
-
-        raise UsageError(f"{best} does not exist", "train the run first, or pick another --fold")
-    report = export_onnx(torch.load(best, map_location="cpu", weights_only=True), onnx_path)
+    report = export_run(run, fold, onnx_path)
     out.print(f"wrote {onnx_path}: max |onnx − torch| = {report['max_abs_diff']:.1e} on bags "
               f"of {report['lengths']} instances")
 

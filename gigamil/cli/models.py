@@ -28,8 +28,8 @@ def models() -> None:
     table = Table("name", "options (defaults)", "description", title="tissue detectors",
                   title_justify="left")
     for name in TISSUE_DETECTORS.names():
-        factory = TISSUE_DETECTORS.get(name)
+        detector = TISSUE_DETECTORS.get(name)
         opts = ", ".join(f"{p.name}={p.default!r}" for p in
-                         inspect.signature(factory).parameters.values())
-        table.add_row(name, opts, (inspect.getdoc(factory) or "").splitlines()[0])
+                         inspect.signature(detector).parameters.values())
+        table.add_row(name, opts, (inspect.getdoc(detector) or "").splitlines()[0])
     out.print(table)

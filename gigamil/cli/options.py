@@ -137,12 +137,13 @@ def from_config(cls: type[Any], name: str, *, panel: str | None = None,
     def option(f: dataclasses.Field[Any]) -> inspect.Parameter:
         meta = f.metadata
         extra: dict[str, Any] = {k: meta[k] for k in ("min", "max") if k in meta}
-        kind, default = hints[f.name], defaults.get(f.name, f.default)
+        kind: Any = hints[f.name]
+        default = defaults.get(f.name, f.default)
         if meta.get("choices") == "executors":  # the registry's names, as a choice
             from gigamil.cluster.executor import EXECUTORS
 
-            kind = Enum("Executor", {n: n for n in EXECUTORS.ordered()}, type=str)  # type: ignore[misc]
-            default = kind(default)
+            choices: Any = Enum("Executor", {n: n for n in EXECUTORS.ordered()}, type=str)  # type: ignore[misc]
+            kind, default = choices, choices(default)
         decls = [flags[f.name]] if f.name in flags else []
         info = typer.Option(*decls, help=meta.get("help"), rich_help_panel=panel, **extra)
         return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,

@@ -121,9 +121,9 @@ def train(
 ) -> None:
     """Train an attention-MIL model with stratified, patient-grouped k-fold cross-validation.
 
-    Writes OUT/config.json, splits.csv, checkpoints/fold<k>/ (numbered, checksummed; best.pt
-    is the fold's model), metrics.csv (per epoch, and test metrics with 95% bootstrap CIs),
-    predictions_fold<k>.csv, reliability.png and summary.json. SIGTERM checkpoints and
+    Writes OUT/config.json, splits.csv, a folder of checkpoints per fold (numbered,
+    checksummed, and the fold's best model), metrics.csv (per epoch, and test metrics
+    with 95% bootstrap CIs), predictions_fold<k>.csv, reliability.png and summary.json. SIGTERM checkpoints and
     stops, SIGUSR1 checkpoints and goes on; `--resume auto` continues bit-for-bit. Under
     torchrun (or srun) every rank joins one DDP run: gloo on CPU, NCCL on GPU.
 

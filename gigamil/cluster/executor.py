@@ -82,7 +82,7 @@ class ClusterOptions:
     @property
     def submits(self) -> bool:
         """True when the work leaves this process for a scheduler (jobs to wait for)."""
-        return EXECUTORS.get(self.executor).remote  # type: ignore[attr-defined,no-any-return]
+        return EXECUTORS.get(self.executor).remote  # type: ignore[attr-defined]
 
     def time_minutes(self) -> int:
         """``D-HH:MM:SS``, ``HH:MM:SS``, ``MM:SS`` or minutes → minutes (rounded up)."""

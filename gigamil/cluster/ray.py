@@ -1,3 +1,4 @@
+# cohesive: one Ray pipeline (its scheduler, stages and cluster start-up) read top to bottom
 """Batch inference over slide directories on Ray: CPU tasks read, model actors predict.
 
     rows, failures = infer_slides(paths, spec, "preds/", ray_address="local", workers=1)
@@ -23,6 +24,7 @@ fails for its own reasons (corrupt, no tissue) goes to failures.csv and the rest
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -34,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from gigamil.cluster.infer import failure_message, slide_failure
 from gigamil.cluster.resources import configure_threads
 from gigamil.errors import NoPatchesError
 from gigamil.memory import retain_freed_memory
@@ -45,10 +48,10 @@ from gigamil.mil.infer import (
     plan_inference,
     read_chunk,
 )
-from gigamil.mil.infer_outputs import prediction_row, slide_done, write_slide
+from gigamil.mil.infer_outputs import prediction_row, write_slide
 from gigamil.mil.infer_spec import InferenceSpec
 
-__all__ = ["infer_slides", "infer_slides_local", "todo"]
+__all__ = ["infer_slides", "object_store_bytes", "set_threads", "Result", "Outcome"]
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +62,7 @@ Result = dict[str, Any]  # {"ok": True, "row": {...}} or {"ok": False, "file", "
 Outcome = tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]  # rows, failures, stats
 
 
-def _set_threads(threads: int) -> None:
+def set_threads(threads: int) -> None:
     import torch  # noqa: F401 - imported first, so that configure_threads sizes it
 
     configure_threads(threads)
@@ -82,7 +85,7 @@ class _Predictor:
 
     def __init__(self, spec: InferenceSpec) -> None:
         retain_freed_memory()
-        _set_threads(spec.threads)
+        set_threads(spec.threads)
         self.predictor = SlidePredictor(spec)
         self.predictor.warm_up()
 
@@ -108,47 +111,6 @@ def _read(work: SlideWork, k: int, extract: Any
     retain_freed_memory()
     chunk = read_chunk(work, k, extract)
     return chunk.patches, (chunk.coords, chunk.rejected)
-
-
-def _message(exc: BaseException, path: str) -> str:
-    """What went wrong with a slide, without its directory (paths may hold patient data)."""
-    from gigamil.wsi.extract import safe_message
-
-    cause = getattr(exc, "cause", None) or exc
-    if not isinstance(cause, BaseException):
-        cause = exc
-    text = safe_message(cause, Path(path))
-    return text.splitlines()[0] if text else cause.__class__.__name__
-
-
-def _failure(path: str, error: str) -> dict[str, Any]:
-    from gigamil.wsi.metadata import slide_id
-
-    return {"slide_id": slide_id(Path(path)), "file": Path(path).name, "error": error}
-
-
-# ---- in one process ----------------------------------------------------------------
-
-
-def infer_slides_local(paths: Sequence[Path], spec: InferenceSpec, out: str | os.PathLike[str],
-                       on_result: Callable[[Result], None] | None = None) -> Outcome:
-    """The same stages in this process, one slide after another (no Ray):
-    (rows, failures, pipeline stats)."""
-    retain_freed_memory()
-    _set_threads(spec.threads)
-    predictor = SlidePredictor(spec)
-    predictor.warm_up()
-    rows, failures = [], []
-    for p in paths:
-        try:
-            res: Result = {"ok": True, "row": predictor.predict_to(p, out)}
-            rows.append(res["row"])
-        except Exception as exc:  # noqa: BLE001 - one bad slide never stops the batch
-            failures.append(_failure(str(p), _message(exc, str(p))))
-            res = {"ok": False, **failures[-1]}
-        if on_result is not None:
-            on_result(res)
-    return rows, failures, {"engine": "one process", "slides": len(paths)}
 
 
 # ---- on Ray ------------------------------------------------------------------------
@@ -190,16 +152,17 @@ class _Pipeline:
         self.on_result = on_result
         self.max_chunks = cpus + ENCODE_CALLS_PER_ACTOR * len(actors)
         self.max_slides = cpus + len(actors) + 1
-        self.plan = ray.remote(num_cpus=1, max_retries=3)(plan_inference)
-        self.read = ray.remote(num_cpus=1, max_retries=3, num_returns=2)(_read)
-        self.write = ray.remote(num_cpus=1, max_retries=3)(write_slide)
+        # Ray's remote handles are typed per arity; the pipeline treats them as Any
+        self.plan: Any = ray.remote(num_cpus=1, max_retries=3)(plan_inference)
+        self.read: Any = ray.remote(num_cpus=1, max_retries=3, num_returns=2)(_read)
+        self.write: Any = ray.remote(num_cpus=1, max_retries=3)(write_slide)
         self.pending: dict[Any, Callable[[Any, BaseException | None], None]] = {}
         self.slides: list[_Slide] = []  # in flight, oldest first
         self.reads: deque[tuple[_Slide, int]] = deque()
         self.ready: deque[_Chunk] = deque()
         self.busy = {id(a): 0 for a in actors}
         self.alive = 0
-        self.stats = {"engine": "ray", "cpus": cpus, "predictors": len(actors),
+        self.stats: dict[str, Any] = {"engine": "ray", "cpus": cpus, "predictors": len(actors),
                       "max_chunks_held": self.max_chunks, "peak_chunks_held": 0,
                       "chunks_read": 0, "encode_calls": 0, "patches_encoded": 0,
                       "encode_calls_across_slides": 0}
@@ -251,7 +214,7 @@ class _Pipeline:
             self.alive += 1
             self.stats["chunks_read"] += 1
             self.stats["peak_chunks_held"] = max(self.stats["peak_chunks_held"], self.alive)
-            self.pending[meta] = lambda v, e, s=slide, k=k, p=patches: self._read_done(s, k, p, v, e)
+            self.pending[meta] = functools.partial(self._read_done, slide, k, patches)
         for actor in sorted(self.actors, key=lambda a: self.busy[id(a)]):
             if self.ready and self.busy[id(actor)] < ENCODE_CALLS_PER_ACTOR:
                 self._encode(actor)
@@ -359,8 +322,8 @@ class _Pipeline:
         slide.alive = 0
         slide.feats.clear()
         self.slides.remove(slide)
-        message = _message(error, slide.path) if error is not None else "unknown error"
-        self.failures.append(_failure(slide.path, message))
+        message = failure_message(error, slide.path) if error is not None else "unknown error"
+        self.failures.append(slide_failure(slide.path, message))
         if self.on_result is not None:
             self.on_result({"ok": False, **self.failures[-1]})
 
@@ -410,10 +373,10 @@ def infer_slides(paths: Sequence[Path], spec: InferenceSpec, out: str | os.PathL
             workers = int(resources.get("GPU", 0) // gpus_per_worker) if gpus_per_worker \
                 else cpus // max(1, spec.threads)
         # actors hold no CPU slot: the slots are for reading, which must never starve
-        actor = ray.remote(num_cpus=0, num_gpus=gpus_per_worker, max_restarts=-1,
+        actor: Any = ray.remote(num_cpus=0, num_gpus=gpus_per_worker, max_restarts=-1,
                            max_task_retries=3)(_Predictor)
         actors = [actor.remote(spec) for _ in range(max(1, workers))]
-        warm = ray.remote(num_cpus=1)(_warm_up)
+        warm: Any = ray.remote(num_cpus=1)(_warm_up)
         ray.get([warm.remote() for _ in range(cpus)] + [a.pid.remote() for a in actors])
         if on_workers is not None:
             on_workers(actors)
@@ -440,10 +403,3 @@ def _use_cluster_token() -> None:
     path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
     if os.environ.get("RAY_AUTH_TOKEN") or os.path.isfile(path):
         os.environ["RAY_AUTH_MODE"] = "token"
-
-
-def todo(paths: Sequence[Path], out: Path) -> list[Path]:
-    """The slides without a finished result (a rerun does only these)."""
-    from gigamil.wsi.metadata import slide_id
-
-    return [p for p in paths if not slide_done(out, slide_id(p))]

@@ -22,9 +22,17 @@ from torch import nn
 from gigamil.errors import UsageError
 from gigamil.io import atomic_path
 
-__all__ = ["export_onnx", "OnnxMIL", "PARITY_LENGTHS"]
+__all__ = ["export_onnx", "export_run", "OnnxMIL", "PARITY_LENGTHS"]
 
 PARITY_LENGTHS = (1, 7, 64, 513)
+
+
+def export_run(run: str | os.PathLike[str], fold: int, path: str | os.PathLike[str]
+               ) -> dict[str, Any]:
+    """Export fold ``fold`` of the run directory ``run`` to ``path``; the parity report."""
+    from gigamil.layout import RunDir
+
+    return export_onnx(RunDir(run).load_best(fold), path)
 
 
 class _OneBag(nn.Module):

@@ -1,0 +1,106 @@
+"""Inference over many slides: in this process, or on Ray, picked by ``--ray-address``.
+
+    where = RayOptions(ray_address="local", workers=2)
+    rows, failures, stats = infer_slides_where(todo(paths, out), spec, out, where)
+
+``ray_address="none"`` runs the stages of :mod:`gigamil.mil.infer` here, one slide after
+another; anything else runs them as the Ray pipeline of :mod:`gigamil.cluster.ray`. Either
+way every slide's result is written atomically, a bad slide is a row of ``failures`` (the
+rest go on), and a rerun predicts only the slides without a result (:func:`todo`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gigamil.mil.infer_outputs import slide_done
+from gigamil.mil.infer_spec import InferenceSpec
+from gigamil.wsi.extract import safe_message
+from gigamil.wsi.metadata import slide_id
+
+__all__ = ["RayOptions", "infer_slides_where", "infer_slides_local", "todo",
+           "failure_message", "slide_failure"]
+
+Result = dict[str, Any]  # {"ok": True, "row": {...}} or {"ok": False, "file", "error"}
+Outcome = tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]  # rows, failures, stats
+
+
+def _opt(default: Any, help: str, **cli: Any) -> Any:
+    return field(default=default, metadata={"help": help, **cli})
+
+
+@dataclass
+class RayOptions:
+    """Where ``gigamil infer`` runs (the CLI derives its options from these fields)."""
+
+    ray_address: str = _opt("local", "local: start Ray here; auto or host:port: join a cluster "
+                            "(see `gigamil slurm template infer`); none: no Ray, one process.")
+    workers: int | None = _opt(None, "Predictor actors: each holds the encoder and the MIL "
+                               "models (on --gpus-per-worker GPUs) [default: one per GPU share; "
+                               "on CPUs, one per --threads cores, as the encoder is then most "
+                               "of the work].", min=1)
+    cpus: int | None = _opt(None, "CPUs of a local Ray for reading patches [default: every "
+                            "core].", min=1)
+    gpus_per_worker: float = _opt(0.0, "GPUs per predictor.", min=0)
+
+
+def failure_message(exc: BaseException, path: str) -> str:
+    """What went wrong with a slide, without its directory (paths may hold patient data)."""
+    cause = getattr(exc, "cause", None) or exc
+    if not isinstance(cause, BaseException):
+        cause = exc
+    text = safe_message(cause, Path(path))
+    return text.splitlines()[0] if text else cause.__class__.__name__
+
+
+def slide_failure(path: str, error: str) -> dict[str, Any]:
+    """A row of ``failures.csv``."""
+    return {"slide_id": slide_id(Path(path)), "file": Path(path).name, "error": error}
+
+
+def todo(paths: Sequence[Path], out: str | os.PathLike[str]) -> list[Path]:
+    """The slides without a finished result (a rerun does only these)."""
+    return [p for p in paths if not slide_done(Path(out), slide_id(p))]
+
+
+def infer_slides_local(paths: Sequence[Path], spec: InferenceSpec, out: str | os.PathLike[str],
+                       on_result: Callable[[Result], None] | None = None) -> Outcome:
+    """The same stages in this process, one slide after another (no Ray):
+    (rows, failures, pipeline stats)."""
+    from gigamil.cluster.ray import set_threads
+    from gigamil.memory import retain_freed_memory
+    from gigamil.mil.infer import SlidePredictor
+
+    retain_freed_memory()
+    set_threads(spec.threads)
+    predictor = SlidePredictor(spec)
+    predictor.warm_up()
+    rows, failures = [], []
+    for p in paths:
+        try:
+            res: Result = {"ok": True, "row": predictor.predict_to(p, out)}
+            rows.append(res["row"])
+        except Exception as exc:  # noqa: BLE001 - one bad slide never stops the batch
+            failures.append(slide_failure(str(p), failure_message(exc, str(p))))
+            res = {"ok": False, **failures[-1]}
+        if on_result is not None:
+            on_result(res)
+    return rows, failures, {"engine": "one process", "slides": len(paths)}
+
+
+def infer_slides_where(paths: Sequence[Path], spec: InferenceSpec, out: str | os.PathLike[str],
+                       where: RayOptions, on_result: Callable[[Result], None] | None = None
+                       ) -> Outcome:
+    """Predict ``paths`` where ``where.ray_address`` says (nothing to do: nothing runs)."""
+    if not paths:
+        return [], [], {}
+    if where.ray_address == "none":
+        return infer_slides_local(paths, spec, out, on_result)
+    from gigamil.cluster.ray import infer_slides
+
+    return infer_slides(paths, spec, out, where.ray_address, where.workers,
+                        where.gpus_per_worker, where.cpus, on_result)
