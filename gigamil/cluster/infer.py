@@ -15,12 +15,13 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from gigamil.mil.infer_outputs import slide_done
-from gigamil.mil.infer_spec import InferenceSpec
 from gigamil.wsi.extract import safe_message
 from gigamil.wsi.metadata import slide_id
+
+if TYPE_CHECKING:  # the CLI imports this module for RayOptions: no torch at start-up
+    from gigamil.mil.infer_spec import InferenceSpec
 
 __all__ = ["RayOptions", "infer_slides_where", "infer_slides_local", "todo",
            "failure_message", "slide_failure"]
@@ -64,6 +65,8 @@ def slide_failure(path: str, error: str) -> dict[str, Any]:
 
 def todo(paths: Sequence[Path], out: str | os.PathLike[str]) -> list[Path]:
     """The slides without a finished result (a rerun does only these)."""
+    from gigamil.mil.infer_outputs import slide_done
+
     return [p for p in paths if not slide_done(Path(out), slide_id(p))]
 
 
