@@ -72,8 +72,8 @@ def _localization(pred_dir: Path, masks_dir: Path, ids: list[str], mpp0: float,
 
 def run_demo(cfg: DemoConfig, on_stage: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run every stage, write ``<out>/demo_summary.json`` and return the summary."""
-    from gigamil.cluster.launch import run_training
     from gigamil.cluster.infer import todo
+    from gigamil.cluster.launch import run_training
     from gigamil.cluster.ray import infer_slides
     from gigamil.mil.embed import EmbedConfig, embed_stores
     from gigamil.mil.infer_outputs import write_outputs
