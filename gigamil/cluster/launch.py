@@ -22,6 +22,7 @@ import torch
 
 from gigamil.cluster.checkpoint import CheckpointManager
 from gigamil.cluster.distributed import DistEnv, dist_env, process_group
+from gigamil.layout import RunDir
 from gigamil.mil.fold import StopRequest
 from gigamil.mil.train import train
 from gigamil.mil.train_config import TrainConfig, default_device
@@ -60,7 +61,7 @@ def run_log(out: Path, enabled: bool = True) -> Iterator[None]:
         yield
         return
     out.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(out / "train.log")
+    handler = logging.FileHandler(RunDir(out).log)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.setLevel(logging.INFO)
     root = logging.getLogger("gigamil")
@@ -91,7 +92,7 @@ def run_training(cfg: TrainConfig, resume: bool = False, env: DistEnv | None = N
     out = Path(cfg.out)
 
     def checkpoints(fold: int) -> CheckpointManager:
-        return CheckpointManager(out / "checkpoints" / f"fold{fold}", keep=cfg.keep_last,
+        return CheckpointManager(RunDir(out).checkpoints(fold), keep=cfg.keep_last,
                                  is_main=env.is_main)
 
     with run_log(out, env.is_main), stop_on_signals(stop, preempt_signal), \

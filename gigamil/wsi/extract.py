@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from gigamil.errors import GigamilError, StoreError, UsageError
+from gigamil.layout import ExtractDir
 from gigamil.versions import gigamil_version, package_versions
 from gigamil.wsi.extract_config import ExtractConfig, SlidePlan, SlideResult
 from gigamil.wsi.features import trident_attrs
@@ -102,8 +103,8 @@ def extract_slide(
     path = Path(path)
     sid = sid or slide_id(path)
     out = Path(out_dir)
-    store_path = out / "patches" / f"{sid}.lmdb"
-    h5_path = out / "coords" / f"{sid}.h5"
+    layout = ExtractDir(out)
+    store_path, h5_path = layout.store(sid), layout.coords_h5(sid)
     result = SlideResult(sid, path.name, "failed")
     try:
         if store_path.exists() and not store_path.is_file():
@@ -157,7 +158,7 @@ def extract_slide(
                 scale = plan.thumb.shape[1] / slide.dimensions[0]
                 image = extraction_preview(plan.thumb, plan.tissue.mask, g.coords, g.size_level0,
                                            scale, primary_reasons, title=sid)
-                save_png(out / "previews" / f"{sid}.png", image)
+                save_png(layout.preview(sid), image)
         total: Counter[str] = Counter()
         for c in rejected.values():
             total.update(c)
