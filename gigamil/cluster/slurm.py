@@ -22,12 +22,15 @@ import subprocess
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gigamil.cluster.executor import ClusterOptions
 from gigamil.errors import GigamilError, UsageError
 from gigamil.io import write_json
 from gigamil.layout import JOBS
+
+if TYPE_CHECKING:
+    from gigamil.mil.train_config import TrainConfig
 
 __all__ = ["make_executor", "record_jobs", "TrainJob", "job_report", "wait_jobs", "JOBS_DIR"]
 
@@ -163,7 +166,7 @@ class TrainJob:
     checkpoint at the next step boundary, then submitit requeues the job.
     """
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
 
     def __call__(self) -> dict[str, Any]:

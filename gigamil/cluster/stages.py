@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from gigamil.cluster.executor import ClusterOptions, Stage
 from gigamil.cluster.pool import report_progress, run_pool
@@ -36,6 +36,10 @@ from gigamil.wsi.discovery import discover_slides, duplicate_ids
 from gigamil.wsi.extract import extract_slide
 from gigamil.wsi.extract_config import MANIFEST_FIELDS, ExtractConfig, SlideResult
 from gigamil.wsi.metadata import SLIDE_EXTENSIONS
+
+if TYPE_CHECKING:  # torch-side configs: imported by the jobs themselves, not at start-up
+    from gigamil.mil.embed import EmbedConfig, EmbedResult
+    from gigamil.mil.train_config import TrainConfig
 
 __all__ = ["ExtractStage", "EmbedStage", "TrainStage", "extract_slides",
            "merge_extract_manifests"]
@@ -211,8 +215,8 @@ class ExtractStage(Stage[list[SlideResult]]):
 
 # -- embed -----------------------------------------------------------------------------------
 
-def _embed_job(data: str, cfg: Any, out: str | None, from_slides: ExtractConfig | None,
-               hooks: dict[str, Any]) -> list[Any]:
+def _embed_job(data: str, cfg: EmbedConfig, out: str | None,
+               from_slides: ExtractConfig | None, hooks: dict[str, Any]) -> list[EmbedResult]:
     from gigamil.cluster.resources import configure_threads
     from gigamil.mil.embed import embed_stores
     from gigamil.mil.embed_slides import embed_slides
@@ -227,13 +231,13 @@ def _embed_job(data: str, cfg: Any, out: str | None, from_slides: ExtractConfig 
 
 
 @dataclass
-class EmbedStage(Stage[list[Any]]):
-    """Patch stores → ``features/<encoder>/<slide_id>.h5`` (``cfg``: an ``EmbedConfig``);
+class EmbedStage(Stage[list["EmbedResult"]]):
+    """Patch stores → ``features/<encoder>/<slide_id>.h5``;
     with ``from_slides``, patches cut from the slides in ``data`` on the fly, stored nowhere."""
 
     kind: ClassVar[str] = "embed"
     data: Path
-    cfg: Any
+    cfg: EmbedConfig
     out: Path | None = None
     from_slides: ExtractConfig | None = None
     hooks: dict[str, Callable[..., None]] = field(default_factory=dict)
@@ -254,7 +258,7 @@ class EmbedStage(Stage[list[Any]]):
         return max(1, -(-n_stores // max(1, opts.slides_per_job)))
 
     def job(self, shard: tuple[int, int] | None, workers: int, here: bool
-            ) -> Callable[[], list[Any]]:
+            ) -> Callable[[], list[EmbedResult]]:
         cfg = self.cfg
         if shard is not None:
             cfg = dataclasses.replace(cfg, shard=shard)
@@ -270,7 +274,7 @@ class EmbedStage(Stage[list[Any]]):
 
 # -- train -----------------------------------------------------------------------------------
 
-def _train_here(cfg: Any, resume: bool, on_epoch: Callable[[dict[str, Any]], None] | None
+def _train_here(cfg: TrainConfig, resume: bool, on_epoch: Callable[[dict[str, Any]], None] | None
                 ) -> dict[str, Any]:
     from gigamil.cluster.launch import run_training
 
@@ -279,11 +283,11 @@ def _train_here(cfg: Any, resume: bool, on_epoch: Callable[[dict[str, Any]], Non
 
 @dataclass
 class TrainStage(Stage[dict[str, Any]]):
-    """The cross-validated run (``cfg``: a ``TrainConfig``); its result is the summary."""
+    """The cross-validated run; its result is the summary."""
 
     kind: ClassVar[str] = "train"
     multi_rank: ClassVar[bool] = True
-    cfg: Any
+    cfg: TrainConfig
     resume: bool = False
     on_epoch: Callable[[dict[str, Any]], None] | None = None
 

@@ -19,7 +19,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -195,7 +195,9 @@ class _ClsMeanPool(nn.Module):
         self.skip = int(getattr(vit, "num_prefix_tokens", 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = self.vit.forward_features(x)
+        # nn.Module.__getattr__ is typed Tensor | Module; a timm ViT's forward_features is a method
+        forward_features = cast(Callable[[torch.Tensor], torch.Tensor], self.vit.forward_features)
+        tokens = forward_features(x)
         return torch.cat([tokens[:, 0], tokens[:, self.skip:].mean(dim=1)], dim=-1)
 
 

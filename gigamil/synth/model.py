@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import cast
 
 import cv2
 import numpy as np
@@ -58,7 +59,7 @@ def _hash_field(rng: np.random.Generator, shape: tuple[int, int], sigma: float) 
     """Smooth random field in [0, 1] of ``shape``, correlation length ~``sigma`` px."""
     factor = max(1.0, sigma / 4.0)  # draw coarse noise and upsample: cheap for large sigma
     small = (max(2, int(math.ceil(shape[0] / factor))), max(2, int(math.ceil(shape[1] / factor))))
-    field = rng.standard_normal(small).astype(np.float32)
+    field: np.ndarray = rng.standard_normal(small).astype(np.float32)
     field = cv2.GaussianBlur(field, (0, 0), sigmaX=max(sigma / factor, 0.5))
     if small != shape:
         field = cv2.resize(field, (shape[1], shape[0]), interpolation=cv2.INTER_CUBIC)
@@ -303,10 +304,11 @@ class SyntheticSlideModel:
                 if key is not None and key in cache:
                     yield cache[key]
                     continue
-                data = imagecodecs.jpeg8_encode(
+                # without ``out`` jpeg8_encode returns bytes; its stub says bytes | bytearray
+                data = cast(bytes, imagecodecs.jpeg8_encode(
                     self.render(mpp, tx, ty, t, t), level=self.cfg.jpeg_quality,
                     colorspace="RGB", outcolorspace="YCBCR", subsampling=(2, 2),
-                )
+                ))
                 if key is not None:
                     cache[key] = data
                 yield data

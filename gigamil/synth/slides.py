@@ -96,7 +96,8 @@ def save_masks(path: str | os.PathLike[str], masks: dict[str, np.ndarray]) -> No
     arrays = {k: np.round(v * 255).astype(np.uint8) for k, v in masks.items()}
     with atomic_path(path.with_suffix(".npz")) as tmp:
         with open(tmp, "wb") as fh:
-            np.savez_compressed(fh, mpp=np.float64(MASK_MPP), **arrays)
+            # allow_pickle (its default) named so mypy does not match **arrays against it
+            np.savez_compressed(fh, allow_pickle=True, mpp=np.float64(MASK_MPP), **arrays)
     overview = np.full(masks["tissue"].shape + (3,), 255, np.uint8)
     overview[masks["tissue"] > 0.5] = (200, 200, 200)
     overview[masks["tumor"] > 0.5] = (220, 40, 40)

@@ -126,7 +126,8 @@ class CuCIMReader(SlideReader):
                 "the cucim backend is not installed",
                 "pip install 'gigamil[cucim]', or use --backend openslide",
             )
-        from cucim import CuImage
+        # cucim re-exports CuImage from cucim.clara without __all__; unused-ignore: cucim is optional
+        from cucim import CuImage  # type: ignore[attr-defined, unused-ignore]
 
         if not self.path.is_file():
             raise SlideOpenError(f"{self.path.name} does not exist or is not a file")

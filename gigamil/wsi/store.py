@@ -11,7 +11,7 @@ import json
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -160,7 +160,10 @@ class PatchStore:
     @property
     def mpp(self) -> float | None:
         """µm/px of the selected scale (None for a store that does not record it)."""
-        return self._mpp if self._mpp is not None else (self.scales or [None])[0]
+        if self._mpp is not None:
+            return self._mpp
+        scales = self.scales
+        return scales[0] if scales else None
 
     @property
     def coords(self) -> np.ndarray:
@@ -218,10 +221,10 @@ class PatchStore:
         """Encoded bytes of several patches in one transaction."""
         idx = [self._check_index(int(i)) for i in indices]
         with self._open().begin(buffers=False) as txn:
-            out = [txn.get(patch_key(i, self._scale)) for i in idx]
+            out: list[bytes | None] = [txn.get(patch_key(i, self._scale)) for i in idx]
         if any(d is None for d in out):
             raise StoreError(f"{self.path.name} lacks patches", "re-extract the slide")
-        return out  # type: ignore[return-value]
+        return cast(list[bytes], out)  # every entry checked not None above
 
     def close(self) -> None:
         if self._env is not None:

@@ -81,7 +81,7 @@ class OtsuTissueDetector:
         if k > 1:
             sat = cv2.medianBlur(sat, min(k, 5))
         thr, _ = cv2.threshold(sat, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-        mask = (sat > max(thr, self.min_saturation)).astype(np.uint8)
+        mask: np.ndarray = (sat > max(thr, self.min_saturation)).astype(np.uint8)
         r = _odd(self.close_um / mpp)
         if r > 1:
             kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (r, r))

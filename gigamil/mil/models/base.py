@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -43,7 +44,8 @@ def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)
 
 
-def apply_valid(fn: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def apply_valid(fn: nn.Module | Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                mask: torch.Tensor) -> torch.Tensor:
     """``fn`` over the real instances only, zeros at padding: padding costs no compute.
 
     ``x`` (B, N, D) and ``mask`` (B, N) → (B, N, D'), as ``fn(x)`` on the real rows.
