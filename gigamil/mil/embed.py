@@ -253,7 +253,7 @@ def _run(stores: list[PatchStore], normalizers: list[Any] | None, encoder: Encod
         persistent_workers=cfg.workers > 0, prefetch_factor=4 if cfg.workers > 0 else None,
         multiprocessing_context="spawn" if cfg.workers > 0 else None,
     )
-    model = encoder.model
+    model: Callable[..., torch.Tensor] = encoder.model
     if cfg.compile:
         model = torch.compile(model)
     dtype = cfg.autocast_dtype(device)
@@ -266,8 +266,7 @@ def _run(stores: list[PatchStore], normalizers: list[Any] | None, encoder: Encod
         for patches, ok, slide_idx, patch_idx in loader:
             x = encoder.preprocess(patches.to(device, non_blocking=True))
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                out = model(x)
-            out = out.float().cpu().numpy()
+                out = model(x).float().cpu().numpy()
             ok = ok.numpy().astype(bool)
             s_idx, p_idx = slide_idx.numpy(), patch_idx.numpy()
             for k in np.unique(s_idx):
@@ -318,10 +317,12 @@ def _finish(k: int, stores: list[PatchStore], encoder: Encoder, feats: dict, row
     record(res)
 
 
-def forward_patches(encoder: Encoder, patches: list[np.ndarray], device: torch.device,
+def forward_patches(encoder: Encoder, patches: Sequence[np.ndarray] | np.ndarray,
+                    device: torch.device,
                     dtype: torch.dtype | None) -> np.ndarray:
     """Features (B, D) of a batch of uint8 HWC patches: preprocess, encode under autocast."""
-    x = encoder.preprocess(torch.from_numpy(np.stack(patches)).to(device))
+    batch = np.stack(list(patches))  # a fresh, writable copy (Ray's chunks are read-only)
+    x = encoder.preprocess(torch.from_numpy(batch).to(device))
     with torch.inference_mode(), torch.autocast(device.type, dtype=dtype,
                                                 enabled=dtype is not None):
         return encoder.model(x).float().cpu().numpy()

@@ -57,7 +57,7 @@ def write_slide(spec: InferenceSpec, out: str | os.PathLike[str], path: str | os
     if scores.patch_probs is not None:
         arrays["probability"] = scores.patch_probs
     buf = io.BytesIO()
-    np.savez_compressed(buf, **arrays)
+    np.savez_compressed(buf, allow_pickle=True, **arrays)  # the default, named for mypy
     with atomic_path(out / "slides" / f"{sid}.npz") as tmp:
         tmp.write_bytes(buf.getvalue())
     if spec.heatmaps:
