@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from gigamil.cluster.stages import extract_slides
-from gigamil.mil.embed import EmbedConfig, embed_stores
+from gigamil.mil.embed import embed_stores
+from gigamil.mil.embed_config import EmbedConfig
 from gigamil.mil.encoders import create_encoder
 from gigamil.synth.slides import make_cohort
 from gigamil.wsi.extract_config import ExtractConfig

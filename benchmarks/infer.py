@@ -30,7 +30,8 @@ from gigamil.cluster.launch import run_training
 from gigamil.cluster.ray import infer_slides
 from gigamil.cluster.stages import extract_slides
 from gigamil.memory import retain_freed_memory
-from gigamil.mil.embed import EmbedConfig, embed_stores
+from gigamil.mil.embed import embed_stores
+from gigamil.mil.embed_config import EmbedConfig
 from gigamil.mil.infer import SlidePredictor
 from gigamil.mil.infer_spec import InferenceSpec
 from gigamil.mil.train_config import TrainConfig

@@ -31,7 +31,7 @@ from gigamil.mil.metrics import binary_auroc
 from gigamil.mil.models import create_model
 from gigamil.mil.splits import make_folds
 from gigamil.mil.train import feature_dim
-from gigamil.mil.train_config import PRECISIONS, TrainConfig
+from gigamil.mil.train_config import TrainConfig, autocast_dtype
 from gigamil.synth.bags import make_feature_bags
 
 
@@ -40,7 +40,7 @@ def clam_loop(train_bags: list[tuple[torch.Tensor, int]], test_bags: list[tuple[
     torch.manual_seed(0)
     model = create_model("abmil", in_dim=dim, n_classes=2).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-4, weight_decay=1e-4)
-    dtype = PRECISIONS[precision]
+    dtype = autocast_dtype(precision)
     train_bags = [(x.to(device), y) for x, y in train_bags]  # the fastest bs-1 loop: data on device
     times = []
     for epoch in range(epochs):

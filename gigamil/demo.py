@@ -75,7 +75,9 @@ def run_demo(cfg: DemoConfig, on_stage: Callable[[str], None] | None = None) -> 
     from gigamil.cluster.infer import todo
     from gigamil.cluster.launch import run_training
     from gigamil.cluster.ray import infer_slides
-    from gigamil.mil.embed import EmbedConfig, embed_stores
+    from gigamil.mil.embed import embed_stores
+    from gigamil.mil.embed_config import EmbedConfig
+    from gigamil.mil.infer_config import InferConfig
     from gigamil.mil.infer_outputs import write_outputs
     from gigamil.mil.infer_spec import InferenceSpec
     from gigamil.mil.metrics import binary_auroc
@@ -128,7 +130,7 @@ def run_demo(cfg: DemoConfig, on_stage: Callable[[str], None] | None = None) -> 
     t = time.perf_counter()
     stage(f"infer: {cfg.n_heldout} held-out slides on Ray ({cfg.workers} CPUs: readers and "
           "a predictor per core), heatmaps")
-    spec = InferenceSpec.from_run(run, heatmaps=True)
+    spec = InferenceSpec.from_run(run, InferConfig(heatmaps=True))
     preds = out / "preds"
     paths = discover_slides([out / "heldout"])
     _, failures, stats = infer_slides(todo(paths, preds), spec, preds, cpus=cfg.workers) \

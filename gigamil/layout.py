@@ -57,6 +57,11 @@ class FeatureDir:
     def h5(self, slide_id: str) -> Path:
         return self.root / f"{slide_id}.h5"
 
+    @property
+    def config(self) -> Path:
+        """``embed_config.json``: the resolved embedding options, encoder and versions."""
+        return self.root / "embed_config.json"
+
     def files(self) -> list[Path]:
         return sorted(self.root.glob("*.h5"))
 
@@ -79,14 +84,11 @@ class ExtractDir:
     def __init__(self, root: str | os.PathLike[str]) -> None:
         object.__setattr__(self, "root", Path(root))
 
-    @classmethod
-    def of_stores(cls, data: str | os.PathLike[str]) -> ExtractDir:
-        """The extract folder given to ``embed``: one holding ``patches/``, or ``patches/``
-        itself."""
+    @staticmethod
+    def store_folder(data: str | os.PathLike[str]) -> Path:
+        """Where ``embed DATA`` finds stores: ``DATA/patches/`` if it exists, else ``DATA``."""
         data = Path(data)
-        if not (data / "patches").is_dir() and data.name == "patches":
-            return cls(data.parent)
-        return cls(data)
+        return data / "patches" if (data / "patches").is_dir() else data
 
     @property
     def patches(self) -> Path:
@@ -187,6 +189,11 @@ class RunDir:
     def predictions(self, fold: int | str) -> Path:
         return self.root / f"predictions_fold{fold}.csv"
 
+    @property
+    def ensemble_predictions(self) -> Path:
+        """``predictions.csv`` of the folds' ensemble (``gigamil eval`` of another cohort)."""
+        return self.root / "predictions.csv"
+
     def prediction_files(self) -> dict[str, Path]:
         """``predictions_fold<k>.csv`` by fold name."""
         return {p.stem.removeprefix("predictions_fold"): p
@@ -198,8 +205,19 @@ class RunDir:
                  for p in self.root.glob("checkpoints/fold*/best.pt")]
         return sorted(folds)
 
+    def fold_models(self) -> list[Path]:
+        """The ``best.pt`` of every trained fold, by fold (a clear error if there is none)."""
+        folds = self.trained_folds()
+        if not folds:
+            raise UsageError(f"{self.root} has no trained fold (no best model in checkpoints/)",
+                             "train it first, or finish it with `gigamil train … --resume auto`")
+        return [self.best(k) for k in folds]
+
     def load_config(self) -> dict[str, Any]:
-        """``config.json``: ``{"config": {...resolved TrainConfig...}, "versions": …}``."""
+        """``config.json``: ``{"config": {...resolved TrainConfig...}, "classes": …}``."""
+        if not self.config.exists():
+            raise UsageError(f"{self.root} is not a gigamil run (no config.json)",
+                             "pass the --out directory of `gigamil train`")
         return dict(_read_json(self.config, "a run directory",
                                "give the --out of `gigamil train`"))
 

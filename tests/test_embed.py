@@ -19,7 +19,8 @@ import typer
 from gigamil.cli.options import parse_shard
 from gigamil.cluster.stages import extract_slides
 from gigamil.errors import UsageError
-from gigamil.mil.embed import EmbedConfig, embed_stores, select_share
+from gigamil.mil.embed import embed_stores, select_share
+from gigamil.mil.embed_config import EmbedConfig
 from gigamil.mil.encoders import create_encoder, list_encoders
 from gigamil.wsi.extract_config import ExtractConfig
 from gigamil.wsi.features import read_bag, write_bag

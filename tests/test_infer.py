@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from gigamil.cli.main import app
 from gigamil.errors import UsageError
 from gigamil.mil.export import PARITY_LENGTHS, OnnxMIL, export_onnx
+from gigamil.mil.infer_config import InferConfig
 from gigamil.mil.models import create_model
 from gigamil.synth.slides import make_cohort
 
@@ -147,7 +148,7 @@ def test_encoding_chunks_together_equals_encoding_them_apart(trained: dict[str, 
     from gigamil.mil.infer import SlidePredictor
     from gigamil.mil.infer_spec import InferenceSpec
 
-    predictor = SlidePredictor(InferenceSpec.from_run(trained["run"], batch_size=8))
+    predictor = SlidePredictor(InferenceSpec.from_run(trained["run"], InferConfig(batch_size=8)))
     rng = np.random.default_rng(0)
     chunks = [rng.integers(0, 255, (n, 128, 128, 3), dtype=np.uint8) for n in (5, 13, 1)]
     together = predictor.encode(chunks)
@@ -359,7 +360,7 @@ def test_patch_probabilities_are_each_patch_scored_as_a_bag_of_one(trained: dict
     from gigamil.mil.infer_spec import InferenceSpec
     from gigamil.mil.predict import load_model
 
-    spec = InferenceSpec.from_run(trained["run"], heatmap_values="probability")
+    spec = InferenceSpec.from_run(trained["run"], InferConfig(heatmap_values="probability"))
     predictor = SlidePredictor(spec)
     bag = np.random.default_rng(1).normal(size=(9, predictor.encoder.feature_dim))
     bag = bag.astype(np.float32)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -15,14 +14,11 @@ from gigamil.cli.cluster import run_stage_here_or_submit
 from gigamil.cluster.executor import ClusterOptions
 from gigamil.cluster.stages import EmbedStage
 from gigamil.errors import UsageError
-from gigamil.wsi.extract_config import ExtractConfig
+from gigamil.mil.embed_config import EmbedConfig, Precision
+from gigamil.wsi.extract_config import ExtractConfig, StainMethod
 
-
-class PrecisionChoice(str, Enum):
-    auto = "auto"
-    fp32 = "fp32"
-    bf16 = "bf16"
-    fp16 = "fp16"
+#: The defaults of every embedding option: read from the config, never restated here.
+E = EmbedConfig()
 
 
 @cli_errors
@@ -31,23 +27,23 @@ def embed(
     data: Annotated[Path, typer.Argument(exists=True, help="The --out of `gigamil extract` "
                                          "(holds patches/), or slides with --from-slides.")],
     encoder: Annotated[str, typer.Option(help="A preset (see `gigamil encoders`) or any timm "
-                                              "model name, or hf-hub:org/name.")] = "resnet50",
+                                              "model name, or hf-hub:org/name.")] = E.encoder,
     weights: Annotated[Path | None, typer.Option(
         exists=True, dir_okay=False,
         help="Local weights: .safetensors, or a .pth/.bin state_dict (loaded weights_only).")] = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="Patches per forward pass.")] = 256,
-    workers: Annotated[int, typer.Option(min=0, help="DataLoader processes decoding patches.")] = 4,
-    precision: Annotated[PrecisionChoice, typer.Option(
-        help="auto = bf16 on GPU, fp32 on CPU.")] = PrecisionChoice.auto,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    batch_size: Annotated[int, typer.Option(min=1, help="Patches per forward pass.")] = E.batch_size,
+    workers: Annotated[int, typer.Option(min=0, help="DataLoader processes decoding patches.")] = E.workers,
+    precision: Annotated[Precision, typer.Option(
+        help="auto = bf16 on GPU, fp32 on CPU.")] = E.precision,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = E.device,
     shard: Annotated[str | None, typer.Option(
         help="Take share k of n of the slides (sorted, k from 0), e.g. $SLURM_ARRAY_TASK_ID/16.")] = None,
     compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the encoder.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Redo slides that already have features.")] = False,
     out_dir: Annotated[Path | None, typer.Option(
         "--out", help="Where features/<encoder>/ goes (default: DATA).")] = None,
-    stain_norm: Annotated[str | None, typer.Option(
-        help="macenko or reinhard: normalize stain, fitted once per slide.")] = None,
+    stain_norm: Annotated[StainMethod | None, typer.Option(
+        help="Normalize stain, fitted once per slide.")] = E.stain_norm,
     stain_reference: Annotated[Path | None, typer.Option(
         exists=True, dir_okay=False, help="Reference image for --stain-norm.")] = None,
     from_slides: Annotated[bool, typer.Option(
@@ -55,7 +51,7 @@ def embed(
     mpp: opt.Mpp = opt.DEFAULT_MPP,
     patch_size: opt.PatchSize = opt.EXTRACT.patch_size,
     min_tissue: opt.MinTissue = opt.EXTRACT.min_tissue,
-    backend: opt.Backend = opt.BackendChoice.auto,
+    backend: opt.Backend = opt.EXTRACT.backend,
     mpp_override: opt.MppOverride = None,
     *,
     cluster: ClusterOptions,
@@ -69,12 +65,11 @@ def embed(
     takes its share of the slides.
     """
     from gigamil.cluster.distributed import dist_env
-    from gigamil.mil.embed import EmbedConfig
 
     env = dist_env()
     cfg = EmbedConfig(rank=env.rank, world_size=env.world_size, local_rank=env.local_rank,
                       encoder=encoder, weights=str(weights) if weights else None,
-                      batch_size=batch_size, workers=workers, precision=precision.value,
+                      batch_size=batch_size, workers=workers, precision=precision,
                       device=device, shard=opt.parse_shard(shard), compile=compile_model,
                       overwrite=overwrite, stain_norm=stain_norm,
                       stain_reference=str(stain_reference) if stain_reference else None)
@@ -84,7 +79,7 @@ def embed(
         if len(mpps) != 1:
             raise UsageError("--from-slides embeds one scale", "give one --mpp, e.g. 0.5")
         from_slides_cfg = ExtractConfig(
-            mpp=mpps[0], patch_size=patch_size, min_tissue=min_tissue, backend=backend.value,
+            mpp=mpps[0], patch_size=patch_size, min_tissue=min_tissue, backend=backend,
             mpp_override=mpp_override, stain_norm=stain_norm, stain_reference=cfg.stain_reference)
     with progress_bar() as bar:
         task = bar.add_task("embed", total=None, info="")

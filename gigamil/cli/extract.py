@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -14,18 +13,8 @@ from gigamil.cli._common import EXIT_FAILED, cli_errors, err, progress_bar
 from gigamil.cli.cluster import run_stage_here_or_submit
 from gigamil.cluster.executor import ClusterOptions
 from gigamil.cluster.stages import ExtractStage
-from gigamil.wsi.extract_config import ExtractConfig, SlideResult
-
-
-class Format(str, Enum):
-    jpeg = "jpeg"
-    png = "png"
-    raw = "raw"
-
-
-class StainChoice(str, Enum):
-    macenko = "macenko"
-    reinhard = "reinhard"
+from gigamil.wsi.extract_config import ExtractConfig, SlideResult, StainMethod
+from gigamil.wsi.store_format import Encoding
 
 
 @cli_errors
@@ -40,9 +29,10 @@ def extract(
     workers: Annotated[int, typer.Option(
         min=1, help="CPU workers: slides run in parallel processes; with fewer slides than "
                     "workers, each slide is read with several threads.")] = 1,
-    fmt: Annotated[Format, typer.Option("--format", help="Patch encoding in the store.")] = Format.jpeg,
+    fmt: Annotated[Encoding, typer.Option("--format", help="Patch encoding in the store.")
+                   ] = opt.EXTRACT.encoding,
     jpeg_quality: Annotated[int, typer.Option(min=1, max=100, help="JPEG quality.")] = opt.EXTRACT.jpeg_quality,
-    backend: opt.Backend = opt.BackendChoice.auto,
+    backend: opt.Backend = opt.EXTRACT.backend,
     mpp_override: opt.MppOverride = None,
     allow_upsample: opt.AllowUpsample = opt.EXTRACT.allow_upsample,
     tissue_mpp: opt.TissueMpp = opt.EXTRACT.tissue_mpp,
@@ -55,7 +45,7 @@ def extract(
     qc_pen_max: opt.QcPen = opt.qc_default(opt.QC.pen_max, 1.0),
     qc_blur_min: opt.QcBlur = opt.qc_default(opt.QC.blur_min, 0.0),
     stain_norm: Annotated[
-        StainChoice | None, typer.Option(help="Normalize stain, fitted once per slide.")
+        StainMethod | None, typer.Option(help="Normalize stain, fitted once per slide.")
     ] = None,
     stain_reference: Annotated[
         Path | None, typer.Option(exists=True, dir_okay=False,
@@ -86,12 +76,12 @@ def extract(
     """
     cfg = ExtractConfig(
         mpp=opt.parse_mpps(mpp), patch_size=patch_size, overlap=overlap, min_tissue=min_tissue,
-        allow_upsample=allow_upsample, encoding=fmt.value, jpeg_quality=jpeg_quality,
-        backend=backend.value, mpp_override=mpp_override, tissue_mpp=tissue_mpp,
+        allow_upsample=allow_upsample, encoding=fmt, jpeg_quality=jpeg_quality,
+        backend=backend, mpp_override=mpp_override, tissue_mpp=tissue_mpp,
         tissue_detector=tissue_detector,
         tissue_params=opt.parse_key_values(tissue_param, "tissue option"),
         qc=opt.qc_config(qc_background_max, qc_pen_max, qc_blur_min),
-        stain_norm=stain_norm.value if stain_norm else None,
+        stain_norm=stain_norm,
         stain_reference=str(stain_reference) if stain_reference else None,
         coords_h5=coords_h5, previews=previews, record_paths=record_paths,
     )

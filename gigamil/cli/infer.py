@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -11,29 +10,7 @@ import typer
 import gigamil.cli.options as opt
 from gigamil.cli._common import EXIT_FAILED, cli_errors, err, out, progress_bar
 from gigamil.cluster.infer import RayOptions
-
-
-class Engine(str, Enum):
-    torch = "torch"
-    onnx = "onnx"
-
-
-class Folds(str, Enum):
-    best = "best"
-    all = "all"
-
-
-class HeatmapValues(str, Enum):
-    attention = "attention"
-    probability = "probability"
-
-
-Values = Annotated[HeatmapValues, typer.Option(
-    "--heatmap-values", help="attention (rank-scaled), or probability: each patch scored "
-                             "as a bag of one (also saved in the .npz).")]
-HeatmapClass = Annotated[str | None, typer.Option(
-    "--heatmap-class", help="The class whose probability is mapped [default: the last].")]
-
+from gigamil.mil.infer_config import InferConfig
 
 RunDir = Annotated[Path, typer.Option("--run", exists=True, file_okay=False,
                                       help="The run directory of `gigamil train`.")]
@@ -41,22 +18,14 @@ RunDir = Annotated[Path, typer.Option("--run", exists=True, file_okay=False,
 
 @cli_errors
 @opt.from_config(RayOptions, "where", panel="Where it runs (Ray)")
+@opt.from_config(InferConfig, "settings")
 def infer(
     slides: Annotated[list[Path], typer.Argument(help="Slide files or directories.")],
     run: RunDir,
     preds_out: Annotated[Path, typer.Option("--out", help="Where predictions go.")],
-    threads: Annotated[int, typer.Option(min=1, help="Torch threads per predictor.")] = 1,
-    heatmaps: Annotated[bool, typer.Option(help="Also write heatmaps/<slide_id>.png.")] = False,
-    heatmap_values: Values = HeatmapValues.attention,
-    heatmap_class: HeatmapClass = None,
-    engine: Annotated[Engine, typer.Option(help="torch, or onnx (onnxruntime; no torch MIL "
-                                           "model in memory).")] = Engine.torch,
-    fold: Annotated[Folds, typer.Option(help="all: average every fold's model; best: the fold "
-                                        "with the best validation metric.")] = Folds.all,
-    batch_size: Annotated[int, typer.Option(min=1, help="Patches per encoder batch.")] = 64,
-    device: Annotated[str, typer.Option(help="cpu, or cuda with --gpus-per-worker.")] = "cpu",
     *,
     where: RayOptions,
+    settings: InferConfig,
 ) -> None:
     """Predict new slides with a trained run: patches, encoder and MIL models, per slide.
 
@@ -73,8 +42,7 @@ def infer(
     from gigamil.mil.infer_spec import InferenceSpec
     from gigamil.wsi.discovery import discover_slides
 
-    spec = InferenceSpec.from_run(run, engine.value, fold.value, device, heatmaps, batch_size,
-                                  threads, heatmap_values.value, heatmap_class)
+    spec = InferenceSpec.from_run(run, settings)
     paths = discover_slides(slides)
     remaining = todo(paths, preds_out)
     failures: list[dict[str, Any]] = []
@@ -118,13 +86,13 @@ def export(
 
 
 @cli_errors
+@opt.from_config(InferConfig, "settings", exclude=("engine", "heatmaps"))
 def heatmap(
     slide: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="A slide.")],
     run: RunDir,
     png: Annotated[Path, typer.Option("--out", help="The PNG to write.")],
-    fold: Annotated[Folds, typer.Option(help="all or best.")] = Folds.all,
-    heatmap_values: Values = HeatmapValues.attention,
-    heatmap_class: HeatmapClass = None,
+    *,
+    settings: InferConfig,
 ) -> None:
     """Attention, or per-patch probability, of the run's model(s) over the slide's
     thumbnail, with a colour bar."""
@@ -133,8 +101,7 @@ def heatmap(
     from gigamil.mil.infer_spec import InferenceSpec
     from gigamil.wsi.preview import save_png
 
-    predictor = SlidePredictor(InferenceSpec.from_run(
-        run, folds=fold.value, heatmap_values=heatmap_values.value, heatmap_class=heatmap_class))
+    predictor = SlidePredictor(InferenceSpec.from_run(run, settings))
     row, coords, scores, work = predictor.predict(slide)
     save_png(png, slide_heatmap(predictor.spec, slide, coords, scores, work.patch_size_level0,
                                 title=f"{row['slide_id']}: {row['pred']}"))

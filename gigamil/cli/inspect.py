@@ -39,7 +39,7 @@ def _kv_table(title: str, info: dict[str, Any], skip: set[str]) -> Table:
 @cli_errors
 def inspect_slide(
     slide: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="A slide file.")],
-    backend: opt.Backend = opt.BackendChoice.auto,
+    backend: opt.Backend = opt.EXTRACT.backend,
     mpp_override: opt.MppOverride = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
     preview: Annotated[Path | None, typer.Option(
@@ -64,12 +64,12 @@ def inspect_slide(
     extraction with the given options would keep and reject: the picture to tune
     --min-tissue and the QC thresholds on.
     """
-    with open_slide(slide, backend.value, mpp_override) as s:
+    with open_slide(slide, backend, mpp_override) as s:
         info = s.describe()
     if preview is not None:
         cfg = ExtractConfig(
             mpp=opt.parse_mpps(mpp)[:1], patch_size=patch_size, overlap=overlap,
-            min_tissue=min_tissue, allow_upsample=allow_upsample, backend=backend.value,
+            min_tissue=min_tissue, allow_upsample=allow_upsample, backend=backend,
             mpp_override=mpp_override, tissue_mpp=tissue_mpp,
             tissue_detector=tissue_detector,
             tissue_params=opt.parse_key_values(tissue_param, "tissue option"),

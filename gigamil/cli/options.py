@@ -13,6 +13,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
+from gigamil.wsi.extract_config import Backend as ExtractBackend
 from gigamil.wsi.extract_config import ExtractConfig
 from gigamil.wsi.qc import QCConfig
 
@@ -24,12 +25,6 @@ QC = QCConfig()
 DEFAULT_MPP = ",".join(f"{m:g}" for m in EXTRACT.mpps)
 
 
-class BackendChoice(str, Enum):
-    auto = "auto"
-    openslide = "openslide"
-    cucim = "cucim"
-
-
 Mpp = Annotated[
     str, typer.Option(help="Target µm per pixel (0.5 ≈ 20x, 0.25 ≈ 40x); a list like "
                       "0.5,1.0,2.0 stores aligned grids at several scales.")
@@ -39,7 +34,7 @@ Overlap = Annotated[int, typer.Option(min=0, help="Px shared by neighbouring pat
 MinTissue = Annotated[
     float, typer.Option(min=0.0, max=1.0, help="Minimum tissue fraction to keep a patch.")
 ]
-Backend = Annotated[BackendChoice, typer.Option(help="Slide reader.")]
+Backend = Annotated[ExtractBackend, typer.Option(help="Slide reader.")]
 MppOverride = Annotated[
     float | None, typer.Option(help="Level-0 µm/px for slides that do not record it "
                                "(a recorded value is never replaced).")
@@ -144,7 +139,8 @@ def from_config(cls: type[Any], name: str, *, panel: str | None = None,
 
             choices: Any = Enum("Executor", {n: n for n in EXECUTORS.ordered()}, type=str)  # type: ignore[misc]
             kind, default = choices, choices(default)
-        decls = [flags[f.name]] if f.name in flags else []
+        flag = flags.get(f.name) or meta.get("flag")
+        decls = [flag] if flag else []
         info = typer.Option(*decls, help=meta.get("help"), rich_help_panel=panel, **extra)
         return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
                                  annotation=Annotated[kind, info])

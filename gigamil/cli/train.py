@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import json
-from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 from rich.table import Table
@@ -16,39 +15,11 @@ from gigamil.cli.cluster import run_stage_here_or_submit
 from gigamil.cluster.executor import ClusterOptions
 from gigamil.cluster.stages import TrainStage
 from gigamil.errors import UsageError
+from gigamil.mil.train_config import CV, ClassWeights, Loss, Monitor, Precision, TrainConfig
 
-
-class Precision(str, Enum):
-    fp32 = "fp32"
-    bf16 = "bf16"
-    fp16 = "fp16"
-
-
-class Resume(str, Enum):
-    auto = "auto"
-    never = "never"
-
-
-class ClassWeights(str, Enum):
-    auto = "auto"
-    none = "none"
-
-
-class Monitor(str, Enum):
-    loss = "loss"
-    auroc = "auroc"
-    bal_acc = "bal_acc"
-    acc = "acc"
-
-
-class CV(str, Enum):
-    patient = "patient"
-    site = "site"
-
-
-class Loss(str, Enum):
-    ce = "ce"
-    evidential = "evidential"
+#: The defaults of every training option: read from the config, never restated here.
+T = TrainConfig
+Resume = Literal["auto", "never"]
 
 
 def _metrics_table(title: str, report: dict[str, Any]) -> Table:
@@ -73,49 +44,49 @@ def train(
     labels: Annotated[Path, typer.Option(help="CSV: slide_id,label[,patient_id,site,split].")],
     run_out: Annotated[Path, typer.Option("--out", help="Run directory (config, checkpoints, "
                                           "metrics, predictions).")],
-    model: Annotated[str, typer.Option(help="A registered model (see `gigamil models`).")] = "abmil",
+    model: Annotated[str, typer.Option(help="A registered model (see `gigamil models`).")] = T.model,
     model_option: Annotated[list[str] | None, typer.Option(
         "--model-option", "-o", help="Model option KEY=VALUE, repeatable (e.g. -o hidden=128).")] = None,
-    folds: Annotated[int, typer.Option(min=2, help="Cross-validation folds (by patient).")] = 5,
+    folds: Annotated[int, typer.Option(min=2, help="Cross-validation folds (by patient).")] = T.folds,
     cv: Annotated[CV, typer.Option(help="patient: stratified k-fold by patient; site: hold "
-                                   "out each site of the site column.")] = CV.patient,
+                                   "out each site of the site column.")] = T.cv,
     val_frac: Annotated[float, typer.Option(min=0.0, max=0.5, help="Share of the training "
-                                            "patients used for validation (0 = none).")] = 0.15,
-    epochs: Annotated[int, typer.Option(min=1)] = 50,
-    lr: Annotated[float, typer.Option(min=0.0, help="Peak AdamW learning rate.")] = 2e-4,
-    weight_decay: Annotated[float, typer.Option(min=0.0)] = 1e-4,
-    warmup_epochs: Annotated[float, typer.Option(min=0.0, help="Linear warm-up, then cosine.")] = 1.0,
+                                            "patients used for validation (0 = none).")] = T.val_frac,
+    epochs: Annotated[int, typer.Option(min=1)] = T.epochs,
+    lr: Annotated[float, typer.Option(min=0.0, help="Peak AdamW learning rate.")] = T.lr,
+    weight_decay: Annotated[float, typer.Option(min=0.0)] = T.weight_decay,
+    warmup_epochs: Annotated[float, typer.Option(min=0.0, help="Linear warm-up, then cosine.")] = T.warmup_epochs,
     batch_size: Annotated[int, typer.Option(min=1, help="Bags per step, over all GPUs "
-                                            "(padded to the longest, with a mask).")] = 8,
-    accumulate: Annotated[int, typer.Option(min=1, help="Gradient accumulation steps.")] = 1,
+                                            "(padded to the longest, with a mask).")] = T.batch_size,
+    accumulate: Annotated[int, typer.Option(min=1, help="Gradient accumulation steps.")] = T.accumulate,
     max_instances: Annotated[int, typer.Option(min=0, help="Randomly subsample longer bags "
-                                               "to this many patches when training (0 = off).")] = 4096,
-    bucket: Annotated[bool, typer.Option(help="Batch bags of similar length together.")] = False,
-    clip_grad: Annotated[float, typer.Option(min=0.0, help="Gradient norm clip (0 = off).")] = 1.0,
+                                               "to this many patches when training (0 = off).")] = T.max_instances or 0,
+    bucket: Annotated[bool, typer.Option(help="Batch bags of similar length together.")] = T.bucket,
+    clip_grad: Annotated[float, typer.Option(min=0.0, help="Gradient norm clip (0 = off).")] = T.clip_grad or 0.0,
     precision: Annotated[Precision, typer.Option(help="fp32, bf16 (autocast) or fp16 (with a "
-                                                 "gradient scaler).")] = Precision.fp32,
+                                                 "gradient scaler).")] = T.precision,
     class_weights: Annotated[ClassWeights, typer.Option(
-        help="auto: inverse-frequency loss weights (unless --balanced-sampler).")] = ClassWeights.auto,
+        help="auto: inverse-frequency loss weights (unless --balanced-sampler).")] = T.class_weights,
     balanced_sampler: Annotated[bool, typer.Option(help="Draw bags with equal probability "
-                                                   "per class.")] = False,
+                                                   "per class.")] = T.balanced_sampler,
     loss: Annotated[Loss, typer.Option(help="ce, or evidential (Dirichlet head with "
-                                       "uncertainty).")] = Loss.ce,
+                                       "uncertainty).")] = T.loss,
     early_stop: Annotated[int, typer.Option(min=0, help="Stop after this many epochs without "
-                                            "validation improvement (0 = off).")] = 10,
+                                            "validation improvement (0 = off).")] = T.early_stop or 0,
     monitor: Annotated[Monitor, typer.Option(help="Validation metric for early stopping and "
-                                             "the best checkpoint.")] = Monitor.loss,
+                                             "the best checkpoint.")] = T.monitor,
     resume: Annotated[Resume, typer.Option(help="auto: continue each fold from its latest "
-                                           "valid checkpoint and skip finished folds.")] = Resume.never,
-    seed: Annotated[int, typer.Option()] = 0,
+                                           "valid checkpoint and skip finished folds.")] = "never",
+    seed: Annotated[int, typer.Option()] = T.seed,
     fold: Annotated[list[int] | None, typer.Option(help="Train only this fold (repeatable).")] = None,
-    device: Annotated[str, typer.Option(help="auto (this rank's GPU, else CPU), cpu, cuda:N.")] = "auto",
-    workers: Annotated[int, typer.Option(min=0, help="DataLoader processes reading bags.")] = 0,
-    preload: Annotated[bool, typer.Option(help="Keep all bags in memory (small cohorts).")] = False,
+    device: Annotated[str, typer.Option(help="auto (this rank's GPU, else CPU), cpu, cuda:N.")] = T.device,
+    workers: Annotated[int, typer.Option(min=0, help="DataLoader processes reading bags.")] = T.workers,
+    preload: Annotated[bool, typer.Option(help="Keep all bags in memory (small cohorts).")] = T.preload,
     checkpoint_every: Annotated[int, typer.Option(min=0, help="Also checkpoint every N optimizer "
-                                                  "steps (0 = end of each epoch only).")] = 0,
-    keep_last: Annotated[int, typer.Option(min=1, help="Numbered checkpoints kept per fold.")] = 3,
-    bootstrap: Annotated[int, typer.Option(min=0, help="Bootstrap resamples for the 95% CIs.")] = 1000,
-    label_column: Annotated[str, typer.Option(help="Column of the labels CSV to predict.")] = "label",
+                                                  "steps (0 = end of each epoch only).")] = T.checkpoint_every,
+    keep_last: Annotated[int, typer.Option(min=1, help="Numbered checkpoints kept per fold.")] = T.keep_last,
+    bootstrap: Annotated[int, typer.Option(min=0, help="Bootstrap resamples for the 95% CIs.")] = T.bootstrap,
+    label_column: Annotated[str, typer.Option(help="Column of the labels CSV to predict.")] = T.label_column,
     *,
     cluster: ClusterOptions,
 ) -> None:
@@ -131,29 +102,27 @@ def train(
     checkpoints and requeues itself on USR2 (time limit or pre-emption) and resumes
     from its checkpoints after any restart.
     """
-    from gigamil.mil.train_config import TrainConfig
 
     cfg = TrainConfig(
         features=str(features), labels=str(labels), out=str(run_out), model=model,
         model_options=opt.parse_key_values(model_option, "model option"), label_column=label_column,
-        folds=folds, cv=cv.value, val_frac=val_frac, epochs=epochs, lr=lr,
+        folds=folds, cv=cv, val_frac=val_frac, epochs=epochs, lr=lr,
         weight_decay=weight_decay, warmup_epochs=warmup_epochs, batch_size=batch_size,
         accumulate=accumulate, max_instances=max_instances or None, bucket=bucket,
-        clip_grad=clip_grad or None, precision=precision.value,
-        class_weights=class_weights.value, balanced_sampler=balanced_sampler, loss=loss.value,
-        early_stop=early_stop or None, monitor=monitor.value, seed=seed,
+        clip_grad=clip_grad or None, precision=precision,
+        class_weights=class_weights, balanced_sampler=balanced_sampler, loss=loss,
+        early_stop=early_stop or None, monitor=monitor, seed=seed,
         only_folds=tuple(fold) if fold else None, device=device, workers=workers, preload=preload,
         checkpoint_every=checkpoint_every, keep_last=keep_last, bootstrap=bootstrap)
     with progress_bar() as bar:
         task = bar.add_task("train", total=None, info="")
 
         def on_epoch(e: dict[str, Any]) -> None:
-            val = f" val {monitor.value} {e['val_' + monitor.value]:.3f}" \
-                if f"val_{monitor.value}" in e else ""
+            val = f" val {monitor} {e['val_' + monitor]:.3f}" if f"val_{monitor}" in e else ""
             bar.update(task, advance=1, info=f"fold {e['fold']} epoch {e['epoch']}/{e['epochs']} "
                        f"loss {e['train_loss']:.3f}{val}")
 
-        stage = TrainStage(cfg, resume=resume is Resume.auto, on_epoch=on_epoch)
+        stage = TrainStage(cfg, resume=resume == "auto", on_epoch=on_epoch)
         jobs = run_stage_here_or_submit(stage, cluster, bar, task)
     if not jobs:
         return

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
 
+from gigamil.config import option
 from gigamil.errors import UsageError
 from gigamil.registry import Registry
 
@@ -40,36 +41,31 @@ DEFAULT_TIME = {"extract": "02:00:00", "embed": "04:00:00", "train": "24:00:00",
                 "infer": "04:00:00"}
 
 
-def _opt(default: Any, help: str, **cli: Any) -> Any:
-    """A field whose metadata is its CLI option (see :func:`gigamil.cli.options.from_config`)."""
-    return field(default=default, metadata={"help": help, **cli})
-
-
 @dataclass
 class ClusterOptions:
     """Where and how long a command runs; every command that submits takes these options
     (the CLI derives its ``--partition``, ``--time``, … from these fields)."""
 
-    executor: str = _opt("local", "local: run here; debug: run here in-process through "
+    executor: str = option("local", "local: run here; debug: run here in-process through "
                          "submitit's DebugExecutor; slurm: submit jobs through submitit "
                          "(arrays for extract/embed).", choices="executors")
-    partition: str | None = _opt(None, "Partition.")
-    account: str | None = _opt(None, "Account to charge.")
-    qos: str | None = _opt(None, "Quality of service.")
-    constraint: str | None = _opt(None, "Node features, e.g. a100.")
-    time: str = _opt("02:00:00", "Time limit per job, HH:MM:SS or D-HH:MM:SS.")
-    cpus_per_task: int = _opt(8, "CPUs per task (the job sizes its threads to them).", min=1)
-    mem: str | None = _opt(None, "Memory per node, e.g. 64G (0 = all).")
-    nodes: int = _opt(1, "Nodes per job (multi-node DDP for train).", min=1)
-    gpus_per_node: int = _opt(0, "GPUs per node (one rank each).", min=0)
-    tasks_per_node: int | None = _opt(None, "Ranks per node (default: one per GPU, or 1); "
+    partition: str | None = option(None, "Partition.")
+    account: str | None = option(None, "Account to charge.")
+    qos: str | None = option(None, "Quality of service.")
+    constraint: str | None = option(None, "Node features, e.g. a100.")
+    time: str = option("02:00:00", "Time limit per job, HH:MM:SS or D-HH:MM:SS.")
+    cpus_per_task: int = option(8, "CPUs per task (the job sizes its threads to them).", min=1)
+    mem: str | None = option(None, "Memory per node, e.g. 64G (0 = all).")
+    nodes: int = option(1, "Nodes per job (multi-node DDP for train).", min=1)
+    gpus_per_node: int = option(0, "GPUs per node (one rank each).", min=0)
+    tasks_per_node: int | None = option(None, "Ranks per node (default: one per GPU, or 1); "
                                       "e.g. 2 for CPU DDP.", min=1)
-    exclusive: bool = _opt(False, "Whole nodes only.")
-    signal_delay: int = _opt(120, "Seconds before the time limit that USR2 asks for a "
+    exclusive: bool = option(False, "Whole nodes only.")
+    signal_delay: int = option(120, "Seconds before the time limit that USR2 asks for a "
                              "checkpoint and requeue.", min=0)
-    array_parallelism: int = _opt(32, "Array tasks running at once.", min=1)
-    slides_per_job: int = _opt(20, "Slides per array task.", min=1)
-    wait: bool = _opt(False, "Block until the jobs finish (else print job ids and return).")
+    array_parallelism: int = option(32, "Array tasks running at once.", min=1)
+    slides_per_job: int = option(20, "Slides per array task.", min=1)
+    wait: bool = option(False, "Block until the jobs finish (else print job ids and return).")
 
     def __post_init__(self) -> None:
         self.executor = str(getattr(self.executor, "value", self.executor))

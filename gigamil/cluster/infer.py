@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gigamil.config import option
 from gigamil.wsi.extract import safe_message
 from gigamil.wsi.metadata import slide_id
 
@@ -30,23 +31,19 @@ Result = dict[str, Any]  # {"ok": True, "row": {...}} or {"ok": False, "file", "
 Outcome = tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]  # rows, failures, stats
 
 
-def _opt(default: Any, help: str, **cli: Any) -> Any:
-    return field(default=default, metadata={"help": help, **cli})
-
-
 @dataclass
 class RayOptions:
     """Where ``gigamil infer`` runs (the CLI derives its options from these fields)."""
 
-    ray_address: str = _opt("local", "local: start Ray here; auto or host:port: join a cluster "
+    ray_address: str = option("local", "local: start Ray here; auto or host:port: join a cluster "
                             "(see `gigamil slurm template infer`); none: no Ray, one process.")
-    workers: int | None = _opt(None, "Predictor actors: each holds the encoder and the MIL "
+    workers: int | None = option(None, "Predictor actors: each holds the encoder and the MIL "
                                "models (on --gpus-per-worker GPUs) [default: one per GPU share; "
                                "on CPUs, one per --threads cores, as the encoder is then most "
                                "of the work].", min=1)
-    cpus: int | None = _opt(None, "CPUs of a local Ray for reading patches [default: every "
+    cpus: int | None = option(None, "CPUs of a local Ray for reading patches [default: every "
                             "core].", min=1)
-    gpus_per_worker: float = _opt(0.0, "GPUs per predictor.", min=0)
+    gpus_per_worker: float = option(0.0, "GPUs per predictor.", min=0)
 
 
 def failure_message(exc: BaseException, path: str) -> str:

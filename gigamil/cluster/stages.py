@@ -38,7 +38,7 @@ from gigamil.wsi.extract_config import MANIFEST_FIELDS, ExtractConfig, SlideResu
 from gigamil.wsi.metadata import SLIDE_EXTENSIONS
 
 if TYPE_CHECKING:  # torch-side configs: imported by the jobs themselves, not at start-up
-    from gigamil.mil.embed import EmbedConfig, EmbedResult
+    from gigamil.mil.embed_config import EmbedConfig, EmbedResult
     from gigamil.mil.train_config import TrainConfig
 
 __all__ = ["ExtractStage", "EmbedStage", "TrainStage", "extract_slides",
@@ -250,10 +250,10 @@ class EmbedStage(Stage[list["EmbedResult"]]):
         if self.from_slides is not None:
             raise UsageError("--from-slides runs locally only",
                              "extract with --executor slurm, then embed the stores")
-        data = ExtractDir.of_stores(self.data)
-        n_stores = len(data.stores())
+        folder = ExtractDir.store_folder(self.data)
+        n_stores = len(list(folder.glob("*.lmdb")))
         if not n_stores:
-            raise UsageError(f"no patch stores in {data.patches}", "run `gigamil extract` first")
+            raise UsageError(f"no patch stores in {folder}", "run `gigamil extract` first")
         self._n_stores = n_stores
         return max(1, -(-n_stores // max(1, opts.slides_per_job)))
 

@@ -16,9 +16,8 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,87 +25,17 @@ from torch.utils.data import DataLoader, Dataset
 
 from gigamil.errors import GigamilError, StoreError, UsageError
 from gigamil.io import write_csv, write_json
+from gigamil.layout import ExtractDir, FeatureDir
 from gigamil.memory import retain_freed_memory
+from gigamil.mil.embed_config import EMBED_FIELDS, EmbedConfig, EmbedResult
 from gigamil.mil.encoders import Encoder, create_encoder
 from gigamil.versions import gigamil_version, package_versions
 from gigamil.wsi.features import bag_header, trident_attrs, write_bag
 from gigamil.wsi.store import PatchStore
 
-__all__ = ["EmbedConfig", "EmbedResult", "embed_stores", "select_share", "forward_patches",
-           "EMBED_FIELDS"]
+__all__ = ["embed_stores", "select_share", "forward_patches"]
 
 log = logging.getLogger("gigamil.embed")
-Precision = Literal["auto", "fp32", "bf16", "fp16"]
-EMBED_FIELDS = ["slide_id", "status", "n_patches", "n_bad", "seconds", "error"]
-
-
-@dataclass(frozen=True)
-class EmbedConfig:
-    """Every option of ``gigamil embed``; saved beside the features."""
-
-    encoder: str = "resnet50"
-    weights: str | None = None
-    batch_size: int = 256
-    workers: int = 4
-    precision: Precision = "auto"
-    device: str = "auto"
-    shard: tuple[int, int] | None = None  # (k, n), 0-based: SLURM array task k of n
-    compile: bool = False
-    overwrite: bool = False
-    stain_norm: str | None = None  # fitted per slide on a sample of its stored patches
-    stain_reference: str | None = None
-    rank: int = 0  # this process's place in a multi-process job (set by the caller,
-    world_size: int = 1  # from torchrun/SLURM via gigamil.cluster.distributed)
-    local_rank: int = 0
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise UsageError("--batch-size must be at least 1")
-        if self.shard is not None and not 0 <= self.shard[0] < self.shard[1]:
-            raise UsageError(f"--shard {self.shard[0]}/{self.shard[1]} is out of range",
-                             "use k/n with 0 ≤ k < n (SLURM_ARRAY_TASK_ID/n), e.g. --shard 3/16")
-
-    def resolved_device(self) -> torch.device:
-        if self.device == "auto":
-            if not torch.cuda.is_available():
-                return torch.device("cpu")
-            return torch.device(f"cuda:{self.local_rank % torch.cuda.device_count()}")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise UsageError("--device cuda but no GPU is visible", "use --device cpu")
-        if self.device == "cuda":  # one GPU per rank
-            return torch.device(f"cuda:{self.local_rank % torch.cuda.device_count()}")
-        return torch.device(self.device)
-
-    @property
-    def manifest_name(self) -> str:
-        """embed.csv, or one file per shard/rank so parallel jobs never overwrite each other."""
-        parts = []
-        if self.shard is not None:
-            parts.append(f"shard{self.shard[0]}of{self.shard[1]}")
-        if self.world_size > 1:
-            parts.append(f"rank{self.rank}")
-        return "embed" + "".join(f".{p}" for p in parts) + ".csv"
-
-    def autocast_dtype(self, device: torch.device) -> torch.dtype | None:
-        precision = self.precision
-        if precision == "auto":
-            precision = "bf16" if device.type == "cuda" else "fp32"
-        return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-@dataclass
-class EmbedResult:
-    slide_id: str
-    status: str
-    n_patches: int = 0
-    n_bad: int = 0
-    seconds: float = 0.0
-    error: str = ""
-
-    def row(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "seconds": round(self.seconds, 3)}
-
-
 class _Patches(Dataset):
     """Patches of several stores in order → (uint8 HWC patch, ok, slide index, patch index).
 
@@ -178,16 +107,16 @@ def embed_stores(
 ) -> list[EmbedResult]:
     """Embed every store in ``data_dir/patches`` into ``out_dir/features/<encoder>/``."""
     data = Path(data_dir)
-    patch_dir = data / "patches" if (data / "patches").is_dir() else data
+    patch_dir = ExtractDir.store_folder(data)
     paths = sorted(patch_dir.glob("*.lmdb"))
     if not paths:
         raise UsageError(f"no patch stores in {patch_dir}", "run `gigamil extract` first")
     retain_freed_memory()  # activations are re-allocated every batch
     device = cfg.resolved_device()
     encoder = create_encoder(cfg.encoder, cfg.weights, device)
-    feat_dir = Path(out_dir or data) / "features" / cfg.encoder.replace("/", "_").replace(":", "_")
-    feat_dir.mkdir(parents=True, exist_ok=True)
-    write_json(feat_dir / "embed_config.json", {
+    features = ExtractDir(out_dir or data).features(cfg.encoder)
+    features.root.mkdir(parents=True, exist_ok=True)
+    write_json(features.config, {
         "config": dataclasses.asdict(cfg), "encoder": dataclasses.asdict(encoder.spec)
         | {"kwargs": {k: str(v) for k, v in encoder.spec.kwargs.items()}},
         "feature_dim": encoder.feature_dim, "encoder_sha256": encoder.weights_sha256,
@@ -197,7 +126,7 @@ def embed_stores(
 
     def record(res: EmbedResult) -> None:
         results.append(res)
-        write_csv(feat_dir / cfg.manifest_name, [r.row() for r in results], EMBED_FIELDS)
+        write_csv(features.manifest(cfg.manifest_part), [r.row() for r in results], EMBED_FIELDS)
         if on_result is not None:
             on_result(res)
 
@@ -206,11 +135,11 @@ def embed_stores(
         store = PatchStore(path)
         sid = path.stem
         try:
-            if not cfg.overwrite and _is_done(feat_dir / f"{sid}.h5", store, encoder, cfg):
+            if not cfg.overwrite and _is_done(features.h5(sid), store, encoder, cfg):
                 record(EmbedResult(sid, "skipped", len(store)))
                 store.close()
             elif len(store) == 0:
-                _write(feat_dir / f"{sid}.h5", np.zeros((0, encoder.feature_dim), np.float32),
+                _write(features.h5(sid), np.zeros((0, encoder.feature_dim), np.float32),
                        store.coords[:0], store, encoder, 0, cfg.stain_norm)
                 record(EmbedResult(sid, "ok", 0))
                 store.close()
@@ -229,7 +158,7 @@ def embed_stores(
                 record(EmbedResult(store.path.stem, "failed", error=str(exc)))
         normalizers = fitted
     if pending:
-        _run(pending, normalizers, encoder, cfg, device, feat_dir, record, on_batch)
+        _run(pending, normalizers, encoder, cfg, device, features, record, on_batch)
     return results
 
 
@@ -244,7 +173,7 @@ def _write(path: Path, feats: np.ndarray, coords: np.ndarray, store: PatchStore,
 
 
 def _run(stores: list[PatchStore], normalizers: list[Any] | None, encoder: Encoder,
-         cfg: EmbedConfig, device: torch.device, feat_dir: Path,
+         cfg: EmbedConfig, device: torch.device, features: FeatureDir,
          record: Callable[[EmbedResult], None], on_batch: Callable[[int], None] | None) -> None:
     counts = [len(s) for s in stores]
     loader = DataLoader(
@@ -278,7 +207,7 @@ def _run(stores: list[PatchStore], normalizers: list[Any] | None, encoder: Encod
                 seen[k] += int(sel.sum())
                 bad[k] += int((sel & ~ok).sum())
                 if seen[k] == counts[k]:  # the slide is complete: write it now
-                    _finish(int(k), stores, encoder, feats, ok_rows, bad, started, feat_dir, record,
+                    _finish(int(k), stores, encoder, feats, ok_rows, bad, started, features, record,
                             cfg.stain_norm)
             if on_batch is not None:
                 on_batch(len(p_idx))
@@ -295,7 +224,7 @@ def _fit_stain(store: PatchStore, cfg: EmbedConfig) -> Any:
 
 
 def _finish(k: int, stores: list[PatchStore], encoder: Encoder, feats: dict, rows: dict,
-            bad: list[int], started: dict, feat_dir: Path, record: Callable,
+            bad: list[int], started: dict, features: FeatureDir, record: Callable,
             stain_norm: str | None) -> None:
     store = stores[k]
     sid = store.path.stem
@@ -306,7 +235,7 @@ def _finish(k: int, stores: list[PatchStore], encoder: Encoder, feats: dict, row
         if not np.isfinite(f).all():
             raise StoreError(f"{sid}: the encoder produced NaN/inf features",
                              "check the weights, or use --precision fp32")
-        _write(feat_dir / f"{sid}.h5", f, store.coords[idx], store, encoder, bad[k], stain_norm)
+        _write(features.h5(sid), f, store.coords[idx], store, encoder, bad[k], stain_norm)
         if bad[k]:
             res.error = f"{bad[k]} corrupt patch(es) skipped"
             log.warning("%s: %d corrupt patches skipped", sid, bad[k])

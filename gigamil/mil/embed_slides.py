@@ -17,8 +17,10 @@ import numpy as np
 import torch
 
 from gigamil.io import write_csv
+from gigamil.layout import ExtractDir
 from gigamil.memory import retain_freed_memory
-from gigamil.mil.embed import EMBED_FIELDS, EmbedConfig, EmbedResult, forward_patches, select_share
+from gigamil.mil.embed import forward_patches, select_share
+from gigamil.mil.embed_config import EMBED_FIELDS, EmbedConfig, EmbedResult
 from gigamil.mil.encoders import Encoder, create_encoder
 from gigamil.wsi.extract_config import ExtractConfig
 from gigamil.wsi.features import bag_header, trident_attrs, write_bag
@@ -44,15 +46,15 @@ def embed_slides(
     retain_freed_memory()  # activations are re-allocated every batch
     device = cfg.resolved_device()
     encoder = create_encoder(cfg.encoder, cfg.weights, device)
-    feat_dir = Path(out_dir) / "features" / cfg.encoder.replace("/", "_").replace(":", "_")
-    feat_dir.mkdir(parents=True, exist_ok=True)
+    features = ExtractDir(out_dir).features(cfg.encoder)
+    features.root.mkdir(parents=True, exist_ok=True)
     dtype = cfg.autocast_dtype(device)
     results: list[EmbedResult] = []
     paths = select_share([Path(p) for p in discover_slides(inputs)], cfg.shard, cfg.rank,
                          cfg.world_size)
     for path in paths:
         sid = slide_id(path)
-        h5 = feat_dir / f"{sid}.h5"
+        h5 = features.h5(sid)
         t0 = time.perf_counter()
         res = EmbedResult(sid, "ok")
         try:
@@ -74,7 +76,7 @@ def embed_slides(
             res.status, res.error = "failed", str(exc)
         res.seconds = time.perf_counter() - t0
         results.append(res)
-        write_csv(feat_dir / cfg.manifest_name, [r.row() for r in results], EMBED_FIELDS)
+        write_csv(features.manifest(cfg.manifest_part), [r.row() for r in results], EMBED_FIELDS)
         if on_result is not None:
             on_result(res)
     return results

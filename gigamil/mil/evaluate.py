@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import torch
 
 from gigamil.errors import UsageError
 from gigamil.io import write_csv, write_json
+from gigamil.layout import RunDir
 from gigamil.mil.bags import BagDataset
 from gigamil.mil.labels import match_features, read_labels
 from gigamil.mil.metrics import reliability_diagram
@@ -28,26 +28,7 @@ from gigamil.mil.run_outputs import (
     summarize,
 )
 
-__all__ = ["evaluate_run", "fold_models", "run_config"]
-
-
-def run_config(run: Path) -> dict[str, Any]:
-    """The saved ``config.json`` of a training run (a clear error if ``run`` is not one)."""
-    path = run / "config.json"
-    if not path.exists():
-        raise UsageError(f"{run} is not a gigamil run (no config.json)",
-                         "pass the --out directory of `gigamil train`")
-    return json.loads(path.read_text())
-
-
-def fold_models(run: str | os.PathLike[str]) -> list[Path]:
-    """The ``best.pt`` of every fold of a run, by fold."""
-    paths = sorted(Path(run).glob("checkpoints/fold*/best.pt"),
-                   key=lambda p: int(p.parent.name[4:]))
-    if not paths:
-        raise UsageError(f"{run} has no trained fold (no checkpoints/fold*/best.pt)",
-                         "train it first, or finish it with `gigamil train … --resume auto`")
-    return paths
+__all__ = ["evaluate_run"]
 
 
 def evaluate_run(run: str | os.PathLike[str], features: str | os.PathLike[str] | None = None,
@@ -60,20 +41,19 @@ def evaluate_run(run: str | os.PathLike[str], features: str | os.PathLike[str] |
     ``labels`` each fold's best model predicts that cohort; the folds' mean probability is
     the ensemble. Results go to ``out`` (default ``<run>/eval/<features dir name>``).
     """
-    run = Path(run)
-    config = run_config(run)
+    layout = RunDir(run)
+    config = layout.load_config()
     classes: list[str] = config["classes"]
-    report: dict[str, Any] = {"run": run.name, "classes": classes, "folds": {}}
+    report: dict[str, Any] = {"run": layout.name, "classes": classes, "folds": {}}
     if features is None:
         ys, ps = [], []
-        for path in sorted(run.glob("predictions_fold*.csv")):
+        for fold, path in layout.prediction_files().items():
             y, p = read_predictions(path, classes)
-            report["folds"][path.stem.removeprefix("predictions_fold")] = summarize(
-                y, p, classes, n_boot, seed)
+            report["folds"][fold] = summarize(y, p, classes, n_boot, seed)
             ys.append(y)
             ps.append(p)
         if not ys:
-            raise UsageError(f"{run} has no predictions_fold*.csv",
+            raise UsageError(f"{layout.root} has no predictions_fold*.csv",
                              "the run has no test folds yet; finish training first")
         report["pooled"] = summarize(np.concatenate(ys), np.concatenate(ps), classes, n_boot, seed)
         return report
@@ -84,10 +64,10 @@ def evaluate_run(run: str | os.PathLike[str], features: str | os.PathLike[str] |
     table, paths = match_features(table, features)
     ids = [s.slide_id for s in table.slides]
     dataset = BagDataset([paths[i] for i in ids], [table.target(s) for s in table.slides])
-    out = Path(out) if out else run / "eval" / Path(features).name
+    eval_dir = RunDir(out) if out else RunDir(layout.eval_dir(Path(features).name))
     y = np.asarray(dataset.targets)
     mean = np.zeros((len(ids), len(classes)))
-    models = fold_models(run)
+    models = layout.fold_models()
     for path in models:
         state = torch.load(path, map_location=device, weights_only=True)
         model, meta = load_model(state, device)
@@ -96,19 +76,19 @@ def evaluate_run(run: str | os.PathLike[str], features: str | os.PathLike[str] |
         preds = predict(model, dataset, device, batch_size, evidential=meta["evidential"])
         mean += preds.probs
         report["folds"][str(meta["fold"])] = summarize(y, preds.probs, classes, n_boot, seed)
-        write_csv(out / f"predictions_fold{meta['fold']}.csv",
+        write_csv(eval_dir.predictions(meta["fold"]),
                   prediction_rows(table, ids, preds.probs, preds.uncertainty, preds.n_instances,
                                   meta["fold"], meta["model"]), prediction_fields(classes))
     mean /= len(models)
     ent = -(mean * np.log(np.clip(mean, 1e-12, None))).sum(1) / np.log(len(classes))
-    write_csv(out / "predictions.csv",
+    write_csv(eval_dir.ensemble_predictions,
               prediction_rows(table, ids, mean, ent, preds.n_instances, "ensemble",
                               config["config"]["model"]), prediction_fields(classes))
     report["pooled"] = summarize(y, mean, classes, n_boot, seed)
     report["pooled"]["what"] = f"mean probability of {len(models)} fold models"
     from gigamil.wsi.preview import save_png
 
-    save_png(out / "reliability.png", reliability_diagram(y, mean, title="fold ensemble"))
-    write_json(out / "summary.json", report)
+    save_png(eval_dir.reliability, reliability_diagram(y, mean, title="fold ensemble"))
+    write_json(eval_dir.summary, report)
     return report
 

@@ -32,7 +32,7 @@ from gigamil.mil.labels import LabelTable
 from gigamil.mil.models import evidential_loss
 from gigamil.mil.predict import Predictions, build_model, predict, takes_label
 from gigamil.mil.splits import Fold
-from gigamil.mil.train_config import MONITORS, PRECISIONS, TrainConfig
+from gigamil.mil.train_config import MONITORS, TrainConfig, autocast_dtype
 
 __all__ = ["Checkpointer", "StopRequest", "FoldProgress", "FoldTrainer"]
 
@@ -225,7 +225,7 @@ class FoldTrainer:
 
     def _loss(self, batch: BagBatch, n_micro: int) -> torch.Tensor:
         cfg = self.cfg
-        dtype = PRECISIONS[cfg.precision]
+        dtype = autocast_dtype(cfg.precision)
         x, mask = batch.padded()
         with torch.autocast(self.device.type, dtype=dtype or torch.float32,
                             enabled=dtype is not None):

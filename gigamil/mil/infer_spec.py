@@ -1,6 +1,6 @@
 """What inference on new slides needs from a trained run, resolved once.
 
-    spec = InferenceSpec.from_run("runs/crc1", engine="torch", folds="all")
+    spec = InferenceSpec.from_run("runs/crc1", InferConfig(engine="onnx", folds="best"))
 
 The spec holds plain values only (model file paths, the encoder, the extraction the
 run's features were made with), so it is cheap to ship to Ray workers.
@@ -16,18 +16,34 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from gigamil.errors import UsageError
+from gigamil.layout import FeatureDir, RunDir
+from gigamil.mil.infer_config import InferConfig
 from gigamil.wsi.extract_config import ExtractConfig
 from gigamil.wsi.qc import QCConfig
 
 __all__ = ["InferenceSpec"]
 
 
-def _extract_config(features_dir: Path) -> ExtractConfig:
+def best_fold(models: list[Path], monitor: str) -> int:
+    """Index of the fold model whose validation ``monitor`` is best (from its ``.json``)."""
+    scores = [json.loads(m.with_suffix(".json").read_text()).get("metric", 0.0) for m in models]
+    sign = -1 if monitor == "loss" else 1
+    return int(np.argmax([sign * s for s in scores]))
+
+
+def _embed_config(features: FeatureDir) -> dict[str, Any]:
+    """How the run's features were embedded (so new slides are embedded the same)."""
+    if not features.config.exists():
+        raise UsageError(f"{features.config} is missing",
+                         "inference re-embeds new slides the way the run's features were made")
+    return dict(json.loads(features.config.read_text())["config"])
+
+
+def _extract_config(features: FeatureDir) -> ExtractConfig:
     """The extraction the run's features were made with (so new slides are cut the same)."""
-    saved = features_dir.parent.parent / "extract_config.json"
+    saved = features.extract_dir.config
     if saved.exists():
         cfg = json.loads(saved.read_text())["config"]
         cfg["qc"] = QCConfig(**cfg["qc"])
@@ -37,12 +53,12 @@ def _extract_config(features_dir: Path) -> ExtractConfig:
                                 if k in {f.name for f in dataclasses.fields(ExtractConfig)}})
     from gigamil.wsi.features import bag_header
 
-    for h5 in sorted(features_dir.glob("*.h5")):
+    for h5 in features.files():
         header = bag_header(h5)
         if header and "mpp" in header[0]:
             attrs = header[0]
             return ExtractConfig(mpp=float(attrs["mpp"]), patch_size=int(attrs["patch_size"]))
-    raise UsageError(f"cannot tell how the features in {features_dir} were extracted",
+    raise UsageError(f"cannot tell how the features in {features.root} were extracted",
                      "keep extract_config.json beside patches/ and features/")
 
 
@@ -68,41 +84,25 @@ class InferenceSpec:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_run(cls, run: str | os.PathLike[str], engine: str = "torch", folds: str = "all",
-                 device: str = "cpu", heatmaps: bool = False, batch_size: int = 64,
-                 threads: int = 1, heatmap_values: str = "attention",
-                 heatmap_class: str | None = None) -> InferenceSpec:
-        from gigamil.mil.evaluate import fold_models, run_config
-
-        run = Path(run)
-        config = run_config(run)
-        features = Path(config["config"]["features"])
-        embed_cfg = features / "embed_config.json"
-        if not embed_cfg.exists():
-            raise UsageError(f"{embed_cfg} is missing",
-                             "inference re-embeds new slides the way the run's features were made")
-        embed = json.loads(embed_cfg.read_text())["config"]
-        models = fold_models(run)
-        if folds == "best":
-            scores = []
-            for m in models:
-                meta = json.loads(m.with_suffix(".json").read_text())
-                scores.append(meta.get("metric", 0.0))
-            sign = -1 if config["config"].get("monitor", "loss") == "loss" else 1
-            models = [models[int(np.argmax([sign * s for s in scores]))]]
-        elif folds != "all":
-            raise UsageError(f"--fold {folds!r} is not best or all")
-        if heatmap_values not in ("attention", "probability"):
-            raise UsageError(f"--heatmap-values {heatmap_values!r} is not attention or probability")
-        if engine == "onnx":
-            models = [_ensure_onnx(m, run) for m in models]
-        elif engine != "torch":
-            raise UsageError(f"--engine {engine!r} is not torch or onnx")
-        spec = cls(run=str(run), classes=config["classes"], model_files=[str(m) for m in models],
-                   encoder=embed["encoder"], encoder_weights=embed.get("weights"),
-                   extract=_extract_config(features), engine=engine, device=device,
-                   batch_size=batch_size, threads=threads, heatmaps=heatmaps,
-                   heatmap_values=heatmap_values, heatmap_class=heatmap_class,
+    def from_run(cls, run: str | os.PathLike[str], cfg: InferConfig | None = None
+                 ) -> InferenceSpec:
+        """The spec of run directory ``run`` predicting as ``cfg`` says."""
+        cfg = cfg or InferConfig()
+        layout = RunDir(run)
+        config = layout.load_config()
+        features = FeatureDir(config["config"]["features"])
+        embed = _embed_config(features)
+        models = layout.fold_models()
+        if cfg.folds == "best":
+            models = [models[best_fold(models, config["config"].get("monitor", "loss"))]]
+        if cfg.engine == "onnx":
+            models = [_ensure_onnx(m, layout) for m in models]
+        spec = cls(run=str(layout.root), classes=config["classes"],
+                   model_files=[str(m) for m in models], encoder=embed["encoder"],
+                   encoder_weights=embed.get("weights"), extract=_extract_config(features),
+                   engine=cfg.engine, device=cfg.device, batch_size=cfg.batch_size,
+                   threads=cfg.threads, heatmaps=cfg.heatmaps,
+                   heatmap_values=cfg.heatmap_values, heatmap_class=cfg.heatmap_class,
                    model_name=config["config"]["model"])
         spec.heatmap_class_index()  # an unknown --heatmap-class fails here, early
         return spec
@@ -126,10 +126,12 @@ class InferenceSpec:
         return f"{Path(self.run).name}:{self.model_name}:{folds}:{self.engine}"
 
 
-def _ensure_onnx(best: Path, run: Path) -> Path:
-    from gigamil.mil.export import export_onnx
+def _ensure_onnx(best: Path, run: RunDir) -> Path:
+    """The fold's ONNX file, exported (again) when missing or older than its model."""
+    from gigamil.mil.export import export_run
 
-    target = run / "onnx" / f"{best.parent.name}.onnx"
+    fold = int(best.parent.name.removeprefix("fold"))
+    target = run.onnx(fold)
     if not target.exists() or target.stat().st_mtime < best.stat().st_mtime:
-        export_onnx(torch.load(best, map_location="cpu", weights_only=True), target)
+        export_run(run.root, fold, target)
     return target

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from gigamil.errors import UsageError
 from gigamil.mil.bags import BagBatchSampler, BagDataset, collate_bags
 from gigamil.mil.models import create_model, dirichlet
-from gigamil.mil.train_config import PRECISIONS
+from gigamil.mil.train_config import autocast_dtype
 
 __all__ = ["Predictions", "build_model", "load_model", "takes_label", "probs_and_uncertainty",
            "predict"]
@@ -82,7 +82,7 @@ def predict(model: nn.Module, dataset: BagDataset, device: torch.device, batch_s
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_bags,
                         num_workers=0 if dataset.on_device else workers,
                         generator=torch.Generator())
-    dtype = PRECISIONS[precision]
+    dtype = autocast_dtype(precision)
     rows: list[tuple[int, list[float], float, float, int]] = []
     for batch in loader:
         b = batch.to(device)

@@ -7,17 +7,40 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any, Literal
 
 from gigamil.errors import UsageError
 
-__all__ = ["PRECISIONS", "MONITORS", "TrainConfig", "default_device"]
+if TYPE_CHECKING:  # torch is imported when a device or dtype is asked for, not with the config
+    import torch
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-MONITORS = {"loss": -1.0, "auroc": 1.0, "bal_acc": 1.0, "acc": 1.0}  # sign: higher is better
+__all__ = ["Precision", "Monitor", "CV", "Loss", "ClassWeights", "MONITORS", "TrainConfig",
+           "autocast_dtype", "default_device", "check_choice"]
+
+#: The choices of a training run, defined once: the CLI offers exactly these.
+Precision = Literal["fp32", "bf16", "fp16"]
+Monitor = Literal["loss", "auroc", "bal_acc", "acc"]
+CV = Literal["patient", "site"]
+Loss = Literal["ce", "evidential"]
+ClassWeights = Literal["auto", "none"]
+
+MONITORS: dict[str, float] = {"loss": -1.0, "auroc": 1.0, "bal_acc": 1.0, "acc": 1.0}  # sign
+
+
+def check_choice(what: str, value: object, choices: object) -> None:
+    """Refuse ``value`` unless it is one of the ``Literal`` ``choices``."""
+    allowed = typing.get_args(choices)
+    if value not in allowed:
+        raise UsageError(f"{what} {value!r} is not one of {', '.join(map(str, allowed))}")
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The autocast dtype of a precision (None: fp32, no autocast)."""
+    import torch
+
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 @dataclass
@@ -32,7 +55,7 @@ class TrainConfig:
     label_column: str = "label"
     classes: tuple[str, ...] | None = None
     folds: int = 5
-    cv: str = "patient"  # or "site"
+    cv: CV = "patient"
     val_frac: float = 0.15
     epochs: int = 50
     lr: float = 2e-4
@@ -43,13 +66,13 @@ class TrainConfig:
     max_instances: int | None = 4096
     bucket: bool = False
     clip_grad: float | None = 1.0
-    precision: str = "fp32"
-    class_weights: str = "auto"  # auto: inverse frequency unless the balanced sampler is on
+    precision: Precision = "fp32"
+    class_weights: ClassWeights = "auto"  # auto: inverse frequency unless the balanced sampler
     balanced_sampler: bool = False
-    loss: str = "ce"  # or "evidential"
+    loss: Loss = "ce"
     aux_weight: float = 0.3  # weight of a model's own loss (CLAM's instance loss)
     early_stop: int | None = 10
-    monitor: str = "loss"
+    monitor: Monitor = "loss"
     seed: int = 0
     only_folds: tuple[int, ...] | None = None
     # how the work runs (never changes the result):
@@ -64,14 +87,11 @@ class TrainConfig:
                       "bootstrap", "only_folds", "epochs", "early_stop")
 
     def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise UsageError(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
-        if self.monitor not in MONITORS:
-            raise UsageError(f"monitor {self.monitor!r} is not one of {', '.join(MONITORS)}")
-        if self.loss not in ("ce", "evidential"):
-            raise UsageError(f"loss {self.loss!r} is not ce or evidential")
-        if self.class_weights not in ("auto", "none"):
-            raise UsageError(f"class weights {self.class_weights!r} is not auto or none")
+        for what, value, choices in (("precision", self.precision, Precision),
+                                     ("monitor", self.monitor, Monitor),
+                                     ("loss", self.loss, Loss), ("cv", self.cv, CV),
+                                     ("class weights", self.class_weights, ClassWeights)):
+            check_choice(what, value, choices)
         if self.batch_size < 1 or self.accumulate < 1 or self.epochs < 1:
             raise UsageError("batch size, accumulation steps and epochs must be at least 1")
         if self.classes is not None:
@@ -94,6 +114,8 @@ class TrainConfig:
 
 def default_device(spec: str = "auto", local_rank: int = 0) -> torch.device:
     """``auto``: this rank's GPU when CUDA is available, else the CPU."""
+    import torch
+
     if spec == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", local_rank % torch.cuda.device_count())

@@ -40,6 +40,12 @@ MANIFEST_FIELDS = ["slide_id", "file", "status", "n_patches", "seconds", "error"
                    *(f"qc_{r}" for r in QC_REASONS)]
 
 
+#: Slide readers (``auto``: cuCIM where it reads the format, else openslide).
+Backend = Literal["auto", "openslide", "cucim"]
+#: Stain normalization methods, fitted once per slide.
+StainMethod = Literal["macenko", "reinhard"]
+
+
 @dataclass(frozen=True)
 class ExtractConfig:
     """Every option of ``gigamil extract``; saved with the outputs.
@@ -55,13 +61,13 @@ class ExtractConfig:
     allow_upsample: bool = False
     encoding: Encoding = "jpeg"
     jpeg_quality: int = 90
-    backend: str = "auto"
+    backend: Backend = "auto"
     mpp_override: float | None = None
     tissue_detector: str = "otsu"
     tissue_params: dict[str, Any] = field(default_factory=dict)  # the detector's options
     tissue_mpp: float = 8.0
     qc: QCConfig = field(default_factory=QCConfig)
-    stain_norm: str | None = None
+    stain_norm: StainMethod | None = None
     stain_reference: str | None = None
     coords_h5: bool = False
     previews: bool = False

@@ -1,0 +1,40 @@
+"""The options of ``gigamil infer`` / ``heatmap``: what to predict with, and how (no torch at
+import: the CLI derives its options from these fields)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from gigamil.config import option
+from gigamil.mil.train_config import check_choice
+
+__all__ = ["Engine", "FoldChoice", "HeatmapValues", "InferConfig"]
+
+Engine = Literal["torch", "onnx"]
+FoldChoice = Literal["all", "best"]
+HeatmapValues = Literal["attention", "probability"]
+
+
+@dataclass(frozen=True)
+class InferConfig:
+    """How a trained run predicts new slides."""
+
+    engine: Engine = option("torch", "torch, or onnx (onnxruntime; no torch MIL model in "
+                            "memory).")
+    folds: FoldChoice = option("all", "all: average every fold's model; best: the fold with "
+                               "the best validation metric.", flag="--fold")
+    device: str = option("cpu", "cpu, or cuda with --gpus-per-worker.")
+    batch_size: int = option(64, "Patches per encoder batch.", min=1)
+    threads: int = option(1, "Torch threads per predictor.", min=1)
+    heatmaps: bool = option(False, "Also write heatmaps/<slide_id>.png.")
+    heatmap_values: HeatmapValues = option(
+        "attention", "attention (rank-scaled), or probability: each patch scored as a bag of "
+                     "one (also saved in the .npz).", flag="--heatmap-values")
+    heatmap_class: str | None = option(None, "The class whose probability is mapped "
+                                             "[default: the last].", flag="--heatmap-class")
+
+    def __post_init__(self) -> None:
+        check_choice("--engine", self.engine, Engine)
+        check_choice("--fold", self.folds, FoldChoice)
+        check_choice("--heatmap-values", self.heatmap_values, HeatmapValues)
