@@ -21,6 +21,7 @@ import numpy as np
 
 from gigamil.cluster.stages import extract_slides
 from gigamil.io import write_json
+from gigamil.layout import ExtractDir, PredictionsDir
 from gigamil.synth.slides import load_masks, make_cohort
 from gigamil.wsi.extract_config import ExtractConfig
 from gigamil.wsi.preview import patch_montage, save_png
@@ -53,7 +54,7 @@ def _localization(pred_dir: Path, masks_dir: Path, ids: list[str], mpp0: float,
 
     out = {}
     for sid in ids:
-        npz, mask_file = pred_dir / "slides" / f"{sid}.npz", masks_dir / f"{sid}.npz"
+        npz, mask_file = PredictionsDir(pred_dir).slide_npz(sid), masks_dir / f"{sid}.npz"
         if not npz.exists() or not mask_file.exists():
             continue
         with np.load(npz) as data:
@@ -105,7 +106,7 @@ def run_demo(cfg: DemoConfig, on_stage: Callable[[str], None] | None = None) -> 
     stores = []
     for res in results:
         if res.status in ("ok", "skipped"):
-            with PatchStore(out / "data" / "patches" / f"{res.slide_id}.lmdb") as store:
+            with PatchStore(ExtractDir(out / "data").store(res.slide_id)) as store:
                 stores.append({"slide_id": res.slide_id, "n_patches": len(store)})
                 if len(stores) == 1:
                     save_png(out / "montage.png", patch_montage(store))
@@ -119,7 +120,7 @@ def run_demo(cfg: DemoConfig, on_stage: Callable[[str], None] | None = None) -> 
     t = time.perf_counter()
     stage(f"train: abmil, {cfg.folds}-fold cross-validation, {cfg.epochs} epochs")
     run = out / "run"
-    train_cfg = TrainConfig(features=str(out / "data" / "features" / cfg.encoder),
+    train_cfg = TrainConfig(features=str(ExtractDir(out / "data").features(cfg.encoder).root),
                             labels=str(out / "slides" / "labels.csv"), out=str(run),
                             folds=cfg.folds, epochs=cfg.epochs, lr=1e-3, batch_size=4,
                             val_frac=0.0, early_stop=None, bootstrap=200, device="cpu",
@@ -140,7 +141,7 @@ def run_demo(cfg: DemoConfig, on_stage: Callable[[str], None] | None = None) -> 
 
     with open(out / "heldout" / "labels.csv", newline="") as fh:
         truth = {r["slide_id"]: r["label"] for r in csv.DictReader(fh)}
-    with open(preds / "predictions.csv", newline="") as fh:
+    with open(PredictionsDir(preds).predictions, newline="") as fh:
         rows = list(csv.DictReader(fh))
     y = np.array([truth[r["slide_id"]] == "tumor" for r in rows])
     score = np.array([float(r["prob_tumor"]) for r in rows])
@@ -159,8 +160,8 @@ def run_demo(cfg: DemoConfig, on_stage: Callable[[str], None] | None = None) -> 
         "heldout_accuracy": float(np.mean((score > 0.5) == y)) if len(y) else float("nan"),
         "attention_auroc": {"per_slide": loc,
                             "mean": float(np.mean(list(loc.values()))) if loc else None},
-        "predictions": str(preds / "predictions.csv"),
-        "heatmaps": str(preds / "heatmaps"),
+        "predictions": str(PredictionsDir(preds).predictions),
+        "heatmaps": str(PredictionsDir(preds).heatmaps),
         "timings": {k: round(v, 2) for k, v in timings.items()},
     }
     write_json(out / "demo_summary.json", summary)

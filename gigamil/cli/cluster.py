@@ -68,21 +68,19 @@ def jobs(
     colors = {"done": "green", "failed": "red", "running": "cyan", "pending": "yellow",
               "requeued": "yellow"}
     for r in rows:
-        c = colors.get(r["state"], "white")
-        table.add_row(r["job_id"], r["kind"], f"[{c}]{r['state']}[/]", str(r["restarts"]),
-                      r["message"] or (r["cancel"] if r["state"] in ("pending", "running",
-                                                                      "requeued") else ""))
+        c = colors.get(r.state, "white")
+        table.add_row(r.job_id, r.kind, f"[{c}]{r.state}[/]", str(r.restarts),
+                      r.message or (r.cancel if r.active else ""))
     out.print(table)
     for r in rows:
-        log_path = r["stderr"] if r["state"] == "failed" else r["stdout"]
-        out.print(f"log {r['job_id']} ({r['state']}): {log_path}", highlight=False,
-                  soft_wrap=True, overflow="ignore", crop=False)
-    extract = [r for r in rows if r["kind"] == "extract"]
-    if extract and all(r["state"] in ("done", "failed") for r in extract):
+        out.print(f"log {r.job_id} ({r.state}): {r.log}", highlight=False, soft_wrap=True,
+                  overflow="ignore", crop=False)
+    extract = [r for r in rows if r.kind == "extract"]
+    if extract and all(r.state in ("done", "failed") for r in extract):
         merged = merge_extract_manifests(target)
         if merged:
             err.print(f"manifest merged into {merged}", highlight=False)
-    if any(r["state"] == "failed" for r in rows):
+    if any(r.state == "failed" for r in rows):
         raise typer.Exit(EXIT_FAILED)
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -11,6 +11,9 @@ import gigamil.cli.options as opt
 from gigamil.cli._common import EXIT_FAILED, cli_errors, err, out, progress_bar
 from gigamil.cluster.infer import RayOptions
 from gigamil.mil.infer_config import InferConfig
+
+if TYPE_CHECKING:
+    from gigamil.mil.infer_outputs import SlideFailure, SlideOutcome
 
 RunDir = Annotated[Path, typer.Option("--run", exists=True, file_okay=False,
                                       help="The run directory of `gigamil train`.")]
@@ -45,16 +48,14 @@ def infer(
     spec = InferenceSpec.from_run(run, settings)
     paths = discover_slides(slides)
     remaining = todo(paths, preds_out)
-    failures: list[dict[str, Any]] = []
+    failures: list[SlideFailure] = []
     stats: dict[str, Any] = {}
     with progress_bar() as bar:
         task = bar.add_task("infer", total=len(paths), completed=len(paths) - len(remaining),
                             info="")
 
-        def on_result(res: dict[str, Any]) -> None:
-            what = res["row"]["slide_id"] + " " + res["row"]["pred"] if res["ok"] else \
-                res["file"] + " failed"
-            bar.update(task, advance=1, info=what)
+        def on_result(res: SlideOutcome) -> None:
+            bar.update(task, advance=1, info=res.describe())
 
         try:
             _, failures, stats = infer_slides_where(remaining, spec, preds_out, where, on_result)
@@ -66,7 +67,7 @@ def infer(
               f"[{'red' if failures else 'green'}]{len(failures)} failed[/] → {pred_csv}",
               highlight=False)
     for f in failures:
-        err.print(f"  {f['slide_id']}: {f['error']}", highlight=False)
+        err.print(f"  {f.slide_id}: {f.error}", highlight=False)
     if failures:
         raise typer.Exit(EXIT_FAILED)
 

@@ -22,13 +22,14 @@ from gigamil.wsi.extract import safe_message
 from gigamil.wsi.metadata import slide_id
 
 if TYPE_CHECKING:  # the CLI imports this module for RayOptions: no torch at start-up
+    from gigamil.mil.infer_outputs import SlideFailure, SlideOutcome
     from gigamil.mil.infer_spec import InferenceSpec
 
-__all__ = ["RayOptions", "infer_slides_where", "infer_slides_local", "todo",
+__all__ = ["RayOptions", "Outcome", "infer_slides_where", "infer_slides_local", "todo",
            "failure_message", "slide_failure"]
 
-Result = dict[str, Any]  # {"ok": True, "row": {...}} or {"ok": False, "file", "error"}
-Outcome = tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]  # rows, failures, stats
+#: (prediction rows, failures, pipeline stats)
+Outcome = tuple[list[dict[str, Any]], list["SlideFailure"], dict[str, Any]]
 
 
 @dataclass
@@ -55,9 +56,11 @@ def failure_message(exc: BaseException, path: str) -> str:
     return text.splitlines()[0] if text else cause.__class__.__name__
 
 
-def slide_failure(path: str, error: str) -> dict[str, Any]:
-    """A row of ``failures.csv``."""
-    return {"slide_id": slide_id(Path(path)), "file": Path(path).name, "error": error}
+def slide_failure(path: str, error: str) -> SlideFailure:
+    """The failure of the slide at ``path`` (its id and file name: no directory)."""
+    from gigamil.mil.infer_outputs import SlideFailure
+
+    return SlideFailure(slide_id(Path(path)), Path(path).name, error)
 
 
 def todo(paths: Sequence[Path], out: str | os.PathLike[str]) -> list[Path]:
@@ -68,32 +71,35 @@ def todo(paths: Sequence[Path], out: str | os.PathLike[str]) -> list[Path]:
 
 
 def infer_slides_local(paths: Sequence[Path], spec: InferenceSpec, out: str | os.PathLike[str],
-                       on_result: Callable[[Result], None] | None = None) -> Outcome:
+                       on_result: Callable[[SlideOutcome], None] | None = None) -> Outcome:
     """The same stages in this process, one slide after another (no Ray):
     (rows, failures, pipeline stats)."""
     from gigamil.cluster.ray import set_threads
     from gigamil.memory import retain_freed_memory
     from gigamil.mil.infer import SlidePredictor
+    from gigamil.mil.infer_outputs import SlideOutcome
 
     retain_freed_memory()
     set_threads(spec.threads)
     predictor = SlidePredictor(spec)
     predictor.warm_up()
-    rows, failures = [], []
+    rows: list[dict[str, Any]] = []
+    failures: list[SlideFailure] = []
     for p in paths:
         try:
-            res: Result = {"ok": True, "row": predictor.predict_to(p, out)}
-            rows.append(res["row"])
+            res = SlideOutcome(row=predictor.predict_to(p, out))
+            rows.append(res.row)  # type: ignore[arg-type]  # set just above
         except Exception as exc:  # noqa: BLE001 - one bad slide never stops the batch
             failures.append(slide_failure(str(p), failure_message(exc, str(p))))
-            res = {"ok": False, **failures[-1]}
+            res = SlideOutcome(failure=failures[-1])
         if on_result is not None:
             on_result(res)
     return rows, failures, {"engine": "one process", "slides": len(paths)}
 
 
 def infer_slides_where(paths: Sequence[Path], spec: InferenceSpec, out: str | os.PathLike[str],
-                       where: RayOptions, on_result: Callable[[Result], None] | None = None
+                       where: RayOptions,
+                       on_result: Callable[[SlideOutcome], None] | None = None
                        ) -> Outcome:
     """Predict ``paths`` where ``where.ray_address`` says (nothing to do: nothing runs)."""
     if not paths:

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from gigamil.cluster.infer import failure_message, slide_failure
+from gigamil.cluster.infer import Outcome, failure_message, slide_failure
 from gigamil.cluster.resources import configure_threads
 from gigamil.errors import NoPatchesError
 from gigamil.memory import retain_freed_memory
@@ -48,18 +48,16 @@ from gigamil.mil.infer import (
     plan_inference,
     read_chunk,
 )
-from gigamil.mil.infer_outputs import prediction_row, write_slide
+from gigamil.mil.infer_outputs import SlideFailure, SlideOutcome, prediction_row, write_slide
 from gigamil.mil.infer_spec import InferenceSpec
 
-__all__ = ["infer_slides", "object_store_bytes", "set_threads", "Result", "Outcome"]
+__all__ = ["infer_slides", "object_store_bytes", "set_threads"]
 
 log = logging.getLogger(__name__)
 
 MIN_OBJECT_STORE_BYTES = 256 * 1024**2
 ENCODE_CALLS_PER_ACTOR = 2  # one running, one queued: an actor never waits for work
 
-Result = dict[str, Any]  # {"ok": True, "row": {...}} or {"ok": False, "file", "error"}
-Outcome = tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]  # rows, failures, stats
 
 
 def set_threads(threads: int) -> None:
@@ -144,7 +142,7 @@ class _Pipeline:
     """The driver's scheduler: keeps the readers and the actors busy within the bounds."""
 
     def __init__(self, spec: InferenceSpec, out: Path, actors: list[Any], cpus: int,
-                 on_result: Callable[[Result], None] | None) -> None:
+                 on_result: Callable[[SlideOutcome], None] | None) -> None:
         import ray
 
         self.ray = ray
@@ -167,7 +165,7 @@ class _Pipeline:
                       "chunks_read": 0, "encode_calls": 0, "patches_encoded": 0,
                       "encode_calls_across_slides": 0}
         self.rows: list[dict[str, Any]] = []
-        self.failures: list[dict[str, Any]] = []
+        self.failures: list[SlideFailure] = []
 
     def run(self, paths: Sequence[Path]) -> Outcome:
         queue = deque(str(p) for p in paths)
@@ -307,7 +305,7 @@ class _Pipeline:
         self.slides.remove(slide)
         self.rows.append(row)
         if self.on_result is not None:
-            self.on_result({"ok": True, "row": row})
+            self.on_result(SlideOutcome(row=row))
 
     # ---- bookkeeping
     def _release(self, slide: _Slide) -> None:
@@ -325,7 +323,7 @@ class _Pipeline:
         message = failure_message(error, slide.path) if error is not None else "unknown error"
         self.failures.append(slide_failure(slide.path, message))
         if self.on_result is not None:
-            self.on_result({"ok": False, **self.failures[-1]})
+            self.on_result(SlideOutcome(failure=self.failures[-1]))
 
 
 def object_store_bytes(spec: InferenceSpec, cpus: int, workers: int) -> int:
@@ -339,7 +337,7 @@ def infer_slides(paths: Sequence[Path], spec: InferenceSpec, out: str | os.PathL
                  ray_address: str = "local", workers: int | None = None,
                  gpus_per_worker: float = 0,
                  cpus: int | None = None,
-                 on_result: Callable[[Result], None] | None = None,
+                 on_result: Callable[[SlideOutcome], None] | None = None,
                  on_workers: Callable[[list[Any]], None] | None = None,
                  ) -> Outcome:
     """Predict ``paths`` on Ray: ``workers`` predictor actors, reading on ``cpus`` cores.

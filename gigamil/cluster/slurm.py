@@ -32,7 +32,7 @@ from gigamil.layout import JOBS
 if TYPE_CHECKING:
     from gigamil.mil.train_config import TrainConfig
 
-__all__ = ["make_executor", "record_jobs", "TrainJob", "job_report", "wait_jobs", "JOBS_DIR"]
+__all__ = ["make_executor", "record_jobs", "TrainJob", "job_report", "JobStatus", "wait_jobs", "JOBS_DIR"]
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,30 @@ _STATES = {"PENDING": "pending", "CONFIGURING": "pending", "RUNNING": "running",
            "OUT_OF_MEMORY": "failed", "PREEMPTED": "requeued", "BOOT_FAIL": "failed"}
 
 
-def job_report(out: str | os.PathLike[str]) -> list[dict[str, Any]]:
+@dataclasses.dataclass(frozen=True)
+class JobStatus:
+    """One submitted job, as ``gigamil jobs`` shows it."""
+
+    job_id: str
+    kind: str
+    state: str  # pending, running, requeued, done, failed or unknown
+    restarts: int
+    message: str
+    stdout: str
+    stderr: str
+    cancel: str  # the scancel line
+
+    @property
+    def active(self) -> bool:
+        return self.state in ("pending", "running", "requeued")
+
+    @property
+    def log(self) -> str:
+        """The log worth reading: stderr of a failed job, else stdout."""
+        return self.stderr if self.state == "failed" else self.stdout
+
+
+def job_report(out: str | os.PathLike[str]) -> list[JobStatus]:
     """Each job behind ``out``: state, restarts, log paths, and how to cancel it."""
     path = Path(out) / JOBS_DIR / "jobs.json"
     if not path.exists():
@@ -146,13 +169,12 @@ def job_report(out: str | os.PathLike[str]) -> list[dict[str, Any]]:
             state = "unknown"
         if state == "failed" and not message and info:
             message = f"{info.get('JobState')} exit {info.get('ExitCode', '?')}"
-        rows.append({
-            "job_id": job_id, "kind": entry["kind"], "state": state,
-            "restarts": int(info.get("Restarts", 0) or 0), "message": message,
-            "stdout": str(folder / f"{job_id}_0_log.out"),
-            "stderr": str(folder / f"{job_id}_0_log.err"),
-            "cancel": f"scancel {job_id.split('_')[0]}",
-        })
+        rows.append(JobStatus(
+            job_id=job_id, kind=entry["kind"], state=state,
+            restarts=int(info.get("Restarts", 0) or 0), message=message,
+            stdout=str(folder / f"{job_id}_0_log.out"),
+            stderr=str(folder / f"{job_id}_0_log.err"),
+            cancel=f"scancel {job_id.split('_')[0]}"))
     return rows
 
 

@@ -13,6 +13,8 @@ import dataclasses
 import io
 import json
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,21 +22,52 @@ import numpy as np
 import torch
 
 from gigamil.io import atomic_path, write_csv, write_json
+from gigamil.layout import PredictionsDir
 from gigamil.mil.infer_spec import InferenceSpec
 
 if TYPE_CHECKING:
     from gigamil.mil.infer import SlideScores
 
-__all__ = ["slide_done", "prediction_row", "write_slide", "slide_heatmap", "write_outputs",
+__all__ = ["SlideFailure", "SlideOutcome", "slide_done", "prediction_row", "write_slide", "slide_heatmap", "write_outputs",
            "PREDICTION_FIELDS", "FAILURE_FIELDS"]
 
 PREDICTION_FIELDS = ["slide_id", "pred", "uncertainty", "n_patches", "qc", "model", "seconds"]
 FAILURE_FIELDS = ["slide_id", "file", "error"]
 
 
+@dataclass(frozen=True)
+class SlideFailure:
+    """A slide that could not be predicted: a row of ``failures.csv``."""
+
+    slide_id: str
+    file: str
+    error: str
+
+    def row(self) -> dict[str, str]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class SlideOutcome:
+    """What became of one slide: its prediction row, or its failure."""
+
+    row: dict[str, Any] | None = None
+    failure: SlideFailure | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.failure is None
+
+    def describe(self) -> str:
+        """``s001 tumor``, or ``s002.svs failed``: one line for a progress bar."""
+        if self.row is not None:
+            return f"{self.row['slide_id']} {self.row['pred']}"
+        return f"{self.failure.file if self.failure else '?'} failed"
+
+
 def slide_done(out: Path, sid: str) -> bool:
     """Whether the slide's result is already written under ``out``."""
-    return (out / "slides" / f"{sid}.json").exists()
+    return PredictionsDir(out).slide_json(sid).exists()
 
 
 def prediction_row(spec: InferenceSpec, sid: str, scores: SlideScores, qc: str,
@@ -51,22 +84,22 @@ def write_slide(spec: InferenceSpec, out: str | os.PathLike[str], path: str | os
                 patch_size_level0: float) -> dict[str, Any]:
     """Write one slide's ``.npz`` (coords, attention, per-patch probabilities if computed),
     heatmap, then its ``.json`` (last: the json marks the slide done), each atomically."""
-    out = Path(out)
+    preds = PredictionsDir(out)
     sid = row["slide_id"]
     arrays = {"coords": coords, "attention": scores.attention.astype(np.float32)}
     if scores.patch_probs is not None:
         arrays["probability"] = scores.patch_probs
     buf = io.BytesIO()
     np.savez_compressed(buf, allow_pickle=True, **arrays)  # the default, named for mypy
-    with atomic_path(out / "slides" / f"{sid}.npz") as tmp:
+    with atomic_path(preds.slide_npz(sid)) as tmp:
         tmp.write_bytes(buf.getvalue())
     if spec.heatmaps:
         from gigamil.wsi.preview import save_png
 
-        save_png(out / "heatmaps" / f"{sid}.png",
+        save_png(preds.heatmap(sid),
                  slide_heatmap(spec, path, coords, scores, patch_size_level0,
                                title=f"{sid}: {row['pred']}"))
-    write_json(out / "slides" / f"{sid}.json", row)
+    write_json(preds.slide_json(sid), row)
     return row
 
 
@@ -90,23 +123,23 @@ def slide_heatmap(spec: InferenceSpec, path: str | os.PathLike[str], coords: np.
 
 
 def write_outputs(out: str | os.PathLike[str], spec: InferenceSpec,
-                  failures: list[dict[str, Any]], stats: dict[str, Any] | None = None
+                  failures: Sequence[SlideFailure], stats: dict[str, Any] | None = None
                   ) -> tuple[Path, Path]:
     """Aggregate ``slides/*.json`` into ``predictions.csv``; write ``failures.csv`` and
     ``infer_config.json`` (the resolved spec, with names instead of paths, and ``stats``)."""
     from gigamil.versions import gigamil_version, package_versions
 
-    out = Path(out)
-    rows = [json.loads(p.read_text()) for p in sorted((out / "slides").glob("*.json"))]
+    preds = PredictionsDir(out)
+    rows = [json.loads(p.read_text()) for p in preds.slide_results()]
     fields = PREDICTION_FIELDS[:2] + [f"prob_{c}" for c in spec.classes] + PREDICTION_FIELDS[2:]
-    write_csv(out / "predictions.csv", rows, fields)
-    write_csv(out / "failures.csv", failures, FAILURE_FIELDS)
+    write_csv(preds.predictions, rows, fields)
+    write_csv(preds.failures, [f.row() for f in failures], FAILURE_FIELDS)
     config = dataclasses.asdict(spec) | {
         "run": Path(spec.run).name, "model_id": spec.model_id(),
         "model_files": [str(Path(m).relative_to(spec.run)) if Path(m).is_relative_to(spec.run)
                         else Path(m).name for m in spec.model_files],
         "encoder_weights": Path(spec.encoder_weights).name if spec.encoder_weights else None}
-    write_json(out / "infer_config.json", {
+    write_json(preds.config, {
         "config": config, "pipeline": stats or {},
         "versions": {"gigamil": gigamil_version(), **package_versions(), "torch": torch.__version__}})
-    return out / "predictions.csv", out / "failures.csv"
+    return preds.predictions, preds.failures

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from gigamil.io import write_csv, write_json
+from gigamil.layout import RunDir
 from gigamil.mil.labels import LabelTable
 from gigamil.mil.metrics import (
     SCALAR_METRICS,
@@ -97,7 +98,7 @@ def write_metrics(out: Path, results: dict[int, dict[str, Any]], classes: Sequen
     fields = ["fold", "split", "epoch", "step", "train_loss", "lr",
               *(f"val_{k}" for k in ("loss", *metric_names)),
               *(f"{k}{s}" for k in metric_names for s in ("", "_lo", "_hi"))]
-    write_csv(out / "metrics.csv", rows, fields)
+    write_csv(RunDir(out).metrics, rows, fields)
 
 
 def write_summary(out: Path, summary: dict[str, Any], results: dict[int, dict[str, Any]],
@@ -110,7 +111,7 @@ def write_summary(out: Path, summary: dict[str, Any], results: dict[int, dict[st
     for k in sorted(results):
         summary["folds"][str(k)] = {"best_epoch": results[k]["best_epoch"],
                                     "n": results[k]["n"]}
-        pred_file = out / f"predictions_fold{k}.csv"
+        pred_file = RunDir(out).predictions(k)
         if "test_ci" not in results[k] or not pred_file.exists():
             continue
         y, p = read_predictions(pred_file, classes)
@@ -122,9 +123,9 @@ def write_summary(out: Path, summary: dict[str, Any], results: dict[int, dict[st
         y, p = np.concatenate(ys), np.concatenate(ps)
         summary["pooled"] = summarize(y, p, classes, cfg.bootstrap, cfg.seed)
         pooled = bootstrap_metrics(y, p, cfg.bootstrap, seed=cfg.seed, classes=classes)
-        save_png(out / "reliability.png",
+        save_png(RunDir(out).reliability,
                  reliability_diagram(y, p, title=f"{cfg.model}, {len(ys)} folds pooled"))
     write_metrics(out, results, classes, pooled)
     summary["complete"] = complete
-    write_json(out / "summary.json", summary)
+    write_json(RunDir(out).summary, summary)
     return summary

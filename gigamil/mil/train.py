@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from gigamil.errors import GigamilError, UsageError
 from gigamil.io import write_csv, write_json
+from gigamil.layout import RunDir
 from gigamil.mil.fold import Checkpointer, FoldTrainer, StopRequest
 from gigamil.mil.labels import match_features, read_labels
 from gigamil.mil.metrics import bootstrap_metrics
@@ -55,7 +56,7 @@ def _barrier(world_size: int) -> None:
 
 
 def _prepare_run(cfg: TrainConfig, out: Path, resume: bool, meta: dict[str, Any]) -> None:
-    config_path = out / "config.json"
+    config_path = RunDir(out).config
     if config_path.exists():
         saved = json.loads(config_path.read_text())
         if not resume:
@@ -90,7 +91,7 @@ def train(cfg: TrainConfig, checkpoints: Callable[[int], Checkpointer],
             "folds": len(folds)}
     if main:
         _prepare_run(cfg, out, resume, meta)
-        write_splits(out / "splits.csv", table, folds)
+        write_splits(RunDir(out).splits, table, folds)
     _barrier(world_size)
     selected = [f for f in folds if cfg.only_folds is None or f.index in cfg.only_folds]
     results: dict[int, dict[str, Any]] = {}
@@ -128,7 +129,7 @@ def train(cfg: TrainConfig, checkpoints: Callable[[int], Checkpointer],
             result["test_ci"] = {k: list(v) for k, v in ci.items()}
             if main:
                 ids = [fold.test[i] for i in preds.index]
-                write_csv(out / f"predictions_fold{fold.index}.csv",
+                write_csv(RunDir(out).predictions(fold.index),
                           prediction_rows(table, ids, preds.probs, preds.uncertainty,
                                           preds.n_instances, fold.index, cfg.model),
                           prediction_fields(table.classes))
