@@ -6,7 +6,7 @@
 #
 # Needs root and the Debian packages slurm-wlm and munge (.ci/run installs them).
 # Everything lives under $GIGAMIL_SLURM_DIR (default /tmp/gigamil-slurm); settings follow
-# ../shared/ENVIRONMENT.md (fast requeue: cred_expire=10, 2 s scheduling).
+# what was measured on these machines (fast requeue: cred_expire=10, 2 s scheduling).
 set -euo pipefail
 DIR=${GIGAMIL_SLURM_DIR:-/tmp/gigamil-slurm}
 CONF=$DIR/slurm.conf
@@ -24,6 +24,8 @@ start() {
         chown munge:munge /etc/munge/munge.key && chmod 400 /etc/munge/munge.key
     fi
     pgrep -x munged >/dev/null || runuser -u munge -- munged
+    # the node's cores, whatever OMP_NUM_THREADS says (GNU nproc honours it)
+    CPUS=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
     cat > "$CONF" <<CONF
 ClusterName=gigamil-test
 SlurmctldHost=localhost(127.0.0.1)
@@ -50,7 +52,7 @@ JobRequeue=1
 SchedulerParameters=sched_interval=2,bf_interval=2
 MinJobAge=600
 KillWait=5
-NodeName=localhost NodeAddr=127.0.0.1 CPUs=$(nproc) RealMemory=$(( $(nproc) * 2048 + 1024 )) State=UNKNOWN
+NodeName=localhost NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$(( CPUS * 2048 + 1024 )) State=UNKNOWN
 PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 CONF
     export SLURM_CONF=$CONF

@@ -110,6 +110,27 @@ def test_ray_and_one_process_agree_and_reruns_skip(trained: dict[str, Path], tmp
     assert res.exit_code == 0 and "6 already done, 0 predicted" in " ".join(res.output.split())
 
 
+def test_inference_in_this_process_leaves_the_callers_environment(
+        trained: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug once: in-process inference exported OMP_NUM_THREADS=1 for the rest of the
+    caller's life, so a SLURM test cluster started later saw one CPU (GNU nproc honours it)
+    and its jobs pended for ever."""
+    import os
+
+    from gigamil.cluster.infer import infer_slides_local
+    from gigamil.cluster.resources import THREAD_ENV_VARS
+    from gigamil.mil.infer_spec import InferenceSpec
+    from gigamil.wsi.discovery import discover_slides
+
+    for var in THREAD_ENV_VARS:
+        monkeypatch.delenv(var, raising=False)
+    spec = InferenceSpec.from_run(trained["run"])
+    rows, fails, _ = infer_slides_local(discover_slides([trained["slides"]])[:1], spec,
+                                        tmp_path / "p")
+    assert len(rows) == 1 and not fails
+    assert not [v for v in THREAD_ENV_VARS if v in os.environ]
+
+
 @pytest.mark.slow
 def test_slides_cut_in_many_chunks_on_ray_match_one_process(trained: dict[str, Path],
                                                             tmp_path: Path) -> None:

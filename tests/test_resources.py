@@ -68,6 +68,20 @@ def test_configure_threads_sets_what_it_returns(no_slurm: pytest.MonkeyPatch) ->
         torch.set_num_threads(before)
 
 
+def test_configure_threads_in_a_callers_process_exports_nothing(
+        no_slurm: pytest.MonkeyPatch) -> None:
+    import torch
+
+    before = torch.get_num_threads()
+    for var in THREAD_ENV_VARS:
+        no_slurm.delenv(var, raising=False)
+    try:
+        assert configure_threads(1, export=False) == 1 and torch.get_num_threads() == 1
+        assert not [v for v in THREAD_ENV_VARS if v in os.environ]
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_jobs_table_shows_state_and_whole_log_path_at_80_columns(tmp_path: Path) -> None:
     """A failed job on a login node without a terminal (80 columns): the state word and
     the log path must be readable whole, however deep the run directory is."""

@@ -74,13 +74,15 @@ def infer_slides_local(paths: Sequence[Path], spec: InferenceSpec, out: str | os
                        on_result: Callable[[SlideOutcome], None] | None = None) -> Outcome:
     """The same stages in this process, one slide after another (no Ray):
     (rows, failures, pipeline stats)."""
-    from gigamil.cluster.ray import set_threads
+    import torch  # noqa: F401 - imported first, so that configure_threads sizes it
+
+    from gigamil.cluster.resources import configure_threads
     from gigamil.memory import retain_freed_memory
     from gigamil.mil.infer import SlidePredictor
     from gigamil.mil.infer_outputs import SlideOutcome
 
     retain_freed_memory()
-    set_threads(spec.threads)
+    configure_threads(spec.threads, export=False)  # the caller's environment stays as it was
     predictor = SlidePredictor(spec)
     predictor.warm_up()
     rows: list[dict[str, Any]] = []

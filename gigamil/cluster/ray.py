@@ -51,7 +51,7 @@ from gigamil.mil.infer import (
 from gigamil.mil.infer_outputs import SlideFailure, SlideOutcome, prediction_row, write_slide
 from gigamil.mil.infer_spec import InferenceSpec
 
-__all__ = ["infer_slides", "object_store_bytes", "set_threads"]
+__all__ = ["infer_slides", "object_store_bytes"]
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ ENCODE_CALLS_PER_ACTOR = 2  # one running, one queued: an actor never waits for 
 
 
 
-def set_threads(threads: int) -> None:
+def _set_threads(threads: int) -> None:
     import torch  # noqa: F401 - imported first, so that configure_threads sizes it
 
     configure_threads(threads)
@@ -83,7 +83,7 @@ class _Predictor:
 
     def __init__(self, spec: InferenceSpec) -> None:
         retain_freed_memory()
-        set_threads(spec.threads)
+        _set_threads(spec.threads)
         self.predictor = SlidePredictor(spec)
         self.predictor.warm_up()
 

@@ -49,16 +49,19 @@ def allocated_cpus() -> int:
     return max(1, min(per_task, cores))
 
 
-def configure_threads(threads: int | None = None) -> int:
+def configure_threads(threads: int | None = None, export: bool = True) -> int:
     """Size torch, OpenMP and OpenCV to ``threads`` (default: :func:`allocated_cpus`).
 
     Returns the count. Torch is sized only if it is already imported (a process that never
     needs it does not pay for the import); if it is imported later it reads
-    ``OMP_NUM_THREADS``, which is set here.
+    ``OMP_NUM_THREADS``. ``export`` also sets ``OMP_NUM_THREADS`` and friends for this
+    process's children: right for a job or a worker process, which own their process;
+    wrong inside a caller's process (a library call), whose environment is not ours.
     """
     n = max(1, int(threads) if threads else allocated_cpus())
-    for var in THREAD_ENV_VARS:
-        os.environ[var] = str(n)
+    if export:
+        for var in THREAD_ENV_VARS:
+            os.environ[var] = str(n)
     if "torch" in sys.modules:
         import torch
 
