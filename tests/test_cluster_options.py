@@ -133,3 +133,15 @@ def test_tissue_detector_and_its_options_reach_the_extraction(cohort: Path, tmp_
     assert res.exit_code == 2 and "no_such_option" in res.output
     res = runner.invoke(app, ["models"])
     assert res.exit_code == 0 and "min_saturation" in res.output
+
+
+def test_stores_from_before_tissue_params_stay_current() -> None:
+    """A store's saved parameters decide whether a rerun skips it: the default (no
+    detector options) must leave them as they were before `-t` existed, or every old store
+    would be re-extracted."""
+    from gigamil.wsi.extract_config import ExtractConfig
+
+    assert "tissue_params" not in ExtractConfig().output_params()
+    tuned = ExtractConfig(tissue_params={"min_saturation": 30}).output_params()
+    assert tuned["tissue_params"] == {"min_saturation": 30}
+    assert tuned != ExtractConfig().output_params()

@@ -203,7 +203,9 @@ class SlurmExecutor(Executor):
         executor = make_executor(self.opts, stage.target / "jobs", name)
         stage.target.mkdir(parents=True, exist_ok=True)
         with executor.batch():
-            jobs = [executor.submit(stage.job((k, n) if n > 1 else None,
+            # array tasks always take share k of n (0-based, like SLURM_ARRAY_TASK_ID), even
+            # when n is 1; a multi-rank job (train) is one piece of work
+            jobs = [executor.submit(stage.job(None if stage.multi_rank else (k, n),
                                               self.opts.cpus_per_task, False))
                     for k in range(n)]
         record_jobs(stage.target, stage.kind, jobs, self.opts, stage.record())

@@ -120,13 +120,17 @@ class _Pool(Generic[T, R]):
                 return False
             done, _ = cf.wait(inflight, timeout=0.25, return_when=cf.FIRST_COMPLETED)
             self.drain()
-            for fut in done:
+            broken = False
+            for fut in done:  # every finished item is recorded before a death is handled
                 try:
                     res = fut.result()
                 except cf.process.BrokenProcessPool:
-                    return True
+                    broken = True
+                    continue
                 self.on_result(res)
                 del inflight[fut]
+            if broken:
+                return True
         return False
 
     def _after_death(self, inflight: dict[cf.Future[R], tuple[str, T]]) -> None:

@@ -24,7 +24,7 @@ class InferConfig:
                             "memory).")
     folds: FoldChoice = option("all", "all: average every fold's model; best: the fold with "
                                "the best validation metric.", flag="--fold")
-    device: str = option("cpu", "cpu, or cuda with --gpus-per-worker.")
+    device: str = option("cpu", "cpu, or cuda (on Ray: with --gpus-per-worker).")
     batch_size: int = option(64, "Patches per encoder batch.", min=1)
     threads: int = option(1, "Torch threads per predictor.", min=1)
     heatmaps: bool = option(False, "Also write heatmaps/<slide_id>.png.")

@@ -90,7 +90,7 @@ def write_slide(spec: InferenceSpec, out: str | os.PathLike[str], path: str | os
     if scores.patch_probs is not None:
         arrays["probability"] = scores.patch_probs
     buf = io.BytesIO()
-    np.savez_compressed(buf, allow_pickle=True, **arrays)  # the default, named for mypy
+    np.savez_compressed(buf, **arrays)  # type: ignore[arg-type]  # numpy's stub: **kwds
     with atomic_path(preds.slide_npz(sid)) as tmp:
         tmp.write_bytes(buf.getvalue())
     if spec.heatmaps:

@@ -97,7 +97,7 @@ def save_masks(path: str | os.PathLike[str], masks: dict[str, np.ndarray]) -> No
     with atomic_path(path.with_suffix(".npz")) as tmp:
         with open(tmp, "wb") as fh:
             # allow_pickle (its default) named so mypy does not match **arrays against it
-            np.savez_compressed(fh, allow_pickle=True, mpp=np.float64(MASK_MPP), **arrays)
+            np.savez_compressed(fh, mpp=np.float64(MASK_MPP), **arrays)  # type: ignore[arg-type]
     overview = np.full(masks["tissue"].shape + (3,), 255, np.uint8)
     overview[masks["tissue"] > 0.5] = (200, 200, 200)
     overview[masks["tumor"] > 0.5] = (220, 40, 40)

@@ -116,6 +116,8 @@ class ExtractConfig:
                 "stain_reference"}
         params = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
         params["mpp"] = list(self.mpps)
+        if not self.tissue_params:  # stores written before the option existed stay current
+            del params["tissue_params"]
         if self.stain_reference is not None:
             params["stain_reference_sha256"] = hashlib.sha256(
                 Path(self.stain_reference).read_bytes()).hexdigest()
