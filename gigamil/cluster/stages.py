@@ -193,12 +193,14 @@ class ExtractStage(Stage[list[SlideResult]]):
     def local_workers(self) -> int:
         return self.workers
 
+    @functools.cached_property
+    def n_slides(self) -> int:
+        return len(discover_slides(self.inputs))
+
     def n_jobs(self, opts: ClusterOptions) -> int:
-        n_slides = len(discover_slides(self.inputs))
-        if not n_slides:
+        if not self.n_slides:
             raise UsageError("no slides found", "check the slide directory")
-        self._n_slides = n_slides
-        return -(-n_slides // max(1, opts.slides_per_job))
+        return -(-self.n_slides // max(1, opts.slides_per_job))
 
     def job(self, shard: tuple[int, int] | None, workers: int, here: bool
             ) -> Callable[[], list[SlideResult]]:
@@ -210,7 +212,7 @@ class ExtractStage(Stage[list[SlideResult]]):
         merge_extract_manifests(self.out)
 
     def record(self) -> dict[str, Any]:
-        return {"slides": getattr(self, "_n_slides", None)}
+        return {"slides": self.n_slides}
 
 
 # -- embed -----------------------------------------------------------------------------------
@@ -246,16 +248,18 @@ class EmbedStage(Stage[list["EmbedResult"]]):
     def target(self) -> Path:
         return Path(self.out or self.data)
 
+    @functools.cached_property
+    def n_stores(self) -> int:
+        return len(list(ExtractDir.store_folder(self.data).glob("*.lmdb")))
+
     def n_jobs(self, opts: ClusterOptions) -> int:
         if self.from_slides is not None:
             raise UsageError("--from-slides runs locally only",
                              "extract with --executor slurm, then embed the stores")
-        folder = ExtractDir.store_folder(self.data)
-        n_stores = len(list(folder.glob("*.lmdb")))
-        if not n_stores:
-            raise UsageError(f"no patch stores in {folder}", "run `gigamil extract` first")
-        self._n_stores = n_stores
-        return max(1, -(-n_stores // max(1, opts.slides_per_job)))
+        if not self.n_stores:
+            raise UsageError(f"no patch stores in {ExtractDir.store_folder(self.data)}",
+                             "run `gigamil extract` first")
+        return max(1, -(-self.n_stores // max(1, opts.slides_per_job)))
 
     def job(self, shard: tuple[int, int] | None, workers: int, here: bool
             ) -> Callable[[], list[EmbedResult]]:
@@ -269,7 +273,7 @@ class EmbedStage(Stage[list["EmbedResult"]]):
                                  self.from_slides, self.hooks if here else {})
 
     def record(self) -> dict[str, Any]:
-        return {"stores": getattr(self, "_n_stores", None)}
+        return {"stores": self.n_stores}
 
 
 # -- train -----------------------------------------------------------------------------------
