@@ -334,6 +334,7 @@ def _reader_pid() -> int | None:
 def test_a_reader_killed_mid_chunk_is_retried_and_each_slide_written_once(
         trained: dict[str, Path], tmp_path: Path) -> None:
     import dataclasses
+    import threading
     import time
 
     from gigamil.cluster.ray import infer_slides
@@ -344,18 +345,24 @@ def test_a_reader_killed_mid_chunk_is_retried_and_each_slide_written_once(
     spec = dataclasses.replace(InferenceSpec.from_run(trained["run"]), chunk_patches=8)
     paths = discover_slides([trained["slides"]])
     killed: list[int] = []
+    done = threading.Event()
 
-    def on_result(_res: dict) -> None:
-        deadline = time.monotonic() + 5
-        while not killed and time.monotonic() < deadline:
+    def killer() -> None:  # from the start: the reads may all be over by the first result
+        while not killed and not done.is_set():
             pid = _reader_pid()
             if pid is not None:
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
+            time.sleep(0.001)
 
     out = tmp_path / "p"
-    rows, failures, stats = infer_slides(paths, spec, out, workers=1, cpus=2,
-                                         on_result=on_result)
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    try:
+        rows, failures, stats = infer_slides(paths, spec, out, workers=1, cpus=2)
+    finally:
+        done.set()
+        thread.join()
     write_outputs(out, spec, failures)
     assert killed and not failures
     ids = [r["slide_id"] for r in csv.DictReader(open(out / "predictions.csv"))]
