@@ -68,8 +68,8 @@ def test_template_command_prints_a_script() -> None:
     assert res.exit_code == 2 and "--slides" in res.output
 
 
-def test_debug_executor_runs_the_stage_in_process_like_local(cohort: Path, tmp_path: Path
-                                                             ) -> None:
+def test_debug_executor_runs_the_stage_in_process_like_local(
+        cohort: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`--executor debug` (submitit's DebugExecutor) runs the same job in this process: the
     stores equal a local run's, and the job's folder is where submitit keeps its logs."""
     import os
@@ -99,14 +99,20 @@ def test_debug_executor_runs_the_stage_in_process_like_local(cohort: Path, tmp_p
     import submitit
 
     from gigamil.cluster.executor import run_stage
+    from gigamil.cluster.resources import THREAD_ENV_VARS
     from gigamil.cluster.stages import ExtractStage
     from gigamil.wsi.extract_config import ExtractConfig
 
+    for var in THREAD_ENV_VARS:
+        monkeypatch.delenv(var, raising=False)
     outcome = run_stage(ExtractStage([cohort / "s002.svs"], tmp_path / "api",
                                      ExtractConfig(mpp=1.0, patch_size=128)),
                         ClusterOptions(executor="debug"))
     assert isinstance(outcome.jobs[0], submitit.DebugJob) and outcome.jobs[0].done()
     assert outcome.results is not None and [r.status for r in outcome.results[0]] == ["ok"]
+    # a job run in the caller's process sizes no threads for it (that is a SLURM job's
+    # business): the caller's environment is left as it was
+    assert not [v for v in THREAD_ENV_VARS if v in os.environ]
 
 
 def test_tissue_detector_and_its_options_reach_the_extraction(cohort: Path, tmp_path: Path

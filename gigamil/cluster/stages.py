@@ -157,11 +157,11 @@ def merge_extract_manifests(out: str | os.PathLike[str]) -> Path | None:
 
 
 def _extract_job(inputs: list[str], out: str, cfg: ExtractConfig, workers: int,
-                 overwrite: bool, shard: tuple[int, int] | None,
-                 hooks: dict[str, Any]) -> list[SlideResult]:
+                 overwrite: bool, shard: tuple[int, int] | None, hooks: dict[str, Any],
+                 own_process: bool) -> list[SlideResult]:
     from gigamil.cluster.resources import configure_threads
 
-    if not hooks:  # a job of its own (SLURM): --cpus-per-task, not every core of the node
+    if own_process:  # a job of its own (SLURM): --cpus-per-task, not every core of the node
         configure_threads()
     return extract_slides(inputs, out, cfg, workers=workers, overwrite=overwrite, shard=shard,
                           **hooks)
@@ -206,7 +206,8 @@ class ExtractStage(Stage[list[SlideResult]]):
             ) -> Callable[[], list[SlideResult]]:
         sources = [str(Path(p).resolve()) for p in self.inputs]
         return functools.partial(_extract_job, sources, str(Path(self.out).resolve()), self.cfg,
-                                 workers, self.overwrite, shard, self.hooks if here else {})
+                                 workers, self.overwrite, shard, self.hooks if here else {},
+                                 not here)
 
     def finish(self, results: list[list[SlideResult]]) -> None:
         merge_extract_manifests(self.out)
@@ -218,13 +219,14 @@ class ExtractStage(Stage[list[SlideResult]]):
 # -- embed -----------------------------------------------------------------------------------
 
 def _embed_job(data: str, cfg: EmbedConfig, out: str | None,
-               from_slides: ExtractConfig | None, hooks: dict[str, Any]) -> list[EmbedResult]:
+               from_slides: ExtractConfig | None, hooks: dict[str, Any],
+               own_process: bool) -> list[EmbedResult]:
     from gigamil.cluster.resources import configure_threads
     from gigamil.mil.embed import embed_stores
     from gigamil.mil.embed_slides import embed_slides
 
-    if not hooks:
-        configure_threads()  # --cpus-per-task, not every core of the node
+    if own_process:  # a job of its own (SLURM): --cpus-per-task, not every core of the node
+        configure_threads()
     if from_slides is not None:
         if out is None:
             raise UsageError("--from-slides needs --out", "e.g. --out data/")
@@ -270,7 +272,7 @@ class EmbedStage(Stage[list["EmbedResult"]]):
             cfg = dataclasses.replace(cfg, workers=0)
         return functools.partial(_embed_job, str(Path(self.data).resolve()), cfg,
                                  str(Path(self.out).resolve()) if self.out else None,
-                                 self.from_slides, self.hooks if here else {})
+                                 self.from_slides, self.hooks if here else {}, not here)
 
     def record(self) -> dict[str, Any]:
         return {"stores": self.n_stores}
