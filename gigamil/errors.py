@@ -15,6 +15,7 @@ __all__ = [
     "MissingMppError",
     "UpsampleError",
     "SlideTooSmallError",
+    "UnreadableRegionError",
     "StainFitError",
     "StoreError",
     "TrainingInterrupted",
@@ -57,6 +58,15 @@ class UpsampleError(SlideError):
 
 class SlideTooSmallError(SlideError):
     """The slide is smaller than a single patch at the requested resolution."""
+
+
+class UnreadableRegionError(SlideError):
+    """Pixels under a region cannot be decoded (a damaged or missing tile).
+
+    Raised by a reader for one region read; extraction then reads that region's
+    patches one by one and leaves out (and counts as ``unreadable``) the ones that
+    still fail, so that no garbage pixel is ever stored.
+    """
 
 
 class StainFitError(SlideError):

@@ -78,7 +78,11 @@ class OpenSlideReader(SlideReader):
     def associated_names(self) -> list[str]:
         return sorted(self._handle.associated_images.keys())
 
-    def _read_level0(self, x0: int, y0: int, level: int, w: int, h: int) -> np.ndarray:
+    exact_levels = False  # cairo resamples level positions that are not integers
+
+    def _read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        ds = self._level_dims_and_downsamples()[level][2]
+        x0, y0 = int(round(x * ds)), int(round(y * ds))
         rgba = np.asarray(self._handle.read_region((x0, y0), level, (w, h)))
         rgb = rgba[..., :3]
         alpha = rgba[..., 3]
@@ -175,7 +179,9 @@ class CuCIMReader(SlideReader):
     def associated_names(self) -> list[str]:
         return sorted(str(n) for n in self._handle.associated_images)
 
-    def _read_level0(self, x0: int, y0: int, level: int, w: int, h: int) -> np.ndarray:
+    def _read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        ds = self._level_dims_and_downsamples()[level][2]
+        x0, y0 = int(round(x * ds)), int(round(y * ds))
         region = self._handle.read_region(location=(x0, y0), size=(w, h), level=level, device="cpu")
         arr = np.asarray(region)
         if arr.ndim == 3 and arr.shape[2] == 4:

@@ -18,7 +18,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from gigamil.errors import MissingMppError, SlideOpenError, UsageError
+from gigamil.errors import MissingMppError, SlideError, SlideOpenError, UsageError
 from gigamil.wsi.metadata import Level, choose_level, tiff_metadata, valid_mpp
 
 __all__ = ["SlideReader", "resize_area"]
@@ -65,9 +65,23 @@ class SlideReader:
     def _native_objective_power(self) -> float | None:
         raise NotImplementedError
 
-    def _read_level0(self, x0: int, y0: int, level: int, w: int, h: int) -> np.ndarray:
-        """RGB uint8 (h, w, 3) at ``level``; the top-left corner in level-0 pixels."""
+    def _read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        """RGB uint8 (h, w, 3) at ``level``, top-left (x, y) in that level's pixels.
+
+        Raises :class:`UnreadableRegionError` when tiles under the region cannot be
+        decoded; areas outside the level are white.
+        """
         raise NotImplementedError
+
+    #: Whether :meth:`_read` returns the level's own pixels, so that a wide region
+    #: cut into patches equals reading each patch alone on any level (fractional
+    #: downsamples included). openslide resamples fractional levels: False.
+    exact_levels: bool = True
+
+    @property
+    def format(self) -> str:
+        """The slide's file format, as a user would name it (``aperio``, ``dicom``, …)."""
+        return self.vendor
 
     @property
     def associated_names(self) -> list[str]:
@@ -161,11 +175,9 @@ class SlideReader:
     # ---- pixels --------------------------------------------------------------
     def read_region(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         """Read a ``w``×``h`` RGB uint8 region at ``level``, top-left (x, y) in *level* pixels."""
-        ds = self.levels[level].downsample
-        x0, y0 = int(round(x * ds)), int(round(y * ds))
         try:
-            region = self._read_level0(x0, y0, level, w, h)
-        except SlideOpenError:
+            region = self._read(level, x, y, w, h)
+        except SlideError:
             raise
         except Exception as exc:
             raise SlideOpenError(
@@ -221,6 +233,7 @@ class SlideReader:
         ]
         return {
             "file": self.path.name,
+            "format": self.format,
             "backend": self.backend,
             "vendor": self.vendor,
             "width": self.dimensions[0],
