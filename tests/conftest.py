@@ -39,6 +39,16 @@ def twin_slides(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="session")
+def odd_slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A slide with Aperio-style odd dimensions: every reduced level has a fractional
+    downsample (4.0007…, 16.01…), as real scanners write them."""
+    out = tmp_path_factory.mktemp("odd") / "odd.svs"
+    write_synthetic_slide(out, SynthConfig(width=W + 1, height=H - 3, seed=13, tumor=True,
+                                           tissue_fraction=0.5))
+    return out
+
+
+@pytest.fixture(scope="session")
 def bad_slides(tmp_path_factory: pytest.TempPathFactory, cohort: Path) -> Path:
     """A directory with one good slide and every kind of bad input the issue lists."""
     out = tmp_path_factory.mktemp("bad")

@@ -50,9 +50,11 @@ def test_cucim_matches_openslide_on_every_level(cohort: Path) -> None:
             )
 
 
-def test_auto_backend_prefers_cucim_for_tiff(cohort: Path) -> None:
+def test_auto_backend_reads_tiff_tiles_directly(cohort: Path) -> None:
     with open_slide(cohort / "s000.svs", "auto") as slide:
-        assert slide.backend == ("cucim" if cucim_available() else "openslide")
+        assert slide.backend == "tiles"
+        assert slide.format == "aperio"
+        assert slide.describe()["format"] == "aperio"
 
 
 def test_missing_mpp_names_the_override(bad_slides: Path) -> None:

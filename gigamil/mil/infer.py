@@ -89,12 +89,13 @@ def plan_inference(path: str | os.PathLike[str], extract: ExtractConfig,
     sid = slide_id(Path(path))
     with open_slide(path, extract.backend, extract.mpp_override) as slide:
         plan = plan_slide(slide, extract, sid)
+        exact = slide.exact_levels
     grid = plan.grids[0]
     n_chunks = max(1, math.ceil(len(grid) / chunk_patches))
     target = math.ceil(len(grid) / n_chunks)  # even chunks: none is a small tail
     chunks: list[list[tuple[int, int]]] = []
     size = target
-    for run in read_runs(grid, extract.read_block_px):
+    for run in read_runs(grid, extract.read_block_px, exact):
         if size >= target:
             chunks.append([])
             size = 0

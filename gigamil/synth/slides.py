@@ -27,6 +27,7 @@ __all__ = [
     "make_cohort",
     "load_masks",
     "save_masks",
+    "damage_tile",
 ]
 
 
@@ -191,3 +192,26 @@ def _cfg_json(cfg: SynthConfig) -> str:
     import json
 
     return json.dumps(asdict(cfg), sort_keys=True)
+
+
+def damage_tile(path: str | os.PathLike[str], page: int, tile: int, mode: str = "zero",
+                seed: int = 0) -> None:
+    """Damage one tile of a TIFF in place, for tests: ``zero`` overwrites its bytes with
+    zeros; ``garbage`` overwrites the middle half of its entropy-coded data with random
+    bytes (the JPEG markers at both ends stay, so only decoding can tell)."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        p = tif.pages[page]
+        offset, length = int(p.dataoffsets[tile]), int(p.databytecounts[tile])
+    with open(path, "r+b") as fh:
+        if mode == "zero":
+            fh.seek(offset)
+            fh.write(bytes(length))
+        elif mode == "garbage":
+            rng = np.random.default_rng(seed)
+            start = offset + length // 4
+            fh.seek(start)
+            fh.write(rng.integers(0, 256, length // 2, dtype=np.uint8).tobytes())
+        else:
+            raise ValueError(f"mode must be 'zero' or 'garbage', not {mode!r}")

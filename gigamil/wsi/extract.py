@@ -23,13 +23,13 @@ from typing import Any
 
 import numpy as np
 
-from gigamil.errors import GigamilError, StoreError, UsageError
+from gigamil.errors import GigamilError, SlideOpenError, StoreError, UsageError
 from gigamil.layout import ExtractDir
 from gigamil.versions import gigamil_version, package_versions
 from gigamil.wsi.extract_config import ExtractConfig, SlidePlan, SlideResult
 from gigamil.wsi.features import trident_attrs
 from gigamil.wsi.metadata import slide_id
-from gigamil.wsi.planning import plan_slide, process_grid
+from gigamil.wsi.planning import UNREADABLE, plan_slide, process_grid
 from gigamil.wsi.preview import extraction_preview, save_png
 from gigamil.wsi.reader import open_slide
 from gigamil.wsi.slide import SlideReader
@@ -149,6 +149,11 @@ def extract_slide(
                             on_patches(len(run.indices))
                     coords[key] = grid.coords[kept]
                     rejected[f"{grid.spec.mpp:g}"] = dict(counts)
+                    if len(grid) and counts[UNREADABLE] == len(grid):
+                        raise SlideOpenError(
+                            f"no patch of level {grid.level} ({grid.spec.mpp:g} µm/px) can be "
+                            "decoded", "the file is damaged; copy it again from the source, or "
+                            "try another --backend")
                 meta = store_meta(sid, path, slide, plan, cfg, rejected)
                 writer.finish(coords, meta)
             if cfg.coords_h5:
@@ -169,6 +174,9 @@ def extract_slide(
                          "or lower --min-tissue")
         if slide.mpp_source == "override":
             notes.append(f"mpp {slide.mpp:g} from --mpp-override")
+        notes.extend(slide.notes)
+        if total[UNREADABLE]:
+            notes.append(f"{total[UNREADABLE]} patches left out: their tiles cannot be decoded")
         result.note = "; ".join(notes)
     except Exception as exc:  # one bad slide must never stop the batch
         result.error = safe_message(exc, path, store_path)
@@ -214,6 +222,7 @@ def store_meta(
         "tissue_fraction": round(plan.tissue.fraction, 5),
         "qc_rejected": rejected,
         "qc_rejected_total": dict(total),
+        "qc_unreadable": total[UNREADABLE],
         "stain_norm": None if plan.normalizer is None else plan.normalizer.name,
         "backend": slide.backend,
         "params": cfg.output_params(),

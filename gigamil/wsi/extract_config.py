@@ -28,6 +28,7 @@ from gigamil.wsi.tissue import TISSUE_DETECTORS, TissueMask
 __all__ = [
     "Status",
     "MANIFEST_FIELDS",
+    "REJECT_REASONS",
     "ExtractConfig",
     "SlideResult",
     "SlidePlan",
@@ -36,12 +37,14 @@ __all__ = [
 ]
 
 Status = Literal["ok", "skipped", "failed"]
+#: Why a grid patch is left out: the QC filters, or pixels that cannot be decoded.
+REJECT_REASONS = (*QC_REASONS, "unreadable")
 MANIFEST_FIELDS = ["slide_id", "file", "status", "n_patches", "seconds", "error", "note",
-                   *(f"qc_{r}" for r in QC_REASONS)]
+                   *(f"qc_{r}" for r in REJECT_REASONS)]
 
 
-#: Slide readers (``auto``: cuCIM where it reads the format, else openslide).
-Backend = Literal["auto", "openslide", "cucim"]
+#: Slide readers (``auto``: TIFF tiles directly, DICOM with wsidicom, else openslide).
+Backend = Literal["auto", "tiles", "wsidicom", "openslide", "cucim"]
 #: Stain normalization methods, fitted once per slide.
 StainMethod = Literal["macenko", "reinhard"]
 
@@ -143,7 +146,7 @@ class SlideResult:
             "slide_id": self.slide_id, "file": self.file, "status": self.status,
             "n_patches": self.n_patches, "seconds": round(self.seconds, 3),
             "error": self.error, "note": self.note,
-            **{f"qc_{r}": self.qc.get(r, 0) for r in QC_REASONS},
+            **{f"qc_{r}": self.qc.get(r, 0) for r in REJECT_REASONS},
         }
 
 

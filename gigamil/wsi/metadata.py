@@ -20,7 +20,7 @@ from gigamil.errors import UpsampleError, UsageError
 __all__ = [
     "Level",
     "SLIDE_EXTENSIONS",
-    "CUCIM_EXTENSIONS",
+    "TILE_EXTENSIONS",
     "MPP_RTOL",
     "MPP_RANGE",
     "parse_aperio",
@@ -35,8 +35,8 @@ __all__ = [
 SLIDE_EXTENSIONS = frozenset(
     {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".bif", ".svslide", ".dcm"}
 )
-#: Extensions cuCIM reads (TIFF family); ``auto`` prefers cuCIM for these.
-CUCIM_EXTENSIONS = frozenset({".svs", ".tif", ".tiff"})
+#: TIFF-family extensions that ``auto`` reads tile by tile (:mod:`gigamil.wsi.tiles`).
+TILE_EXTENSIONS = frozenset({".svs", ".tif", ".tiff", ".btf", ".tf8"})
 
 #: Relative tolerance under which a level's mpp counts as equal to a target mpp.
 MPP_RTOL = 1e-2

@@ -2,10 +2,15 @@
 
 :func:`plan_slide` computes the tissue mask, a grid per scale and (if asked)
 the slide's fitted stain normalizer. The hot path reads runs of neighbouring
-patches as one tile-aligned region (:func:`read_runs`), shrinks the whole region
-at once when the scale factor is an integer (which is bit-identical to shrinking
-each patch), and :func:`process_grid` runs reading, QC, normalization and
-encoding in a thread pool, results in grid order.
+patches as one region (:func:`read_runs`) on every level whose reader returns the
+level's own pixels (fractional downsamples included), shrinks the whole region at
+once when the scale factor is an integer (which is bit-identical to shrinking each
+patch), and :func:`process_grid` runs reading, QC, normalization and encoding in a
+thread pool, results in grid order.
+
+A region over a tile that cannot be decoded is read again patch by patch; the
+patches that still fail are left out with the reason ``unreadable``, so that no
+garbage pixel is ever stored.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from gigamil.errors import UsageError
+from gigamil.errors import UnreadableRegionError, UsageError
 from gigamil.wsi.extract_config import ExtractConfig, RunResult, SlidePlan
 from gigamil.wsi.grid import PatchGrid, make_grid
 from gigamil.wsi.qc import QCConfig, pen_mask
@@ -26,7 +31,7 @@ from gigamil.wsi.stain import StainNormalizer, create_stain_normalizer
 from gigamil.wsi.store_format import encode_patch
 from gigamil.wsi.tissue import detect_tissue
 
-__all__ = ["plan_slide", "read_runs", "iter_patches", "process_grid"]
+__all__ = ["UNREADABLE", "plan_slide", "read_runs", "iter_patches", "process_grid"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -69,14 +74,23 @@ def _stain_sample(slide: SlideReader, grid: PatchGrid, qc: QCConfig, n: int = 64
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(grid))
     tiles: list[np.ndarray] = []
+    readable: list[np.ndarray] = []
     for i in order[: 4 * n]:
         patch = _read_run(slide, grid, int(i), int(i) + 1)[0][0]
+        if patch is None:
+            continue
+        if len(readable) < n:
+            readable.append(patch)
         if qc.reason(patch) == "":
             tiles.append(patch)
             if len(tiles) == n:
                 break
     if not tiles:  # everything fails QC: fit on what there is rather than fail
-        tiles = [_read_run(slide, grid, int(i), int(i) + 1)[0][0] for i in order[:n]]
+        tiles = readable
+    if not tiles:
+        raise UnreadableRegionError(
+            f"none of {min(len(order), 4 * n)} tissue patches sampled to fit the stain on "
+            "can be decoded", "the file is damaged; copy it again from the source")
     mosaic = np.concatenate(tiles, axis=0).copy()
     mosaic[pen_mask(mosaic)] = 255
     return mosaic
@@ -85,17 +99,22 @@ def _stain_sample(slide: SlideReader, grid: PatchGrid, qc: QCConfig, n: int = 64
 # ---- reading --------------------------------------------------------------------
 
 
-def read_runs(grid: PatchGrid, max_block_px: int) -> list[tuple[int, int]]:
+#: The QC-like reason of a patch whose pixels cannot be decoded.
+UNREADABLE = "unreadable"
+
+
+def read_runs(grid: PatchGrid, max_block_px: int, exact: bool = True) -> list[tuple[int, int]]:
     """Index ranges [i, j) of the grid read as one region each.
 
-    Runs are neighbours on one grid row. On a level whose downsample is not an
-    integer, openslide resamples fractional positions differently for a wide
-    region than for one patch, so each patch is then read on its own.
+    Runs are neighbours on one grid row. ``exact`` says that the reader returns a
+    level's own pixels (:attr:`SlideReader.exact_levels`); where it does not
+    (openslide resamples fractional positions differently for a wide region than for
+    one patch), each patch of a level with a fractional downsample is read alone.
     """
     n = len(grid)
     rs = grid.read_size
     xy = grid.read_xy
-    if abs(grid.downsample - round(grid.downsample)) > 1e-9:
+    if not exact and abs(grid.downsample - round(grid.downsample)) > 1e-9:
         return [(i, i + 1) for i in range(n)]
     runs, i = [], 0
     while i < n:
@@ -110,8 +129,9 @@ def read_runs(grid: PatchGrid, max_block_px: int) -> list[tuple[int, int]]:
 
 
 def _read_run(slide: SlideReader, grid: PatchGrid, i: int, j: int
-              ) -> tuple[list[np.ndarray], np.ndarray | None]:
-    """Patches i..j-1 of the grid, each exactly as a direct read + area resize would give.
+              ) -> tuple[list[np.ndarray | None], np.ndarray | None]:
+    """Patches i..j-1 of the grid, each exactly as a direct read + area resize would give;
+    None for a patch whose pixels cannot be decoded.
 
     Also returns the shrunk region when the patches tile it side by side (no gaps,
     no overlap), so that QC can look at the whole strip at once; else None.
@@ -120,7 +140,12 @@ def _read_run(slide: SlideReader, grid: PatchGrid, i: int, j: int
     xy = grid.read_xy
     x0, y0 = int(xy[i, 0]), int(xy[i, 1])
     width = int(xy[j - 1, 0]) + rs - x0
-    region = slide.read_region(grid.level, x0, y0, width, rs)
+    try:
+        region = slide.read_region(grid.level, x0, y0, width, rs)
+    except UnreadableRegionError:
+        if j - i == 1:
+            return [None], None
+        return [_read_run(slide, grid, k, k + 1)[0][0] for k in range(i, j)], None
     offsets = [int(xy[k, 0]) - x0 for k in range(i, j)]
     factor = rs / ps
     k = int(round(factor))
@@ -128,16 +153,18 @@ def _read_run(slide: SlideReader, grid: PatchGrid, i: int, j: int
         # integer shrink factor and aligned offsets: shrinking the region at once is
         # bit-identical to shrinking each patch (area interpolation = k×k box mean)
         small = resize_area(region, (width // k, ps)) if k > 1 else region
-        patches = [small[:, o // k : o // k + ps] for o in offsets]
+        patches: list[np.ndarray | None] = [small[:, o // k : o // k + ps] for o in offsets]
         tiled = small.shape[1] == ps * len(offsets) and all(
             o // k == n * ps for n, o in enumerate(offsets))
         return patches, small if tiled else None
     return [np.ascontiguousarray(resize_area(region[:, o : o + rs], ps)) for o in offsets], None
 
 
-def iter_patches(slide: SlideReader, grid: PatchGrid, max_block_px: int = 4096) -> Iterator[np.ndarray]:
-    """Yield the grid's patches in order (RGB uint8), without QC or normalization."""
-    for i, j in read_runs(grid, max_block_px):
+def iter_patches(slide: SlideReader, grid: PatchGrid, max_block_px: int = 4096
+                 ) -> Iterator[np.ndarray | None]:
+    """Yield the grid's patches in order (RGB uint8; None where unreadable), without QC
+    or normalization."""
+    for i, j in read_runs(grid, max_block_px, slide.exact_levels):
         yield from _read_run(slide, grid, i, j)[0]
 
 
@@ -173,9 +200,12 @@ def process_grid(
 
     def work(run: tuple[int, int]) -> RunResult:
         i, j = run
-        patches, strip = _read_run(slide, grid, i, j)
-        reasons = qc.check_strip(strip, len(patches)) if strip is not None else qc.check(patches)
-        kept = [p for p, r in zip(patches, reasons) if not r]
+        read, strip = _read_run(slide, grid, i, j)
+        readable = [p for p in read if p is not None]
+        checked = iter(qc.check_strip(strip, len(read)) if strip is not None
+                       else qc.check(readable) if readable else [])
+        reasons = [UNREADABLE if p is None else next(checked) for p in read]
+        kept = [p for p, r in zip(read, reasons) if not r and p is not None]
         if normalizer is not None and kept:
             kept = list(normalizer.apply(np.stack(kept)))
         encoded: list[bytes | None] = []
@@ -188,5 +218,5 @@ def process_grid(
                 encoded.append(encode_patch(patch, cfg.encoding, cfg.jpeg_quality) if encode else b"")
         return RunResult(list(range(i, j)), reasons, encoded, kept if keep_patches else None)
 
-    todo = read_runs(grid, cfg.read_block_px) if runs is None else runs
+    todo = read_runs(grid, cfg.read_block_px, slide.exact_levels) if runs is None else runs
     yield from _ordered_map(work, todo, threads)

@@ -1,4 +1,5 @@
-"""Whole-slide image reading over openslide and cuCIM, behind :class:`SlideReader`.
+"""Whole-slide image reading behind :class:`SlideReader`: direct TIFF tiles, DICOM,
+openslide and cuCIM.
 
 A slide is opened with :func:`open_slide` and used as a context manager::
 
@@ -7,22 +8,32 @@ A slide is opened with :func:`open_slide` and used as a context manager::
         rgb = slide.read_region(level, x, y, w, h)   # level coordinates, RGB uint8 (h, w, 3)
 
 The interface and its lazy metadata are in :mod:`gigamil.wsi.slide`; levels,
-resolution parsing and slide ids in :mod:`gigamil.wsi.metadata`.
+resolution parsing and slide ids in :mod:`gigamil.wsi.metadata`. ``auto`` reads
+TIFF-family files tile by tile (:mod:`gigamil.wsi.tiles`), DICOM series with
+wsidicom (:mod:`gigamil.wsi.dicom`) and every other format through openslide.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
-from gigamil.errors import BackendUnavailableError, SlideOpenError, UsageError
-from gigamil.wsi.metadata import CUCIM_EXTENSIONS, valid_mpp, valid_power
+from gigamil.errors import (
+    BackendUnavailableError,
+    SlideOpenError,
+    UnreadableRegionError,
+    UsageError,
+)
+from gigamil.wsi.extract_config import Backend
+from gigamil.wsi.metadata import TILE_EXTENSIONS, valid_mpp, valid_power
 from gigamil.wsi.slide import SlideReader
 
 __all__ = [
@@ -30,10 +41,10 @@ __all__ = [
     "OpenSlideReader",
     "CuCIMReader",
     "open_slide",
+    "auto_backend",
     "cucim_available",
 ]
 
-Backend = Literal["auto", "openslide", "cucim"]
 
 
 class OpenSlideReader(SlideReader):
@@ -81,9 +92,19 @@ class OpenSlideReader(SlideReader):
     exact_levels = False  # cairo resamples level positions that are not integers
 
     def _read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        import openslide
+
         ds = self._level_dims_and_downsamples()[level][2]
         x0, y0 = int(round(x * ds)), int(round(y * ds))
-        rgba = np.asarray(self._handle.read_region((x0, y0), level, (w, h)))
+        try:
+            rgba = np.asarray(self._handle.read_region((x0, y0), level, (w, h)))
+        except openslide.OpenSlideError as exc:
+            # openslide's errors are sticky: reopen so that the next region reads again
+            with contextlib.suppress(Exception):
+                self._handle.close()
+            self._handle = openslide.OpenSlide(str(self.path))
+            raise UnreadableRegionError(f"{self.path.name}: level {level} region ({x},{y}) "
+                                        f"{w}x{h} cannot be decoded ({exc})") from exc
         rgb = rgba[..., :3]
         alpha = rgba[..., 3]
         if alpha.min() < 255:  # transparent (outside scanned area) → white background
@@ -144,11 +165,6 @@ class CuCIMReader(SlideReader):
                 "check the file; --backend openslide reads more formats",
             ) from exc
 
-    def _close(self) -> None:
-        close = getattr(self._handle, "close", None)
-        if close is not None:
-            close()
-
     @functools.cached_property
     def _resolutions(self) -> dict[str, Any]:
         return dict(self._handle.resolutions)
@@ -179,9 +195,78 @@ class CuCIMReader(SlideReader):
     def associated_names(self) -> list[str]:
         return sorted(str(n) for n in self._handle.associated_images)
 
+    def _level0(self, v: int, ds: float) -> int:
+        """The level-0 position cuCIM maps to level position ``v``: it takes floor(v0 / ds)."""
+        v0 = int(math.ceil(v * ds))
+        while v0 > 0 and math.floor((v0 - 1) / ds) == v:
+            v0 -= 1
+        while math.floor(v0 / ds) < v:
+            v0 += 1
+        return v0
+
+    @functools.cached_property
+    def _tile_table(self) -> dict[int, Any]:
+        """Per level, its TIFF tile layout (:class:`gigamil.wsi.tiles.TiffLevel`), to check
+        the tiles under a region before cuCIM decodes them: cuCIM turns a missing or
+        damaged tile into garbage pixels without raising."""
+        import tifffile
+
+        from gigamil.wsi.tiles import pyramid_levels
+
+        try:
+            with tifffile.TiffFile(self.path) as tif:
+                levels, _ = pyramid_levels(tif)
+                dims = self._level_dims_and_downsamples()
+                return {i: lv for i, lv in enumerate(levels[: len(dims)])
+                        if (lv.width, lv.height) == dims[i][:2]}
+        except Exception:
+            return {}
+
+    @functools.cached_property
+    def _tile_checks(self) -> tuple[int, dict[tuple[int, int], bool], threading.Lock]:
+        return os.open(self.path, os.O_RDONLY), {}, threading.Lock()
+
+    def _tile_ok(self, level: int, lv: Any, index: int) -> bool:
+        from gigamil.wsi.tiles import jpeg_stream_ok
+
+        fd, seen, lock = self._tile_checks
+        with lock:
+            known = seen.get((level, index))
+        if known is not None:
+            return known
+        page = lv.page
+        off, n = int(page.dataoffsets[index]), int(page.databytecounts[index])
+        ok = off > 0 and n > 4
+        if ok and int(page.compression) == 7:  # JPEG: check the stream's structure
+            ok = jpeg_stream_ok(os.pread(fd, n, off))
+        with lock:
+            seen[(level, index)] = ok
+        return ok
+
+    def _check_tiles(self, level: int, x: int, y: int, w: int, h: int) -> None:
+        lv = self._tile_table.get(level)
+        if lv is None:
+            return
+        x0, y0 = max(x, 0), max(y, 0)
+        x1, y1 = min(x + w, lv.width), min(y + h, lv.height)
+        for ty in range(y0 // lv.seg_h, (y1 - 1) // lv.seg_h + 1):
+            for tx in range(x0 // lv.seg_w, (x1 - 1) // lv.seg_w + 1):
+                if not self._tile_ok(level, lv, ty * lv.across + tx):
+                    raise UnreadableRegionError(
+                        f"{self.path.name}: tile {ty * lv.across + tx} of level {level} "
+                        "is missing or damaged")
+
+    def _close(self) -> None:
+        close = getattr(self._handle, "close", None)
+        if close is not None:
+            close()
+        if "_tile_checks" in self.__dict__:
+            os.close(self._tile_checks[0])
+
     def _read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        self._check_tiles(level, x, y, w, h)
         ds = self._level_dims_and_downsamples()[level][2]
-        x0, y0 = int(round(x * ds)), int(round(y * ds))
+        x0, y0 = self._level0(x, ds), self._level0(y, ds)
         region = self._handle.read_region(location=(x0, y0), size=(w, h), level=level, device="cpu")
         arr = np.asarray(region)
         if arr.ndim == 3 and arr.shape[2] == 4:
@@ -189,7 +274,28 @@ class CuCIMReader(SlideReader):
         return np.ascontiguousarray(arr)
 
 
-_READERS: dict[str, type[SlideReader]] = {"openslide": OpenSlideReader, "cucim": CuCIMReader}
+def _readers() -> dict[str, type[SlideReader]]:
+    from gigamil.wsi.tiles import TiffTileReader
+
+    readers: dict[str, type[SlideReader]] = {
+        "tiles": TiffTileReader, "openslide": OpenSlideReader, "cucim": CuCIMReader}
+    try:
+        from gigamil.wsi.dicom import DicomReader
+
+        readers["wsidicom"] = DicomReader
+    except ImportError:  # pragma: no cover - wsidicom is a dependency
+        pass
+    return readers
+
+
+def auto_backend(path: Path) -> str:
+    """The reader ``auto`` tries first for ``path``: ``wsidicom`` for a DICOM series
+    (its folder or one of its files), ``tiles`` for the TIFF family, else ``openslide``."""
+    if path.is_dir() or path.suffix.lower() == ".dcm":
+        return "wsidicom"
+    if path.suffix.lower() in TILE_EXTENSIONS:
+        return "tiles"
+    return "openslide"
 
 
 def open_slide(
@@ -199,24 +305,30 @@ def open_slide(
 ) -> SlideReader:
     """Open a slide with the chosen backend.
 
-    ``auto`` uses cuCIM for TIFF-family files (.svs, .tif, .tiff) when it is
-    installed and can open the file, and openslide otherwise.
+    ``auto`` reads TIFF-family files (.svs, .tif, .tiff) tile by tile with tifffile and
+    imagecodecs, a DICOM series with wsidicom, and falls back to openslide for every
+    other format or when the direct reader cannot open the file.
     """
     path = Path(path)
+    readers = _readers()
     if backend == "auto":
-        if path.suffix.lower() in CUCIM_EXTENSIONS and cucim_available():
-            try:
-                reader = CuCIMReader(path, mpp_override)
-                _ = reader.dimensions  # cuCIM opened it and can read its pyramid
-                return reader
-            except Exception:
-                pass  # openslide below gives the authoritative error
-        return OpenSlideReader(path, mpp_override)
+        first = auto_backend(path)
+        if first == "openslide" or first not in readers:
+            return OpenSlideReader(path, mpp_override)
+        try:
+            return readers[first](path, mpp_override)
+        except SlideOpenError as exc:
+            if first == "wsidicom":
+                raise
+            try:  # openslide reads a few layouts the direct reader does not
+                return OpenSlideReader(path, mpp_override)
+            except SlideOpenError:
+                raise exc from None
     try:
-        cls = _READERS[backend]
+        cls = readers[backend]
     except KeyError:
         raise UsageError(
-            f"unknown backend {backend!r}", "use --backend auto, openslide or cucim"
+            f"unknown backend {backend!r}",
+            "use --backend " + ", ".join(["auto", *readers]),
         ) from None
     return cls(path, mpp_override)
-

@@ -18,7 +18,13 @@ from typing import Any
 import cv2
 import numpy as np
 
-from gigamil.errors import MissingMppError, SlideError, SlideOpenError, UsageError
+from gigamil.errors import (
+    MissingMppError,
+    SlideError,
+    SlideOpenError,
+    UnreadableRegionError,
+    UsageError,
+)
 from gigamil.wsi.metadata import Level, choose_level, tiff_metadata, valid_mpp
 
 __all__ = ["SlideReader", "resize_area"]
@@ -46,6 +52,7 @@ class SlideReader:
         self.path = Path(path)
         self.mpp_override = mpp_override
         self.mpp_source = "slide"  # or "override"
+        self.notes: list[str] = []  # what a reader did differently (a level fallback, …)
         self._handle: Any = None
         self._open()
 
@@ -195,10 +202,25 @@ class SlideReader:
         """The whole slide at a coarse ``target_mpp`` (e.g. 8 µm/px), read block by block.
 
         Memory stays bounded by the output plus one input block of about
-        ``block``×``block`` px, whatever the slide size.
+        ``block``×``block`` px, whatever the slide size. A level that cannot be
+        decoded falls back to the next finer one, with a note in :attr:`notes`.
         """
-        level, scale = self.level_for_mpp(target_mpp, allow_upsample=True)
+        level, _ = self.level_for_mpp(target_mpp, allow_upsample=True)
+        for lvl in range(level, -1, -1):
+            try:
+                return self._read_level_at(lvl, target_mpp, block)
+            except UnreadableRegionError as exc:
+                if lvl == 0:
+                    raise UnreadableRegionError(
+                        f"{exc.message}; no finer level to read instead",
+                        "the file is damaged; copy it again from the source") from exc
+                self.notes.append(f"level {lvl} cannot be decoded ({exc.message}); "
+                                  f"read level {lvl - 1} instead")
+        raise AssertionError("unreachable")
+
+    def _read_level_at(self, level: int, target_mpp: float, block: int) -> np.ndarray:
         lv = self.levels[level]
+        scale = target_mpp / lv.mpp
         out_w = max(1, int(round(lv.width / scale)))
         out_h = max(1, int(round(lv.height / scale)))
         out = np.empty((out_h, out_w, 3), dtype=np.uint8)
