@@ -107,6 +107,15 @@ class ExtractDir:
         return self.root / "extract_config.json"
 
     @property
+    def pseudonyms(self) -> Path:
+        """The id → slide mapping of ``--pseudonymize`` (mode 0600; never share it)."""
+        return self.root / "pseudonyms.json"
+
+    def geojson(self, slide_id: str) -> Path:
+        """Tissue contours and kept patches of ``--geojson``, for QuPath."""
+        return self.root / "geojson" / f"{slide_id}.geojson"
+
+    @property
     def jobs(self) -> Path:
         return self.root / JOBS
 

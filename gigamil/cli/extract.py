@@ -20,7 +20,10 @@ from gigamil.wsi.store_format import Encoding
 @cli_errors
 @opt.cluster_options("extract")
 def extract(
-    inputs: Annotated[list[Path], typer.Argument(help="Slide files or directories of slides.")],
+    inputs: Annotated[list[Path], typer.Argument(
+        help="Slide files, folders of slides (searched recursively; a DICOM series folder is "
+             "one slide), or slide lists: a .csv with a `path` column (optional `slide_id`) "
+             "or a .txt with one path a line.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (patches/, extract.csv).")],
     mpp: opt.Mpp = opt.DEFAULT_MPP,
     patch_size: opt.PatchSize = opt.EXTRACT.patch_size,
@@ -60,6 +63,43 @@ def extract(
     ] = False,
     shard: Annotated[str | None, typer.Option(
         help="Take share k of n of the slides (sorted), e.g. 3/16 for a SLURM array task.")] = None,
+    recursive: Annotated[bool, typer.Option(
+        help="Search input folders recursively.", rich_help_panel="Slides")] = True,
+    mpp_csv: Annotated[Path | None, typer.Option(
+        exists=True, dir_okay=False, rich_help_panel="Slides",
+        help="CSV `slide_id,mpp`: level-0 µm/px of slides that do not record it.")] = None,
+    mpp_from_magnification: Annotated[bool, typer.Option(
+        rich_help_panel="Slides",
+        help="Without a recorded mpp, take 10 / objective power (40x → 0.25), with a warning "
+             "in the manifest.")] = False,
+    pseudonymize: Annotated[bool, typer.Option(
+        rich_help_panel="Slides",
+        help="Replace slide ids and file names in every output with salted hashes; the mapping "
+             "goes to --pseudonym-map only (mode 0600).")] = False,
+    pseudonym_map: Annotated[Path | None, typer.Option(
+        dir_okay=False, rich_help_panel="Slides",
+        help="The id → slide mapping of --pseudonymize (default OUT/pseudonyms.json). Keep it; "
+             "share outputs without it.")] = None,
+    roi: Annotated[Path | None, typer.Option(
+        exists=True, file_okay=False, rich_help_panel="QuPath",
+        help="Folder of <slide_id>.geojson annotations exported from QuPath: keep only the "
+             "patches inside them.")] = None,
+    roi_class: Annotated[list[str] | None, typer.Option(
+        rich_help_panel="QuPath", help="Only annotations of this class (repeatable).")] = None,
+    roi_min_fraction: Annotated[float, typer.Option(
+        min=0.01, max=1.0, rich_help_panel="QuPath",
+        help="Part of a patch's area inside the ROI to keep it.")] = opt.EXTRACT.roi_min_fraction,
+    geojson: Annotated[bool, typer.Option(
+        rich_help_panel="QuPath",
+        help="Write geojson/<slide_id>.geojson: tissue contours and kept patches, which QuPath "
+             "imports (File → Import objects).")] = False,
+    stage_dir: Annotated[Path | None, typer.Option(
+        file_okay=False, rich_help_panel="Slides",
+        help="Copy the next slides to this local folder (e.g. $TMPDIR on a compute node) "
+             "ahead of reading them; each copy is removed when its slide is done.")] = None,
+    stage_gb: Annotated[float, typer.Option(
+        min=0.1, rich_help_panel="Slides",
+        help="At most this many GB staged at once.")] = opt.EXTRACT.stage_gb,
     *,
     cluster: ClusterOptions,
 ) -> None:
@@ -84,6 +124,13 @@ def extract(
         stain_norm=stain_norm,
         stain_reference=str(stain_reference) if stain_reference else None,
         coords_h5=coords_h5, previews=previews, record_paths=record_paths,
+        recursive=recursive, pseudonymize=pseudonymize,
+        pseudonym_map=str(pseudonym_map) if pseudonym_map else None,
+        mpp_csv=str(mpp_csv) if mpp_csv else None,
+        mpp_from_magnification=mpp_from_magnification,
+        roi_dir=str(roi) if roi else None, roi_classes=tuple(roi_class or ()),
+        roi_min_fraction=roi_min_fraction, geojson=geojson,
+        stage_dir=str(stage_dir) if stage_dir else None, stage_gb=stage_gb,
     )
     counts = {"patches": 0}
     with progress_bar() as bar:

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from gigamil.cli import cluster, demo, embed, extract, infer, inspect, models, synth, train
+from gigamil.cli import cluster, convert, demo, embed, extract, infer, inspect, models, synth, train
 from gigamil.cli._common import err, setup_logging
 from gigamil.versions import gigamil_version
 
@@ -44,6 +44,7 @@ def _root(
 
 app.command("synth")(synth.synth)
 app.command("extract")(extract.extract)
+app.command("convert")(convert.convert)
 app.command("embed")(embed.embed)
 app.command("encoders")(embed.encoders)
 app.command("models")(models.models)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
+import logging
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -32,7 +33,7 @@ from gigamil.errors import UsageError
 from gigamil.io import write_csv, write_json
 from gigamil.layout import ExtractDir
 from gigamil.versions import gigamil_version, package_versions
-from gigamil.wsi.discovery import discover_slides, duplicate_ids
+from gigamil.wsi.discovery import Pseudonyms, SlideSource, find_slides
 from gigamil.wsi.extract import extract_slide
 from gigamil.wsi.extract_config import MANIFEST_FIELDS, ExtractConfig, SlideResult
 from gigamil.wsi.metadata import SLIDE_EXTENSIONS
@@ -44,16 +45,49 @@ if TYPE_CHECKING:  # torch-side configs: imported by the jobs themselves, not at
 __all__ = ["ExtractStage", "EmbedStage", "TrainStage", "extract_slides",
            "merge_extract_manifests"]
 
+log = logging.getLogger("gigamil.extract")
+
 WORKER_DIED = ("the worker process died on this slide (a crash in the slide library, or out "
                "of memory); check the file, or try --backend openslide")
 
 
 # -- extract ---------------------------------------------------------------------------------
 
-def _extract_one(job: tuple[Path, str], out: Path, cfg: ExtractConfig, overwrite: bool,
-                 threads: int) -> SlideResult:
+def _extract_one(job: SlideSource, out: Path, cfg: ExtractConfig, overwrite: bool,
+                 threads: int, mpps: dict[str, float]) -> SlideResult:
     """One slide, in a pool worker (patch counts go to the parent's progress)."""
-    return extract_slide(job[0], out, cfg, job[1], overwrite, threads, on_patches=report_progress)
+    return extract_slide(job.path, out, slide_config(cfg, job, mpps), job.slide_id, overwrite,
+                         threads, on_patches=report_progress, name=job.name,
+                         roi_key=job.original_id)
+
+
+def load_mpp_csv(path: str | os.PathLike[str]) -> dict[str, float]:
+    """``slide_id,mpp`` rows of ``--mpp-csv`` as {slide id: level-0 µm/px}."""
+    from gigamil.wsi.metadata import valid_mpp
+
+    p = Path(path)
+    try:
+        with open(p, newline="", encoding="utf-8-sig") as fh:
+            rows = list(csv.DictReader(fh))
+    except OSError as exc:
+        raise UsageError(f"cannot read --mpp-csv {p.name}: {exc.strerror}") from None
+    if not rows or not {"slide_id", "mpp"} <= set(rows[0]):
+        raise UsageError(f"--mpp-csv {p.name} needs the columns slide_id and mpp",
+                         "e.g. a line `TCGA-01,0.2520` per slide")
+    out: dict[str, float] = {}
+    for i, row in enumerate(rows, 2):
+        mpp = valid_mpp(row["mpp"])
+        if mpp is None:
+            raise UsageError(f"--mpp-csv {p.name} line {i}: mpp {row['mpp']!r} is not a "
+                             "plausible resolution", "give level-0 µm per pixel, e.g. 0.25")
+        out[row["slide_id"].strip()] = mpp
+    return out
+
+
+def slide_config(cfg: ExtractConfig, job: SlideSource, mpps: dict[str, float]) -> ExtractConfig:
+    """The options for one slide: its ``--mpp-csv`` resolution as its override."""
+    mpp = mpps.get(job.original_id)
+    return cfg if mpp is None else dataclasses.replace(cfg, mpp_override=mpp)
 
 
 def _prepare_extract_dir(out: ExtractDir, cfg: ExtractConfig) -> None:
@@ -93,18 +127,27 @@ def extract_slides(
     slide it was on, and the batch goes on. ``workers=0``: every slide in this process.
     """
     out = ExtractDir(out_dir)
-    paths = discover_slides(inputs)
-    if not paths:
-        raise UsageError("no slides found",
-                         f"slides need one of: {' '.join(sorted(SLIDE_EXTENSIONS))}")
+    pseudonyms = (Pseudonyms(Path(cfg.pseudonym_map) if cfg.pseudonym_map else out.pseudonyms)
+                  if cfg.pseudonymize else None)
+    found = find_slides(inputs, cfg.recursive, pseudonyms)
+    if not found.slides and not found.failed:
+        raise UsageError("no slides found", "slides need one of: "
+                         f"{' '.join(sorted(SLIDE_EXTENSIONS))}, or a DICOM series folder")
+    mpps = load_mpp_csv(cfg.mpp_csv) if cfg.mpp_csv else {}
+    jobs, duplicates = found.slides, found.failed
     if shard is not None:
-        paths = paths[shard[0]::shard[1]]
+        jobs = jobs[shard[0]::shard[1]]
+        duplicates = duplicates if shard[0] == 0 else []
     _prepare_extract_dir(out, cfg)
-    jobs, duplicates = duplicate_ids(paths)
-    order = {p.name: i for i, p in enumerate(paths)}
+    if pseudonyms is not None:
+        pseudonyms.save()
+    for note in found.notes:
+        log.warning(note)
+    order = {r.file: i for i, r in enumerate([*duplicates, *(SlideResult(
+        j.slide_id, j.name, "ok") for j in jobs)])}
     results: list[SlideResult] = []
     if on_start is not None:
-        on_start(len(paths))
+        on_start(len(jobs) + len(duplicates))
     last_write = [0.0]
 
     def write_manifest() -> None:
@@ -123,16 +166,18 @@ def extract_slides(
         for res in duplicates:
             record(res)
         if workers <= 0:  # in this process (the debug executor)
-            for path, sid in jobs:
-                record(extract_slide(path, out.root, cfg, sid, overwrite, 1, on_patches))
-        else:
+            for job in jobs:
+                record(extract_slide(job.path, out.root, slide_config(cfg, job, mpps),
+                                     job.slide_id, overwrite, 1, on_patches, name=job.name,
+                                     roi_key=job.original_id))
+        elif jobs:
             processes = max(1, min(workers, len(jobs)))
             threads = max(1, workers // processes)
             run_pool(functools.partial(_extract_one, out=out.root, cfg=cfg, overwrite=overwrite,
-                                       threads=threads),
-                     [(sid, (path, sid)) for path, sid in jobs], processes,
+                                       threads=threads, mpps=mpps),
+                     [(job.slide_id, job) for job in jobs], processes,
                      threads=threads, on_result=record, on_progress=on_patches,
-                     on_died=lambda sid, job: SlideResult(sid, job[0].name, "failed",
+                     on_died=lambda sid, job: SlideResult(sid, job.name, "failed",
                                                           error=WORKER_DIED))
     finally:
         write_manifest()
@@ -195,7 +240,8 @@ class ExtractStage(Stage[list[SlideResult]]):
 
     @functools.cached_property
     def n_slides(self) -> int:
-        return len(discover_slides(self.inputs))
+        found = find_slides(self.inputs, self.cfg.recursive)
+        return len(found.slides) + (1 if found.failed else 0)
 
     def n_jobs(self, opts: ClusterOptions) -> int:
         if not self.n_slides:

@@ -92,10 +92,10 @@ def slide_features(path: Path, encoder: Encoder, extract: ExtractConfig, device:
     from gigamil.wsi.extract_config import rejection_summary
     from gigamil.wsi.metadata import slide_id
     from gigamil.wsi.planning import plan_slide, process_grid
-    from gigamil.wsi.reader import open_slide
+    from gigamil.wsi.reader import open_slide_for
 
     sid = slide_id(path)
-    with open_slide(path, extract.backend, extract.mpp_override) as slide:
+    with open_slide_for(path, extract) as slide:
         plan = plan_slide(slide, extract, sid)
         grid = plan.grids[0]
         feats, kept = [], []

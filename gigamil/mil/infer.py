@@ -84,10 +84,10 @@ def plan_inference(path: str | os.PathLike[str], extract: ExtractConfig,
     most ~``chunk_patches`` patches as will do, of even size (so no chunk is a small tail)."""
     from gigamil.wsi.metadata import slide_id
     from gigamil.wsi.planning import plan_slide, read_runs
-    from gigamil.wsi.reader import open_slide
+    from gigamil.wsi.reader import open_slide_for
 
     sid = slide_id(Path(path))
-    with open_slide(path, extract.backend, extract.mpp_override) as slide:
+    with open_slide_for(path, extract) as slide:
         plan = plan_slide(slide, extract, sid)
         exact = slide.exact_levels
     grid = plan.grids[0]
@@ -107,12 +107,12 @@ def plan_inference(path: str | os.PathLike[str], extract: ExtractConfig,
 def read_chunk(work: SlideWork, k: int, extract: ExtractConfig) -> PatchChunk:
     """Read, QC and stain-normalize the patches of chunk ``k``."""
     from gigamil.wsi.planning import process_grid
-    from gigamil.wsi.reader import open_slide
+    from gigamil.wsi.reader import open_slide_for
 
     patches: list[np.ndarray] = []
     kept: list[int] = []
     rejected: Counter[str] = Counter()
-    with open_slide(work.path, extract.backend, extract.mpp_override) as slide:
+    with open_slide_for(work.path, extract) as slide:
         for run in process_grid(slide, work.grid, extract, work.normalizer, encode=False,
                                 keep_patches=True, runs=work.chunks[k]):
             kept.extend(run.kept)

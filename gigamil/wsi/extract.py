@@ -19,7 +19,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -31,8 +31,11 @@ from gigamil.wsi.features import trident_attrs
 from gigamil.wsi.metadata import slide_id
 from gigamil.wsi.planning import UNREADABLE, plan_slide, process_grid
 from gigamil.wsi.preview import extraction_preview, save_png
-from gigamil.wsi.reader import open_slide
+from gigamil.wsi.reader import open_slide, open_slide_for
 from gigamil.wsi.slide import SlideReader
+
+if TYPE_CHECKING:
+    from gigamil.wsi.qupath import Roi
 from gigamil.wsi.store import PatchStore
 from gigamil.wsi.store_format import scale_key, write_coords_h5
 from gigamil.wsi.store_writer import PatchStoreWriter
@@ -48,17 +51,44 @@ __all__ = [
 log = logging.getLogger("gigamil.extract")
 
 
-def _current_store(store_path: Path, source: Path, cfg: ExtractConfig
+def source_signature(path: Path) -> tuple[int, int]:
+    """(bytes, mtime) of a slide: of its file, or summed over a DICOM series folder's
+    files (newest mtime), or over a MIRAX file and its companion folder."""
+    from gigamil.wsi.discovery import slide_files
+
+    size, mtime = 0, 0
+    for part in slide_files(path):
+        files = [f for f in part.rglob("*") if f.is_file()] if part.is_dir() else [part]
+        for f in files:
+            st = f.stat()
+            size, mtime = size + st.st_size, max(mtime, int(st.st_mtime))
+    return size, mtime
+
+
+def roi_sha256(cfg: ExtractConfig, roi_key: str) -> str | None:
+    """SHA-256 of a slide's ROI file under ``--roi`` (None without --roi or file)."""
+    import hashlib
+
+    if cfg.roi_dir is None:
+        return None
+    from gigamil.wsi.qupath import roi_path
+
+    p = roi_path(cfg.roi_dir, roi_key)
+    return hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None
+
+
+def _current_store(store_path: Path, source: Path, cfg: ExtractConfig, roi_key: str
                    ) -> tuple[dict[str, Any], np.ndarray] | None:
     """(meta, coords) if ``store_path`` is a complete store of ``source`` with ``cfg``; else None."""
     try:
         with PatchStore(store_path) as store:
             meta, coords = store.meta, store.coords
-            st = source.stat()
+            size, mtime = source_signature(source)
             same = (
                 meta.get("params") == json_roundtrip(cfg.output_params())
-                and meta.get("source", {}).get("size") == st.st_size
-                and meta.get("source", {}).get("mtime") == int(st.st_mtime)
+                and meta.get("source", {}).get("size") == size
+                and meta.get("source", {}).get("mtime") == mtime
+                and meta.get("roi_sha256") == roi_sha256(cfg, roi_key)
                 and len(coords) == len(store)
             )
             return (meta, coords) if same else None
@@ -97,21 +127,29 @@ def extract_slide(
     overwrite: bool = False,
     threads: int = 1,
     on_patches: Callable[[int], None] | None = None,
+    name: str | None = None,
+    roi_key: str | None = None,
 ) -> SlideResult:
-    """Extract one slide into ``out_dir/patches/<sid>.lmdb``. Never raises for a bad slide."""
+    """Extract one slide into ``out_dir/patches/<sid>.lmdb``. Never raises for a bad slide.
+
+    ``name`` is what outputs call the source (its file name; the id when pseudonymized);
+    ``roi_key`` the name of its ``--roi`` file (its original id).
+    """
     t0 = time.perf_counter()
     path = Path(path)
     sid = sid or slide_id(path)
+    name = name or path.name
+    roi_key = roi_key or sid
     out = Path(out_dir)
     layout = ExtractDir(out)
     store_path, h5_path = layout.store(sid), layout.coords_h5(sid)
-    result = SlideResult(sid, path.name, "failed")
+    result = SlideResult(sid, name, "failed")
     try:
         if store_path.exists() and not store_path.is_file():
             raise UsageError(f"output {store_path.name} exists and is not a file",
                              "remove it or choose another --out")
         if not overwrite and store_path.is_file():
-            current = _current_store(store_path, path, cfg)
+            current = _current_store(store_path, path, cfg, roi_key)
             if current is not None:
                 meta, coords0 = current
                 if cfg.coords_h5:  # rewritten from the store: never stale
@@ -121,8 +159,9 @@ def extract_slide(
                 result.note = "already extracted with the same parameters"
                 return result
         h5_path.unlink(missing_ok=True)  # a store being redone invalidates its coords file
-        with open_slide(path, cfg.backend, cfg.mpp_override) as slide:
-            plan = plan_slide(slide, cfg, sid)
+        with open_slide_for(path, cfg) as slide:
+            roi = _load_roi(cfg, roi_key, slide)
+            plan = plan_slide(slide, cfg, sid, roi)
             n_total = sum(len(g) for g in plan.grids)
             log.info("%s: %s grid patches with tissue (level %d, %d px read → %d px)", sid,
                      "+".join(str(len(g)) for g in plan.grids), plan.grids[0].level,
@@ -154,10 +193,13 @@ def extract_slide(
                             f"no patch of level {grid.level} ({grid.spec.mpp:g} µm/px) can be "
                             "decoded", "the file is damaged; copy it again from the source, or "
                             "try another --backend")
-                meta = store_meta(sid, path, slide, plan, cfg, rejected)
+                meta = store_meta(sid, path, slide, plan, cfg, rejected, name)
+                meta["roi_sha256"] = roi_sha256(cfg, roi_key)
                 writer.finish(coords, meta)
             if cfg.coords_h5:
                 write_coords_h5(h5_path, coords[""], trident_attrs(meta))
+            if cfg.geojson:
+                _write_geojson(layout.geojson(sid), plan, slide.mpp, coords[""])
             if cfg.previews:
                 g = plan.grids[0]
                 scale = plan.thumb.shape[1] / slide.dimensions[0]
@@ -180,6 +222,8 @@ def extract_slide(
         result.note = "; ".join(notes)
     except Exception as exc:  # one bad slide must never stop the batch
         result.error = safe_message(exc, path, store_path)
+        if name != path.name:  # pseudonymized: the file name stays out of every output
+            result.error = result.error.replace(path.name, name)
         if isinstance(exc, GigamilError):
             log.warning("%s: %s", sid, result.error)
         else:
@@ -190,13 +234,33 @@ def extract_slide(
     return result
 
 
+def _load_roi(cfg: ExtractConfig, roi_key: str, slide: SlideReader) -> Roi | None:
+    if cfg.roi_dir is None:
+        return None
+    from gigamil.wsi.qupath import load_roi, roi_path
+
+    w, h = slide.dimensions
+    return load_roi(roi_path(cfg.roi_dir, roi_key), w, h, cfg.roi_classes or None)
+
+
+def _write_geojson(path: Path, plan: SlidePlan, level0_mpp: float, kept: np.ndarray) -> None:
+    """Tissue contours and the kept patches of the primary grid, for QuPath."""
+    from gigamil.wsi.qupath import patch_features, tissue_features, write_geojson
+
+    grid = plan.grids[0]
+    index = {tuple(c): i for i, c in enumerate(grid.coords.tolist())}
+    tissue = np.array([grid.tissue[index[tuple(c)]] for c in kept.tolist()], np.float32)
+    write_geojson(path, tissue_features(plan.tissue, level0_mpp)
+                  + patch_features(kept, grid.size_level0, {"tissue_fraction": tissue}))
+
+
 def store_meta(
     sid: str, path: Path, slide: SlideReader, plan: SlidePlan, cfg: ExtractConfig,
-    rejected: dict[str, dict[str, int]],
+    rejected: dict[str, dict[str, int]], name: str | None = None,
 ) -> dict[str, Any]:
     """The ``__meta__`` record of a slide's store: source, resolution, grid, QC, parameters."""
-    st = path.stat()
-    source: dict[str, Any] = {"name": path.name, "size": st.st_size, "mtime": int(st.st_mtime)}
+    size, mtime = source_signature(path)
+    source: dict[str, Any] = {"name": name or path.name, "size": size, "mtime": mtime}
     if cfg.record_paths:
         source["path"] = str(path.resolve())
     grid = plan.grids[0]
@@ -225,6 +289,7 @@ def store_meta(
         "qc_unreadable": total[UNREADABLE],
         "stain_norm": None if plan.normalizer is None else plan.normalizer.name,
         "backend": slide.backend,
+        "format": slide.format,
         "params": cfg.output_params(),
         "versions": {"gigamil": gigamil_version(), **package_versions()},
     }

@@ -76,6 +76,17 @@ class ExtractConfig:
     previews: bool = False
     record_paths: bool = False
     read_block_px: int = 4096
+    recursive: bool = True  # search input folders recursively
+    pseudonymize: bool = False  # salted-hash slide ids; the mapping in one 0600 file
+    pseudonym_map: str | None = None  # that file (default OUT/pseudonyms.json)
+    mpp_csv: str | None = None  # slide_id,mpp: level-0 resolutions of slides without one
+    mpp_from_magnification: bool = False  # mpp = 10 / objective power, with a warning
+    roi_dir: str | None = None  # <slide_id>.geojson annotations (QuPath): patches inside
+    roi_classes: tuple[str, ...] = ()  # only annotations of these classes
+    roi_min_fraction: float = 0.5  # of a patch's area inside the ROI to keep it
+    geojson: bool = False  # write geojson/<slide_id>.geojson for QuPath
+    stage_dir: str | None = None  # copy slides ahead to this local folder
+    stage_gb: float = 20.0  # at most this much staged at once
 
     def __post_init__(self) -> None:
         try:  # an unknown detector or option is a usage error now, not on the first slide
@@ -97,6 +108,13 @@ class ExtractConfig:
         if self.mpp_override is not None and not 0.02 < self.mpp_override < 20:
             raise UsageError(f"--mpp-override {self.mpp_override} is not a plausible resolution",
                              "give level-0 µm per pixel, e.g. 0.25 for 40x or 0.5 for 20x")
+        object.__setattr__(self, "roi_classes", tuple(self.roi_classes))
+        if not 0 < self.roi_min_fraction <= 1:
+            raise UsageError(f"--roi-min-fraction {self.roi_min_fraction} must be in (0, 1]")
+        if self.roi_classes and self.roi_dir is None:
+            raise UsageError("--roi-class needs --roi", "add --roi DIR of QuPath GeoJSON files")
+        if self.stage_gb <= 0:
+            raise UsageError(f"--stage-gb {self.stage_gb} must be positive")
         if self.stain_norm is not None:
             create_stain_normalizer(self.stain_norm, self.stain_reference)  # fails early
         elif self.stain_reference is not None:
@@ -116,8 +134,15 @@ class ExtractConfig:
     def output_params(self) -> dict[str, Any]:
         """The options that determine a store's content (a rerun with others redoes the slide)."""
         skip = {"backend", "coords_h5", "previews", "record_paths", "read_block_px",
-                "stain_reference"}
+                "stain_reference", "recursive", "pseudonymize", "pseudonym_map", "mpp_csv",
+                "roi_dir", "geojson", "stage_dir", "stage_gb"}
         params = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+        for name in ("mpp_from_magnification", "roi_classes", "roi_min_fraction"):
+            if self.roi_dir is None or name == "mpp_from_magnification":
+                if params[name] == _DEFAULTS[name]:  # stores written before it existed stay current
+                    del params[name]
+        if self.roi_dir is not None:
+            params["roi"] = True
         params["mpp"] = list(self.mpps)
         if not self.tissue_params:  # stores written before the option existed stay current
             del params["tissue_params"]
@@ -125,6 +150,9 @@ class ExtractConfig:
             params["stain_reference_sha256"] = hashlib.sha256(
                 Path(self.stain_reference).read_bytes()).hexdigest()
         return params
+
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ExtractConfig)}
 
 
 @dataclass

@@ -8,6 +8,7 @@ reported in level-0 pixels, as CLAM and TRIDENT do.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,6 +60,11 @@ class PatchGrid:
 
     def __len__(self) -> int:
         return len(self.coords)
+
+    def subset(self, keep: np.ndarray) -> PatchGrid:
+        """The grid with only the patches where ``keep`` (bool, one per patch) is true."""
+        return dataclasses.replace(self, read_xy=self.read_xy[keep], coords=self.coords[keep],
+                                   tissue=self.tissue[keep])
 
     @property
     def size_level0(self) -> float:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
@@ -31,18 +31,26 @@ from gigamil.wsi.stain import StainNormalizer, create_stain_normalizer
 from gigamil.wsi.store_format import encode_patch
 from gigamil.wsi.tissue import detect_tissue
 
+if TYPE_CHECKING:
+    from gigamil.wsi.qupath import Roi
+
 __all__ = ["UNREADABLE", "plan_slide", "read_runs", "iter_patches", "process_grid"]
 
 T = TypeVar("T")
 R = TypeVar("R")
 
 
-def plan_slide(slide: SlideReader, cfg: ExtractConfig, sid: str) -> SlidePlan:
-    """Tissue mask, grids for every scale and (if asked) the slide's fitted stain normalizer."""
+def plan_slide(slide: SlideReader, cfg: ExtractConfig, sid: str, roi: Roi | None = None
+               ) -> SlidePlan:
+    """Tissue mask, grids for every scale (only patches inside ``roi`` when given) and
+    (if asked) the slide's fitted stain normalizer."""
     _ = slide.mpp  # fails early, naming --mpp-override
     tissue, thumb = detect_tissue(slide, cfg.tissue_detector, cfg.tissue_mpp,
                                   **cfg.tissue_params)
     grids = [make_grid(slide.levels, spec, tissue, sid) for spec in cfg.grids]
+    if roi is not None:
+        grids = [g.subset(roi.keep(g.coords, g.size_level0, cfg.roi_min_fraction))
+                 for g in grids]
     if len(grids) > 1:
         _check_aligned(grids, sid)
     normalizer = None

@@ -32,7 +32,7 @@ from gigamil.errors import (
     UnreadableRegionError,
     UsageError,
 )
-from gigamil.wsi.extract_config import Backend
+from gigamil.wsi.extract_config import Backend, ExtractConfig
 from gigamil.wsi.metadata import TILE_EXTENSIONS, valid_mpp, valid_power
 from gigamil.wsi.slide import SlideReader
 
@@ -42,6 +42,7 @@ __all__ = [
     "CuCIMReader",
     "open_slide",
     "auto_backend",
+    "open_slide_for",
     "cucim_available",
 ]
 
@@ -332,3 +333,11 @@ def open_slide(
             "use --backend " + ", ".join(["auto", *readers]),
         ) from None
     return cls(path, mpp_override)
+
+
+def open_slide_for(path: str | os.PathLike[str], cfg: ExtractConfig) -> SlideReader:
+    """Open a slide as extraction options say: backend, mpp override, mpp from the
+    objective's magnification."""
+    slide = open_slide(path, cfg.backend, cfg.mpp_override)
+    slide.mpp_from_magnification = cfg.mpp_from_magnification
+    return slide

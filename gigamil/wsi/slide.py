@@ -51,7 +51,8 @@ class SlideReader:
     def __init__(self, path: str | os.PathLike[str], mpp_override: float | None = None) -> None:
         self.path = Path(path)
         self.mpp_override = mpp_override
-        self.mpp_source = "slide"  # or "override"
+        self.mpp_source = "slide"  # or "override", "magnification"
+        self.mpp_from_magnification = False  # else a missing mpp is an error
         self.notes: list[str] = []  # what a reader did differently (a level fallback, …)
         self._handle: Any = None
         self._open()
@@ -145,9 +146,18 @@ class SlideReader:
                 )
             self.mpp_source = "override"
             return override
+        power = self.objective_power
+        if self.mpp_from_magnification and power is not None:
+            guess = valid_mpp(10.0 / power)
+            if guess is not None:
+                self.mpp_source = "magnification"
+                self.notes.append(f"mpp {guess:g} guessed from the {power:g}x objective "
+                                  "(--mpp-from-magnification): scanners differ, check it")
+                return guess
         raise MissingMppError(
             f"{self.path.name} does not record its resolution (µm per pixel)",
-            "pass --mpp-override MPP (e.g. 0.25 for a 40x scan, 0.5 for 20x)",
+            "pass --mpp-override MPP (e.g. 0.25 for a 40x scan, 0.5 for 20x), list it in "
+            "--mpp-csv, or allow --mpp-from-magnification",
         )
 
     @functools.cached_property
