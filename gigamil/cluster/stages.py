@@ -101,7 +101,12 @@ def _prepare_extract_dir(out: ExtractDir, cfg: ExtractConfig) -> None:
     except OSError as exc:
         raise UsageError(f"cannot create --out {out.root}: {exc.strerror}",
                          "give a directory you can write to") from None
-    write_json(out.config, {"config": dataclasses.asdict(cfg),
+    config = dataclasses.asdict(cfg)
+    if not cfg.record_paths:  # folder names may name patients: keep file names only
+        for key in ("pseudonym_map", "mpp_csv", "roi_dir", "stage_dir", "stain_reference"):
+            if config[key]:
+                config[key] = Path(config[key]).name
+    write_json(out.config, {"config": config,
                             "versions": {"gigamil": gigamil_version(), **package_versions()}})
 
 

@@ -18,6 +18,7 @@ is written under a temporary name and renamed when complete.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import math
 import os
 import time
@@ -173,37 +174,37 @@ def _open_source(
     """
     tif = _first_tiff_image(src) if backend == "auto" else None
     slide: SlideReader | None = None
+    flat: _FlatTiff | None = None
     try:
-        slide = open_slide(src, backend, mpp_override=mpp)
-    except SlideError:
-        if tif is None:
-            raise
-    if tif is not None and slide is not None and len(slide.describe()["levels"]) > 1:
-        tif.close()
-        tif = None
-    if tif is not None:
         try:
-            flat = _FlatTiff(src, tif)
+            slide = open_slide(src, backend, mpp_override=mpp)
         except SlideError:
-            tif.close()
-            if slide is None:
+            if tif is None:
                 raise
-        else:
-            if slide is not None:
-                slide.close()
-            recorded, power = tiff_metadata(src)
-            if recorded is None and mpp is None:
-                flat.close()
-                raise _missing_mpp(src)
-            return flat, recorded or cast(float, mpp), "source" if recorded else "option", power
-    assert slide is not None
-    try:
-        _ = slide.levels
-    except MissingMppError:
-        slide.close()
-        raise _missing_mpp(src) from None
-    source: Literal["source", "option"] = "option" if slide.mpp_source == "override" else "source"
-    return _SlideSource(slide), slide.mpp, source, slide.objective_power
+        if tif is not None and (slide is None or len(slide.describe()["levels"]) == 1):
+            try:
+                flat = _FlatTiff(src, tif)
+            except SlideError:
+                if slide is None:
+                    raise  # not a plain 2-D image; else the slide reader reads it
+        recorded, power = tiff_metadata(src) if flat is not None else (None, None)
+        if slide is not None:
+            with contextlib.suppress(MissingMppError):
+                if slide.mpp and slide.mpp_source != "override":
+                    recorded = recorded or slide.mpp
+            power = power or slide.objective_power
+        if recorded is None and mpp is None:
+            raise _missing_mpp(src)
+    except BaseException:
+        for handle in (flat or tif, slide):
+            if handle is not None:
+                handle.close()
+        raise
+    unused = slide if flat is not None else tif  # the reader that is not needed
+    if unused is not None:
+        unused.close()
+    source = flat if flat is not None else _SlideSource(cast(SlideReader, slide))
+    return source, cast(float, recorded or mpp), "source" if recorded else "option", power
 
 
 def _missing_mpp(src: Path) -> MissingMppError:

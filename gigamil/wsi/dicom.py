@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import os
 import threading
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,10 @@ __all__ = [
     "series_image_type",
     "is_dicom_series_folder",
 ]
+
+# wsidicom calls a pydicom function that pydicom 3 deprecates: not the user's concern
+warnings.filterwarnings("ignore", message="get_frame_offsets is deprecated",
+                        category=DeprecationWarning)
 
 #: SOP Class UID of VL Whole Slide Microscopy Image Storage.
 WSI_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.77.1.6"

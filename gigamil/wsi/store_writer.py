@@ -71,8 +71,10 @@ class PatchStoreWriter:
         map_size = max(64 << 20, int(n_patches * raw * 1.25) + (32 << 20))
         self._env = lmdb.open(
             str(self.partial), subdir=False, map_size=map_size, lock=False,
-            sync=False, metasync=False, readahead=False, meminit=False,
-        )  # no writemap: written pages would stay mapped, and RSS would grow with the store
+            sync=False, metasync=False, readahead=False, meminit=True,
+        )  # no writemap: written pages would stay mapped, and RSS would grow with the store;
+        # meminit: the unused tail of each page is zeroed. Without it LMDB writes whatever
+        # the malloc'd page held before (seen: text from this process's memory in a store).
 
     @property
     def count(self) -> int:

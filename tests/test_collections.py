@@ -1,0 +1,253 @@
+"""Real slide collections: discovery, slide lists, DICOM series, MIRAX, PHI, resolution.
+
+DICOM series are made from synthetic slides with wsidicomizer (a real converter) and
+read with wsidicom; every PHI check searches every output byte.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from gigamil.cli.main import app
+from gigamil.cluster.stages import extract_slides
+from gigamil.synth.dicom import FAKE_PHI, write_dicom_series
+from gigamil.synth.model import SynthConfig
+from gigamil.synth.slides import write_synthetic_slide
+from gigamil.wsi.discovery import find_slides
+from gigamil.wsi.extract_config import ExtractConfig
+from gigamil.wsi.reader import open_slide
+from gigamil.wsi.store import PatchStore
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def dicom_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The same synthetic slide as an .svs and as a DICOM series folder (with fake PHI)."""
+    root = tmp_path_factory.mktemp("pair")
+    svs = root / "svs" / "case01.svs"
+    svs.parent.mkdir()
+    write_synthetic_slide(svs, SynthConfig(width=4001, height=3203, seed=21, tumor=True,
+                                           tissue_fraction=0.5))
+    series = write_dicom_series(svs, root / "dicom" / "DOE_JANE_case01", objective_power=40.0)
+    return svs, series
+
+
+def _tree(root: Path) -> list[str]:
+    return sorted(str(s.path.relative_to(root)) for s in find_slides([root]).slides)
+
+
+def test_folders_are_searched_recursively_and_junk_is_ignored(tmp_path: Path,
+                                                              cohort: Path) -> None:
+    root = tmp_path / "cohort"
+    (root / "site_a" / "batch1").mkdir(parents=True)
+    (root / "site_b").mkdir()
+    shutil.copy(cohort / "s000.svs", root / "site_a" / "batch1" / "a.svs")
+    shutil.copy(cohort / "s001.svs", root / "site_b" / "b.tif")
+    (root / "site_b" / ".hidden.svs").write_bytes(b"x")
+    (root / "site_b" / "c.svs.part").write_bytes(b"x")
+    (root / "site_b" / "d.svs.crdownload").write_bytes(b"x")
+    (root / ".trash").mkdir()
+    shutil.copy(cohort / "s002.svs", root / ".trash" / "old.svs")
+    out = root / "extracted"  # a previous output folder inside the cohort
+    (out / "patches").mkdir(parents=True)
+    (out / "extract_config.json").write_text("{}")
+    shutil.copy(cohort / "s003.svs", out / "copy.svs")
+    assert _tree(root) == ["site_a/batch1/a.svs", "site_b/b.tif"]
+    assert [s.path.name for s in find_slides([root], recursive=False).slides] == []
+    assert [s.path.name for s in find_slides([root / "site_b"], recursive=False).slides] == [
+        "b.tif"]
+
+
+def test_slide_lists_csv_and_txt(tmp_path: Path, cohort: Path) -> None:
+    (tmp_path / "s").mkdir()
+    for i in range(3):
+        shutil.copy(cohort / f"s00{i}.svs", tmp_path / "s" / f"slide{i}.svs")
+    (tmp_path / "list.csv").write_text("path,slide_id,label\ns/slide0.svs,P-0,1\n"
+                                       "s/slide1.svs,,0\ns/missing.svs,P-9,1\n")
+    found = find_slides([tmp_path / "list.csv"])
+    assert [(s.path.name, s.slide_id) for s in found.slides] == [("slide0.svs", "P-0"),
+                                                                   ("slide1.svs", "slide1")]
+    assert len(found.failed) == 1 and "missing.svs (listed in list.csv) does not exist" in (
+        found.failed[0].error)
+    (tmp_path / "list.txt").write_text("# my cohort\ns/slide2.svs\n\ns/slide0.svs\n")
+    both = find_slides([tmp_path / "list.txt", tmp_path / "s"])
+    assert sorted(s.path.name for s in both.slides) == ["slide0.svs", "slide1.svs",
+                                                         "slide2.svs"]
+    assert any("given twice" in n for n in both.notes)
+    (tmp_path / "bad.csv").write_text("file\ns/slide0.svs\n")
+    result = runner.invoke(app, ["extract", str(tmp_path / "bad.csv"), "--out",
+                                 str(tmp_path / "o")])
+    assert result.exit_code != 0 and "no `path` column" in result.output
+
+
+def test_mirax_file_and_folder_are_one_slide(tmp_path: Path) -> None:
+    (tmp_path / "case.mrxs").write_bytes(b"not read by discovery")
+    (tmp_path / "case").mkdir()
+    (tmp_path / "case" / "Slidedat.ini").write_text("[GENERAL]\n")
+    (tmp_path / "case" / "Data0000.dat").write_bytes(b"\0" * 10)
+    (tmp_path / "lonely.mrxs").write_bytes(b"x")
+    found = find_slides([tmp_path])
+    assert [s.path.name for s in found.slides] == ["case.mrxs"]
+    assert [r.slide_id for r in found.failed] == ["lonely"]
+    assert "no companion folder" in found.failed[0].error
+
+
+def test_dicom_series_is_one_slide_named_after_its_folder(dicom_pair: tuple[Path, Path],
+                                                          tmp_path: Path) -> None:
+    svs, series = dicom_pair
+    for given in (series, series.parent, next(series.glob("*.dcm"))):
+        found = find_slides([given])
+        assert [(s.path, s.slide_id) for s in found.slides] == [(series, series.name)], given
+    # a folder of series folders; and a series beside a plain slide of the same name
+    root = tmp_path / "mixed"
+    root.mkdir()
+    shutil.copytree(series, root / "case01")
+    shutil.copy(svs, root / "case01.svs")
+    found = find_slides([root])
+    assert not found.slides and len(found.failed) == 2
+    assert all("shared by" in r.error and "DICOM series" in r.error for r in found.failed)
+
+
+def test_dicom_series_extracts_like_the_svs(dicom_pair: tuple[Path, Path],
+                                            tmp_path: Path) -> None:
+    svs, series = dicom_pair
+    with open_slide(series) as slide:
+        assert slide.backend == "wsidicom" and slide.format == "dicom"
+        assert "PatientName" not in json.dumps(slide.describe())
+    cfg = ExtractConfig(mpp=0.25, patch_size=256, encoding="raw")  # level 0 of both
+    a = extract_slides([svs], tmp_path / "a", cfg, workers=1)[0]
+    b = extract_slides([series], tmp_path / "b", cfg, workers=1)[0]
+    assert a.status == b.status == "ok", (a.error, b.error)
+    # tissue detection reads the coarse levels: on the series it keeps what the svs keeps
+    assert abs(a.n_patches - b.n_patches) <= 0.02 * a.n_patches, (a.n_patches, b.n_patches)
+    with PatchStore(tmp_path / "a" / "patches" / "case01.lmdb") as sa, \
+            PatchStore(tmp_path / "b" / "patches" / f"{series.name}.lmdb") as sb:
+        common = {tuple(c): i for i, c in enumerate(sa.coords.tolist())}
+        n = 0
+        for j, c in enumerate(sb.coords.tolist()):
+            if tuple(c) in common:  # level 0 is the same JPEG tiles: the same pixels
+                np.testing.assert_array_equal(sa[common[tuple(c)]], sb[j])
+                n += 1
+        assert n >= 0.98 * len(sb)
+        assert sb.meta["format"] == "dicom" and sb.meta["backend"] == "wsidicom"
+    again = extract_slides([series], tmp_path / "b", cfg, workers=1)[0]
+    assert again.status == "skipped"  # the folder's signature is stable
+
+
+def _all_bytes(root: Path) -> bytes:
+    return b"".join(p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file())
+
+
+def test_pseudonymize_keeps_names_paths_and_patient_tags_out_of_every_output(
+        dicom_pair: tuple[Path, Path], tmp_path: Path) -> None:
+    svs, series = dicom_pair
+    out = tmp_path / "out"
+    mapping = tmp_path / "secret" / "map.json"
+    result = runner.invoke(app, ["-v", "extract", str(svs), str(series), "--out", str(out),
+                                 "--pseudonymize", "--pseudonym-map", str(mapping),
+                                 "--coords-h5", "--previews", "--geojson", "--mpp", "1.0",
+                                 "--patch-size", "64"])
+    assert result.exit_code == 0, result.output
+    data = _all_bytes(out)
+    forbidden = [*FAKE_PHI.values(), "DOE", "JANE", "case01", series.name, str(tmp_path),
+                 "svs" + os.sep]
+    for word in forbidden:
+        assert word.encode() not in data, word
+        if word != str(tmp_path):  # the console may name the --out the user gave
+            assert word not in result.output, word
+    assert stat.S_IMODE(mapping.stat().st_mode) == 0o600
+    entries = json.loads(mapping.read_text())["slides"]
+    assert sorted(e["original_id"] for e in entries) == sorted(["case01", series.name])
+    ids = sorted(p.stem for p in (out / "patches").glob("*.lmdb"))
+    assert ids == sorted(e["slide_id"] for e in entries)
+    # a rerun keeps the same ids (the salt lives in the mapping) and skips both
+    again = runner.invoke(app, ["extract", str(svs), str(series), "--out", str(out),
+                                "--pseudonymize", "--pseudonym-map", str(mapping),
+                                "--coords-h5", "--previews", "--geojson", "--mpp", "1.0",
+                                "--patch-size", "64"])
+    assert again.exit_code == 0 and "2 skipped" in again.output, again.output
+
+
+def test_mpp_csv_and_magnification(tmp_path: Path, bad_slides: Path) -> None:
+    nompp = bad_slides / "nompp.tiff"
+    out = tmp_path / "o"
+    (tmp_path / "mpp.csv").write_text("slide_id,mpp\nother,0.5\n")
+    res = extract_slides([nompp], out, ExtractConfig(mpp_csv=str(tmp_path / "mpp.csv")))[0]
+    assert res.status == "failed" and "--mpp-csv" in res.error  # the slide is not listed
+    (tmp_path / "mpp.csv").write_text("slide_id,mpp\nnompp,0.25\n")
+    res = extract_slides([nompp], out, ExtractConfig(mpp_csv=str(tmp_path / "mpp.csv")))[0]
+    assert res.status == "ok", res.error
+    with PatchStore(out / "patches" / "nompp.lmdb") as store:
+        assert store.meta["level0_mpp"] == 0.25 and store.meta["mpp_source"] == "override"
+    (tmp_path / "bad.csv").write_text("slide_id,mpp\nnompp,352.8\n")
+    with pytest.raises(Exception, match="not a plausible resolution"):
+        extract_slides([nompp], out, ExtractConfig(mpp_csv=str(tmp_path / "bad.csv")))
+
+
+def test_mpp_from_magnification_warns(tmp_path: Path) -> None:
+    path = tmp_path / "mag.tiff"
+    write_synthetic_slide(path, SynthConfig(width=2048, height=2048, seed=3, record_mpp=False))
+    # a description with AppMag but no MPP, as some exporters write
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        assert tif.pages[0].description is not None
+    with open_slide(path) as slide:
+        slide.mpp_from_magnification = True
+        slide.objective_power  # noqa: B018
+    # without AppMag there is nothing to go on: the error names every way out
+    res = extract_slides([path], tmp_path / "o", ExtractConfig(mpp_from_magnification=True))[0]
+    assert res.status == "failed"
+    assert "--mpp-override" in res.error and "--mpp-csv" in res.error
+
+
+def test_roi_keeps_only_patches_inside_and_geojson_round_trips(
+        cohort: Path, tmp_path: Path) -> None:
+    from gigamil.wsi.qupath import load_roi
+
+    src = cohort / "s000.svs"
+    full = extract_slides([src], tmp_path / "full", ExtractConfig(geojson=True))[0]
+    assert full.status == "ok"
+    gj = tmp_path / "full" / "geojson" / "s000.geojson"
+    doc = json.loads(gj.read_text())
+    kinds = {f["properties"]["objectType"] for f in doc["features"]}
+    assert kinds == {"annotation", "tile"}
+    tiles = [f for f in doc["features"] if f["properties"]["objectType"] == "tile"]
+    assert len(tiles) == full.n_patches
+    # the left half of the slide as a QuPath annotation of class Tumor
+    with open_slide(src) as slide:
+        w, h = slide.dimensions
+    rois = tmp_path / "rois"
+    rois.mkdir()
+    poly = [[0, 0], [w // 2, 0], [w // 2, h], [0, h], [0, 0]]
+    (rois / "s000.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [poly]},
+         "properties": {"objectType": "annotation", "classification": {"name": "Tumor"}}}]}))
+    half = extract_slides([src], tmp_path / "half",
+                          ExtractConfig(roi_dir=str(rois), roi_classes=("tumor",)))[0]
+    assert half.status == "ok" and 0 < half.n_patches < full.n_patches
+    with PatchStore(tmp_path / "half" / "patches" / "s000.lmdb") as store:
+        size0 = store.meta["patch_size_level0"]
+        assert (store.coords[:, 0] + size0 / 2 <= w // 2).all()
+    roi = load_roi(rois / "s000.geojson", w, h)
+    with PatchStore(tmp_path / "full" / "patches" / "s000.lmdb") as store:
+        assert roi.keep(store.coords, size0).sum() == half.n_patches
+    # a changed ROI file redoes the slide; an unchanged one is skipped
+    assert extract_slides([src], tmp_path / "half", ExtractConfig(
+        roi_dir=str(rois), roi_classes=("tumor",)))[0].status == "skipped"
+    (rois / "s000.geojson").write_text("not json")
+    bad = extract_slides([src], tmp_path / "half", ExtractConfig(roi_dir=str(rois)))[0]
+    assert bad.status == "failed" and "GeoJSON" in bad.error
+    far = [[w * 3, h * 3], [w * 4, h * 3], [w * 4, h * 4], [w * 3, h * 3]]
+    (rois / "s000.geojson").write_text(json.dumps({"type": "Polygon", "coordinates": [far]}))
+    bad = extract_slides([src], tmp_path / "half", ExtractConfig(roi_dir=str(rois)))[0]
+    assert bad.status == "failed" and "outside the slide" in bad.error
