@@ -18,6 +18,7 @@ __all__ = [
     "UnreadableRegionError",
     "StainFitError",
     "StoreError",
+    "CopyCancelled",
     "TrainingInterrupted",
     "NoPatchesError",
 ]
@@ -71,6 +72,11 @@ class UnreadableRegionError(SlideError):
 
 class StainFitError(SlideError):
     """The slide's stain could not be estimated (too little tissue in the sample)."""
+
+
+class CopyCancelled(GigamilError):
+    """A staging copy stopped because its slide was released or the stager closed
+    (control flow inside :mod:`gigamil.cluster.staging`; never reaches a user)."""
 
 
 class StoreError(GigamilError):

@@ -1,3 +1,4 @@
+# cohesive: one stager — its copier thread, byte budget, signal and stale-folder cleanup
 """Copy the next slides to node-local disk while the current one is read (``--stage-dir``).
 
 On Lustre/GPFS, the random tile reads of extraction are slow, while one sequential copy
@@ -58,7 +59,8 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any, Literal
 
-from gigamil.errors import UsageError
+from gigamil.errors import CopyCancelled, UsageError
+from gigamil.wsi.discovery import slide_files
 
 __all__ = ["SlideStager", "slide_files", "slide_bytes", "remove_stale", "DEFAULT_MAX_BYTES", "GiB",
            "STAGE_PREFIX"]
@@ -77,28 +79,6 @@ _FREE_MARGIN = 256 << 20  # leave this much free on the stage disk
 _POLL_S = 0.5  # waits wake up this often (a signal handler, a dead copier)
 
 _State = Literal["pending", "copying", "ready", "in_place", "released"]
-
-
-def slide_files(path: str | os.PathLike[str]) -> list[Path]:
-    """The files and folders that make up the slide at ``path`` (copy them side by side).
-
-    - a directory (a DICOM series folder): the directory, whole;
-    - a ``.mrxs`` file: the file and its sibling folder of the same stem (the tiles);
-    - a ``.dcm`` file: it and the other ``.dcm`` files of its folder (the series);
-    - any other file: the file.
-    """
-    p = Path(path)
-    if p.is_dir():
-        return [p]
-    suffix = p.suffix.lower()
-    if suffix == ".mrxs":
-        data = p.with_suffix("")
-        return [p, data] if data.is_dir() else [p]
-    if suffix == ".dcm" and p.parent.is_dir():
-        siblings = sorted(c for c in p.parent.iterdir()
-                          if c != p and c.is_file() and c.suffix.lower() == ".dcm")
-        return [p, *siblings]
-    return [p]
 
 
 def _walk(path: Path) -> Iterator[Path]:
@@ -489,7 +469,7 @@ class SlideStager:
             tmp.mkdir()
             for top in slide_files(slide.source):
                 self._copy_tree(top, tmp / top.name, slide)
-        except _Cancelled:
+        except CopyCancelled:
             pass
         except OSError as exc:
             error = f"the copy failed: {exc.strerror or exc}"
@@ -526,7 +506,7 @@ class SlideStager:
                 os.posix_fadvise(fin.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
             while True:
                 if self._stop or slide.state != "copying":
-                    raise _Cancelled
+                    raise CopyCancelled("copy cancelled")
                 n = fin.readinto(view)
                 if not n:
                     break
@@ -582,7 +562,3 @@ class SlideStager:
         elif prev != signal.SIG_IGN:  # the default (or a handler not set from Python): die
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
-
-
-class _Cancelled(Exception):
-    """A copy stopped because its slide was released or the stager closed."""

@@ -36,9 +36,7 @@ __all__ = [
     "is_dicom_series_folder",
 ]
 
-# wsidicom calls a pydicom function that pydicom 3 deprecates: not the user's concern
-warnings.filterwarnings("ignore", message="get_frame_offsets is deprecated",
-                        category=DeprecationWarning)
+warnings.filterwarnings("ignore", message="get_frame_offsets is deprecated")  # wsidicom
 
 #: SOP Class UID of VL Whole Slide Microscopy Image Storage.
 WSI_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.77.1.6"

@@ -248,12 +248,22 @@ def _shown(s: SlideSource) -> str:
     return f"{kind}{s.name}"
 
 
-def slide_files(path: Path) -> list[Path]:
-    """Every file and folder that belongs to one slide: the file; a DICOM series folder;
-    a ``.mrxs`` file and its companion folder."""
-    if path.suffix.lower() == ".mrxs" and (path.parent / path.stem).is_dir():
-        return [path, path.parent / path.stem]
-    return [path]
+def slide_files(path: str | os.PathLike[str]) -> list[Path]:
+    """The files and folders that make up the slide at ``path`` (copied side by side):
+    a DICOM series folder, whole; a ``.mrxs`` file and its companion folder of the same
+    stem; a ``.dcm`` file and the other ``.dcm`` files of its folder; else the file."""
+    p = Path(path)
+    if p.is_dir():
+        return [p]
+    suffix = p.suffix.lower()
+    if suffix == ".mrxs":
+        data = p.with_suffix("")
+        return [p, data] if data.is_dir() else [p]
+    if suffix == ".dcm" and p.parent.is_dir():
+        siblings = sorted(c for c in p.parent.iterdir()
+                          if c != p and c.is_file() and c.suffix.lower() == ".dcm")
+        return [p, *siblings]
+    return [p]
 
 
 class Pseudonyms:
