@@ -251,3 +251,88 @@ def test_roi_keeps_only_patches_inside_and_geojson_round_trips(
     (rois / "s000.geojson").write_text(json.dumps({"type": "Polygon", "coordinates": [far]}))
     bad = extract_slides([src], tmp_path / "half", ExtractConfig(roi_dir=str(rois)))[0]
     assert bad.status == "failed" and "outside the slide" in bad.error
+
+
+def _ome_tiff(path: Path, src: Path) -> None:
+    """An OME-TIFF pyramid (sub-resolutions in SubIFDs) of a synthetic slide, as
+    bioformats2raw/QuPath write them; the resolution only in the OME-XML."""
+    import tifffile
+
+    with tifffile.TiffFile(src) as tif:
+        levels = [tif.pages[0].asarray()]
+    while max(levels[-1].shape[:2]) > 600:
+        h, w = levels[-1].shape[:2]
+        from gigamil.wsi.slide import resize_area
+
+        levels.append(resize_area(levels[-1], (w // 2, h // 2)))
+    with tifffile.TiffWriter(path, ome=True) as tif:
+        tif.write(levels[0], subifds=len(levels) - 1, tile=(256, 256), compression="jpeg",
+                  photometric="rgb", metadata={"axes": "YXS", "PhysicalSizeX": 0.25,
+                                               "PhysicalSizeY": 0.25})
+        for lv in levels[1:]:
+            tif.write(lv, subfiletype=1, tile=(256, 256), compression="jpeg",
+                      photometric="rgb")
+
+
+def test_ome_tiff_pyramid_is_read_tile_by_tile(cohort: Path, tmp_path: Path) -> None:
+    import tifffile
+
+    path = tmp_path / "ome.ome.tif"
+    _ome_tiff(path, cohort / "s001.svs")
+    with open_slide(path) as slide:
+        assert slide.backend == "tiles" and slide.format == "ome-tiff"
+        assert slide.mpp == 0.25 and len(slide.levels) >= 3
+        with tifffile.TiffFile(path) as tif:
+            ref = tif.series[0].levels[1].asarray()
+        np.testing.assert_array_equal(slide.read_region(1, 100, 50, 300, 200),
+                                      ref[50:250, 100:400])
+    res = extract_slides([path], tmp_path / "o", ExtractConfig(mpp=1.0, patch_size=64))[0]
+    assert res.status == "ok" and res.n_patches > 50, res.error
+
+
+def test_flat_tiff_works_or_names_convert(tmp_path: Path, cohort: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import tifffile
+
+    import gigamil.wsi.tiles as tiles
+
+    with tifffile.TiffFile(cohort / "s002.svs") as tif:
+        image = tif.pages[0].asarray()[:2048, :3072]
+    flat = tmp_path / "flat.tif"
+    tifffile.imwrite(flat, image, photometric="rgb", rowsperstrip=64,
+                     resolution=(1e4 / 0.25, 1e4 / 0.25), resolutionunit="CENTIMETER")
+    res = extract_slides([flat], tmp_path / "o", ExtractConfig(mpp=0.5, patch_size=128))[0]
+    assert res.status == "ok" and res.n_patches > 0, res.error  # levels made on the fly
+    monkeypatch.setattr(tiles, "FLAT_TIFF_MAX_SEGMENT_PX", 64 * 3072 - 1)  # one strip too big
+    res = extract_slides([flat], tmp_path / "o2", ExtractConfig(mpp=0.5, patch_size=128,
+                                                                backend="tiles"),
+                         workers=0)[0]  # in this process, where the limit is lowered
+    assert res.status == "failed" and "gigamil convert" in res.error
+    converted = tmp_path / "flat_pyramid.tif"
+    result = runner.invoke(app, ["convert", str(flat), str(converted)])
+    assert result.exit_code == 0, result.output
+    with open_slide(converted) as slide:
+        assert len(slide.levels) > 1 and slide.mpp == 0.25
+
+
+def test_stage_dir_gives_the_same_stores_and_leaves_nothing(cohort: Path,
+                                                            tmp_path: Path) -> None:
+    slides = [cohort / "s000.svs", cohort / "s001.svs"]
+    cfg = ExtractConfig(mpp=1.0, patch_size=64, encoding="raw")
+    direct = extract_slides(slides, tmp_path / "a", cfg, workers=1)
+    stage = tmp_path / "stage"
+    staged = extract_slides(slides, tmp_path / "b",
+                            ExtractConfig(mpp=1.0, patch_size=64, encoding="raw",
+                                          stage_dir=str(stage)), workers=1)
+    assert [r.n_patches for r in direct] == [r.n_patches for r in staged]
+    assert all(r.status == "ok" for r in staged)
+    for s in ("s000", "s001"):
+        with PatchStore(tmp_path / "a" / "patches" / f"{s}.lmdb") as x, \
+                PatchStore(tmp_path / "b" / "patches" / f"{s}.lmdb") as y:
+            np.testing.assert_array_equal(x.coords, y.coords)
+            np.testing.assert_array_equal(x[len(x) // 2], y[len(y) // 2])
+            assert y.meta["source"]["name"] == f"{s}.svs"
+    assert list(stage.iterdir()) == []  # every copy and the private folder removed
+    again = extract_slides(slides, tmp_path / "b", ExtractConfig(
+        mpp=1.0, patch_size=64, encoding="raw", stage_dir=str(stage)), workers=1)
+    assert [r.status for r in again] == ["skipped", "skipped"]  # staged copies keep mtime

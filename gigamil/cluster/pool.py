@@ -63,9 +63,10 @@ class _Pool(Generic[T, R]):
 
     def __init__(self, fn: Callable[[T], R], items: Sequence[tuple[str, T]], processes: int,
                  threads: int, on_result: Callable[[R], None],
-                 on_died: Callable[[str, T], R], on_progress: Callable[[int], None] | None
-                 ) -> None:
+                 on_died: Callable[[str, T], R], on_progress: Callable[[int], None] | None,
+                 on_submit: Callable[[T], T] | None = None) -> None:
         self.fn, self.processes, self.threads = fn, max(1, processes), max(1, threads)
+        self.on_submit = on_submit
         self.on_result, self.on_died, self.on_progress = on_result, on_died, on_progress
         self.queue: deque[tuple[str, T]] = deque(items)
         self.crashes: dict[str, int] = {}
@@ -112,7 +113,8 @@ class _Pool(Generic[T, R]):
             while self._may_start(inflight):
                 job = self.queue.popleft()
                 try:
-                    inflight[pool.submit(self.fn, job[1])] = job
+                    item = job[1] if self.on_submit is None else self.on_submit(job[1])
+                    inflight[pool.submit(self.fn, item)] = job
                 except cf.process.BrokenProcessPool:
                     self.queue.appendleft(job)
                     return True
@@ -148,8 +150,10 @@ class _Pool(Generic[T, R]):
 
 def run_pool(fn: Callable[[T], R], items: Sequence[tuple[str, T]], processes: int, *,
              on_result: Callable[[R], None], on_died: Callable[[str, T], R],
-             threads: int = 1, on_progress: Callable[[int], None] | None = None) -> None:
+             threads: int = 1, on_progress: Callable[[int], None] | None = None,
+             on_submit: Callable[[T], T] | None = None) -> None:
     """Run ``fn`` over ``items`` (``(key, item)`` pairs) in ``processes`` worker processes of
     ``threads`` threads each; every item's result (or ``on_died(key, item)``) goes to
-    ``on_result`` as it arrives."""
-    _Pool(fn, items, processes, threads, on_result, on_died, on_progress).run()
+    ``on_result`` as it arrives. ``on_submit`` turns an item into what the worker gets,
+    in this process, just before it is handed out (e.g. a slide's staged copy)."""
+    _Pool(fn, items, processes, threads, on_result, on_died, on_progress, on_submit).run()

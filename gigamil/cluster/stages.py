@@ -39,6 +39,7 @@ from gigamil.wsi.extract_config import MANIFEST_FIELDS, ExtractConfig, SlideResu
 from gigamil.wsi.metadata import SLIDE_EXTENSIONS
 
 if TYPE_CHECKING:  # torch-side configs: imported by the jobs themselves, not at start-up
+    from gigamil.cluster.staging import SlideStager
     from gigamil.mil.embed_config import EmbedConfig, EmbedResult
     from gigamil.mil.train_config import TrainConfig
 
@@ -167,26 +168,59 @@ def extract_slides(
         if on_result is not None:
             on_result(res)
 
+    stager, to_stage = _stager(cfg, out, jobs, overwrite)
+    originals = {job.slide_id: job.path for job in jobs if job.path in to_stage}
+
+    def staged(job: SlideSource) -> SlideSource:
+        if stager is None or job.path not in to_stage:
+            return job
+        return dataclasses.replace(job, path=stager.get(job.path))
+
+    def done(res: SlideResult) -> None:
+        if stager is not None and res.slide_id in originals:
+            source = originals[res.slide_id]
+            stager.release(source)
+            if source in stager.notes:
+                res.note = "; ".join(n for n in (res.note, stager.notes[source]) if n)
+        record(res)
+
     try:
         for res in duplicates:
             record(res)
         if workers <= 0:  # in this process (the debug executor)
             for job in jobs:
-                record(extract_slide(job.path, out.root, slide_config(cfg, job, mpps),
-                                     job.slide_id, overwrite, 1, on_patches, name=job.name,
-                                     roi_key=job.original_id))
+                local = staged(job)
+                done(extract_slide(local.path, out.root, slide_config(cfg, job, mpps),
+                                   job.slide_id, overwrite, 1, on_patches, name=job.name,
+                                   roi_key=job.original_id))
         elif jobs:
             processes = max(1, min(workers, len(jobs)))
             threads = max(1, workers // processes)
             run_pool(functools.partial(_extract_one, out=out.root, cfg=cfg, overwrite=overwrite,
                                        threads=threads, mpps=mpps),
                      [(job.slide_id, job) for job in jobs], processes,
-                     threads=threads, on_result=record, on_progress=on_patches,
+                     threads=threads, on_result=done, on_progress=on_patches,
                      on_died=lambda sid, job: SlideResult(sid, job.name, "failed",
-                                                          error=WORKER_DIED))
+                                                          error=WORKER_DIED),
+                     on_submit=staged)
     finally:
+        if stager is not None:
+            stager.close()
         write_manifest()
     return results
+
+
+def _stager(cfg: ExtractConfig, out: ExtractDir, jobs: list[SlideSource], overwrite: bool
+            ) -> tuple[SlideStager | None, set[Path]]:
+    """A started stager for ``--stage-dir`` and the slides it copies: those without a
+    store yet (all with ``overwrite``); slides that are probably done are not copied."""
+    if cfg.stage_dir is None:
+        return None, set()
+    from gigamil.cluster.staging import SlideStager
+
+    todo = [j.path for j in jobs if overwrite or not out.store(j.slide_id).is_file()]
+    stager = SlideStager(todo, Path(cfg.stage_dir), max_bytes=int(cfg.stage_gb * 2**30))
+    return stager.start(), set(todo)
 
 
 def merge_extract_manifests(out: str | os.PathLike[str]) -> Path | None:
