@@ -23,6 +23,7 @@ import os
 import re
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +54,7 @@ class TiffLevel:
     seg_w: int  # tile (or strip) width
     seg_h: int  # tile height (or rows per strip)
     across: int  # segments per row
+    jpeg: Callable[..., np.ndarray] | None = None  # direct decoder of JPEG tiles (data, out=)
 
     @classmethod
     def of(cls, page: Any) -> TiffLevel:
@@ -62,7 +64,22 @@ class TiffLevel:
             tw, th = int(page.imagewidth), int(page.rowsperstrip or page.imagelength)
             th = min(th, int(page.imagelength))
         w = int(page.imagewidth)
-        return cls(page, w, int(page.imagelength), tw, th, -(-w // tw))
+        return cls(page, w, int(page.imagelength), tw, th, -(-w // tw), _jpeg_decoder(page))
+
+
+def _jpeg_decoder(page: Any) -> Callable[..., np.ndarray] | None:
+    """imagecodecs' JPEG decoder for the tiles of an 8-bit RGB/YCbCr JPEG page, called as
+    tifffile would call it (shared tables; RGB-coded tiles not converted)."""
+    import imagecodecs
+
+    if (int(page.compression) != 7 or int(page.samplesperpixel) != 3 or not page.is_tiled
+            or int(page.photometric) not in (2, 6)):
+        return None
+    tables = page.jpegtables
+    if int(page.photometric) == 2:  # RGB-coded JPEG (Aperio's "RGB" tiles): no YCbCr step
+        return functools.partial(imagecodecs.jpeg8_decode, tables=tables, colorspace=2,
+                                 outcolorspace=2)
+    return functools.partial(imagecodecs.jpeg8_decode, tables=tables)
 
 
 def _readable_rgb(page: Any) -> bool:
@@ -193,6 +210,7 @@ class TiffTileReader(SlideReader):
         self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._cache_bytes = 0
         self._lock = threading.Lock()
+        self._scratch = threading.local()
 
     def _close(self) -> None:
         os.close(self._fd)
@@ -238,8 +256,12 @@ class TiffTileReader(SlideReader):
         return "tiff" if len(self._levels) > 1 else "tiff (no pyramid)"
 
     # ---- pixels ----------------------------------------------------------------
-    def _segment(self, level: int, index: int) -> np.ndarray:
-        """Decoded segment ``index`` of ``level`` as (seg_h, seg_w, 3) uint8 (cached)."""
+    def _segment(self, level: int, index: int, scratch: bool = False) -> np.ndarray:
+        """Decoded segment ``index`` of ``level`` as (seg_h, seg_w, 3) uint8 (cached).
+
+        ``scratch``: the caller copies the tile out at once and no other region needs
+        it (it lies inside the region): decode into this thread's reused buffer, uncached.
+        """
         key = (level, index)
         with self._lock:
             hit = self._cache.get(key)
@@ -247,6 +269,8 @@ class TiffTileReader(SlideReader):
                 self._cache.move_to_end(key)
                 return hit
         lv = self._levels[level]
+        if scratch and lv.jpeg is not None:
+            return self._decode_into_scratch(lv, level, index)
         page = lv.page
         offset, length = int(page.dataoffsets[index]), int(page.databytecounts[index])
         if offset <= 0 or length <= 0:
@@ -256,7 +280,12 @@ class TiffTileReader(SlideReader):
             raise UnreadableRegionError(f"tile {index} of level {level} is cut short "
                                         "(the file is truncated)")
         try:
-            decoded = page.decode(data, index, jpegtables=page.jpegtables)[0]
+            if lv.jpeg is not None:  # the common case, without tifffile's per-call overhead
+                decoded = lv.jpeg(data)[None]
+                if decoded.shape[1:3] != (lv.seg_h, lv.seg_w) and page.is_tiled:
+                    raise ValueError(f"tile decodes to {decoded.shape[2]}x{decoded.shape[1]}")
+            else:
+                decoded = page.decode(data, index, jpegtables=page.jpegtables)[0]
         except Exception as exc:
             raise UnreadableRegionError(
                 f"tile {index} of level {level} cannot be decoded ({type(exc).__name__})"
@@ -274,21 +303,44 @@ class TiffTileReader(SlideReader):
                     self._cache_bytes -= old.nbytes
         return seg
 
+    def _decode_into_scratch(self, lv: TiffLevel, level: int, index: int) -> np.ndarray:
+        buf = getattr(self._scratch, "buf", None)
+        if buf is None or buf.shape != (lv.seg_h, lv.seg_w, 3):
+            buf = self._scratch.buf = np.empty((lv.seg_h, lv.seg_w, 3), np.uint8)
+        page = lv.page
+        offset, length = int(page.dataoffsets[index]), int(page.databytecounts[index])
+        if offset <= 0 or length <= 0:
+            raise UnreadableRegionError(f"tile {index} of level {level} is missing from the file")
+        data = os.pread(self._fd, length, offset)
+        try:
+            if len(data) != length:
+                raise ValueError("the file is truncated")
+            assert lv.jpeg is not None
+            lv.jpeg(data, out=buf)
+        except Exception as exc:
+            raise UnreadableRegionError(
+                f"tile {index} of level {level} cannot be decoded ({type(exc).__name__})"
+            ) from exc
+        return buf
+
     def _read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         lv = self._levels[level]
-        out = np.full((h, w, 3), 255, np.uint8)
         x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, lv.width), min(y + h, lv.height)
+        inside = (x0, y0, x1, y1) == (x, y, x + w, y + h)
+        out = np.empty((h, w, 3), np.uint8) if inside else np.full((h, w, 3), 255, np.uint8)
         if x1 <= x0 or y1 <= y0:
             return out
         bad: list[str] = []
         for ty in range(y0 // lv.seg_h, (y1 - 1) // lv.seg_h + 1):
             for tx in range(x0 // lv.seg_w, (x1 - 1) // lv.seg_w + 1):
+                sx, sy = tx * lv.seg_w, ty * lv.seg_h
+                inner = (sx >= x and sy >= y and sx + lv.seg_w <= x + w
+                         and sy + lv.seg_h <= y + h)
                 try:
-                    seg = self._segment(level, ty * lv.across + tx)
+                    seg = self._segment(level, ty * lv.across + tx, scratch=inner)
                 except UnreadableRegionError as exc:
                     bad.append(exc.message)
                     continue
-                sx, sy = tx * lv.seg_w, ty * lv.seg_h
                 ax0, ay0 = max(x0, sx), max(y0, sy)
                 ax1 = min(x1, sx + lv.seg_w, sx + seg.shape[1])
                 ay1 = min(y1, sy + lv.seg_h, sy + seg.shape[0])
