@@ -263,3 +263,29 @@ def test_stain_norm_at_embed_time(data: Path, tmp_path: Path) -> None:
     b = read_bag(d / "features" / "tiny-cnn" / "s001.h5")
     assert b.attrs["stain_norm"] == "macenko" and np.isfinite(b.features).all()
     assert a.features.shape == b.features.shape and not np.allclose(a.features, b.features)
+
+
+def test_from_slides_leaves_out_unreadable_patches(cohort: Path, tmp_path: Path) -> None:
+    """A damaged tile: --from-slides embeds the rest of the slide, as extract stores it."""
+    import tifffile
+
+    from gigamil.mil.embed_slides import embed_slides
+    from gigamil.synth.slides import damage_tile
+
+    bad = tmp_path / "slides" / "s003.svs"
+    bad.parent.mkdir()
+    shutil.copy(cohort / "s003.svs", bad)
+    with tifffile.TiffFile(bad) as tif:
+        n = len(tif.pages[0].dataoffsets)
+    for k in range(n // 2, n // 2 + 6):
+        damage_tile(bad, 0, k, "zero")
+    ecfg = ExtractConfig(mpp=0.5, patch_size=64, encoding="png")
+    cfg = EmbedConfig(encoder="tiny-cnn", workers=1, device="cpu", batch_size=16)
+    stored = extract_slides([bad], tmp_path / "a", ecfg)[0]
+    assert stored.status == "ok" and stored.qc["unreadable"] > 0
+    res = embed_slides([bad], tmp_path / "b", cfg, ecfg)
+    assert [r.status for r in res] == ["ok"]
+    bag = read_bag(tmp_path / "b" / "features" / "tiny-cnn" / "s003.h5")
+    assert len(bag.coords) == stored.n_patches
+    with PatchStore(tmp_path / "a" / "patches" / "s003.lmdb") as store:
+        np.testing.assert_array_equal(bag.coords, store.coords)

@@ -427,3 +427,29 @@ def test_probability_heatmaps_from_infer_and_heatmap(trained: dict[str, Path], t
     assert data["probability"].shape == (len(data["coords"]), 2)
     np.testing.assert_allclose(data["probability"].sum(1), 1, atol=1e-5)
     assert (tmp_path / "p" / "heatmaps" / "s001.png").exists()
+
+
+def test_a_damaged_tile_leaves_out_its_patches_and_the_slide_is_predicted(
+        trained: dict[str, Path], tmp_path: Path) -> None:
+    """infer reads patches through extraction's reader: the unreadable ones are left out."""
+    import tifffile
+
+    from gigamil.synth.slides import damage_tile
+
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    shutil.copy(trained["slides"] / "s002.svs", slides / "s002.svs")
+    with tifffile.TiffFile(slides / "s002.svs") as tif:
+        level1 = next(i for i, p in enumerate(tif.pages) if p.is_tiled and i > 0)
+        n = len(tif.pages[level1].dataoffsets)
+    for k in range(n // 3, n // 3 + 4):  # the run reads 1 µm/px from level 1
+        damage_tile(slides / "s002.svs", level1, k, "garbage")
+    clean = runner.invoke(app, ["infer", str(trained["slides"] / "s002.svs"), "--run",
+                                str(trained["run"]), "--out", str(tmp_path / "a"),
+                                "--ray-address", "none"])
+    hurt = runner.invoke(app, ["infer", str(slides), "--run", str(trained["run"]), "--out",
+                               str(tmp_path / "b"), "--ray-address", "none"])
+    assert clean.exit_code == 0 and hurt.exit_code == 0, hurt.output
+    a, b = _preds(tmp_path / "a")["s002"], _preds(tmp_path / "b")["s002"]
+    assert 0 < int(b["n_patches"]) < int(a["n_patches"])
+    assert "unreadable=" in b.get("qc_rejected", "") or "unreadable" in json.dumps(b)

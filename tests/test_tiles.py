@@ -54,7 +54,8 @@ def test_exact_backends_return_each_levels_own_pixels(odd_slide: Path, backend: 
         assert slide.exact_levels
         for level, ref in enumerate(refs):
             h, w = ref.shape[:2]
-            for x, y, rw, rh in [(0, 0, 300, 200), (123, 77, 517, 259), (w - 100, h - 60, 100, 60)]:
+            for x, y, rw, rh in [(0, 0, 300, 200), (123, 77, 517, 259), (w - 100, h - 60, 100, 60),
+                                 (256, 256, 768, 520), (250, 0, 1030, 600)]:  # whole tiles inside
                 np.testing.assert_array_equal(slide.read_region(level, x, y, rw, rh),
                                               crop(ref, x, y, rw, rh), err_msg=f"level {level}")
             if backend == "tiles":  # white outside the level
