@@ -58,15 +58,8 @@ def make_dicom(svs: Path, folder: Path) -> Path:
     from gigamil.synth.dicom import write_dicom_series
 
     if not folder.exists():
-        from gigamil.wsi.convert import convert_slide
-
         t = time.perf_counter()
-        # through a thumbnail-free copy: opentile takes the synthetic svs's stripped
-        # thumbnail for a pyramid level when it is smaller than the last level
-        plain = folder.with_suffix(".tif")
-        if not plain.exists():
-            convert_slide(svs, plain, downsample=4, quality=85)
-        write_dicom_series(plain, folder, phi=False, add_missing_levels=False)
+        write_dicom_series(svs, folder, phi=False, add_missing_levels=False)
         print(f"  wrote DICOM series {folder.name} in {time.perf_counter() - t:.0f} s",
               flush=True)
     return folder

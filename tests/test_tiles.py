@@ -21,7 +21,7 @@ from gigamil.wsi.planning import plan_slide, read_runs
 from gigamil.wsi.reader import cucim_available, open_slide
 from gigamil.wsi.slide import resize_area
 from gigamil.wsi.store import PatchStore
-from gigamil.wsi.tiles import jpeg_stream_ok
+from gigamil.wsi.tiles import strict_jpeg_decode
 
 BACKENDS = ["tiles", "openslide"] + (["cucim"] if cucim_available() else [])
 EXACT = ["tiles"] + (["cucim"] if cucim_available() else [])
@@ -86,19 +86,75 @@ def test_fractional_level_is_read_as_regions_exact_to_its_pixels(odd_slide: Path
             np.testing.assert_array_equal(store[k], expect)
 
 
-def test_jpeg_stream_check_finds_damaged_tiles(odd_slide: Path, tmp_path: Path) -> None:
+def _damage_scan_tail(path: Path, index: int, seed: int) -> None:
+    """Random bytes (never 0xFF) over the last part of a tile's scan data: libjpeg only
+    *warns* about this ("Corrupt JPEG data: … extraneous bytes") and decodes garbage."""
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        off, n = int(page.dataoffsets[index]), int(page.databytecounts[index])
+    junk = np.random.default_rng(seed).integers(0, 0xFF, max(8, n // 16), dtype=np.uint8)
+    with open(path, "r+b") as fh:
+        fh.seek(off + n - n // 6)
+        fh.write(junk.tobytes())
+
+
+def test_strict_decode_finds_damage_libjpeg_only_warns_about(odd_slide: Path,
+                                                              tmp_path: Path) -> None:
+    import imagecodecs
+
     path = tmp_path / "g.svs"
     shutil.copy(odd_slide, path)
-    damage_tile(path, 0, 100, "garbage")
-    damage_tile(path, 0, 7, "zero")
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        across = -(-page.imagewidth // page.tilewidth)
+        index = (page.imagelength // 512) * across + across // 2 - 2  # inside the tissue
+    _damage_scan_tail(path, index, seed=1)
     with tifffile.TiffFile(path) as tif, open(path, "rb") as fh:
         page = tif.pages[0]
         bad = []
         for i, (o, n) in enumerate(zip(page.dataoffsets, page.databytecounts)):
             fh.seek(o)
-            if not jpeg_stream_ok(fh.read(n)):
+            data = fh.read(n)
+            try:
+                strict_jpeg_decode(data, page.jpegtables)
+            except Exception:
                 bad.append(i)
-    assert bad == [7, 100]
+                imagecodecs.jpeg8_decode(data, tables=page.jpegtables)  # lenient: no error
+    assert bad == [index]
+
+
+def test_sparse_tiles_are_background_as_openslide_draws_them(odd_slide: Path,
+                                                             tmp_path: Path) -> None:
+    path = tmp_path / "sparse.svs"
+    shutil.copy(odd_slide, path)
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        tag = page.tags["TileByteCounts"]
+        offset, count = tag.valueoffset, len(page.databytecounts)
+        dtype = "<u4" if tag.dtype == 4 else "<u8"
+    counts = np.fromfile(path, dtype, count, offset=offset)
+    counts[0] = 0  # the top-left tile: no data
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        fh.write(counts.tobytes())
+    with open_slide(path, "tiles") as a, open_slide(path, "openslide") as b:
+        np.testing.assert_array_equal(a.read_region(0, 0, 0, 100, 100), np.full((100, 100, 3),
+                                                                                 255, np.uint8))
+        np.testing.assert_array_equal(a.read_region(0, 0, 0, 100, 100),
+                                      b.read_region(0, 0, 0, 100, 100))
+    res = extract_slide(path, tmp_path / "o", ExtractConfig(mpp=1.0, patch_size=64))
+    assert res.status == "ok" and "unreadable" not in res.qc, (res.error, res.qc)
+
+
+def test_openslide_reading_from_threads_over_a_damaged_tile_does_not_crash(
+        odd_slide: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "odd.svs"
+    damaged_copy(odd_slide, bad, "zero")
+    cfg = ExtractConfig(mpp=0.5, patch_size=128, encoding="raw", backend="openslide")
+    one = extract_slide(bad, tmp_path / "a", cfg, threads=1)
+    four = extract_slide(bad, tmp_path / "b", cfg, threads=4)
+    assert one.status == four.status == "ok", (one.error, four.error)
+    assert one.qc == four.qc and one.n_patches == four.n_patches
 
 
 def damaged_copy(src: Path, dst: Path, mode: str) -> tuple[int, int]:
@@ -108,11 +164,14 @@ def damaged_copy(src: Path, dst: Path, mode: str) -> tuple[int, int]:
         page = tif.pages[0]
         across = -(-page.imagewidth // page.tilewidth)
         ty, tx = page.imagelength // page.tilelength // 2, across // 2
-    damage_tile(dst, 0, ty * across + tx, mode)
+    if mode == "tail":  # decodes with a warning only
+        _damage_scan_tail(dst, ty * across + tx, seed=1)
+    else:
+        damage_tile(dst, 0, ty * across + tx, mode)
     return tx * 256, ty * 256
 
 
-@pytest.mark.parametrize("mode", ["zero", "garbage"])
+@pytest.mark.parametrize("mode", ["zero", "garbage", "tail"])
 def test_unreadable_tile_is_left_out_and_counted_by_every_backend(
         odd_slide: Path, tmp_path: Path, mode: str) -> None:
     bad = tmp_path / "odd.svs"

@@ -1,7 +1,7 @@
 """Synthetic pyramidal H&E-like slides for tests, benchmarks and the demo.
 
 Slides are tiled JPEG TIFFs in Aperio layout (``.svs``): level 0, a stripped
-thumbnail, reduced levels (``subfiletype=1``) and a fake label image that holds
+thumbnail, reduced levels (tiled; ``subfiletype`` 0 as Aperio writes them, 1 in a generic TIFF) and a fake label image that holds
 made-up "PHI" text (to check it never reaches an output). The description carries
 ``MPP`` and ``AppMag`` and the TIFF resolution tags carry the mpp, so openslide
 and cuCIM both see levels and resolution. The tissue itself is drawn by
@@ -82,7 +82,8 @@ def write_synthetic_slide(path: str | os.PathLike[str], cfg: SynthConfig) -> dic
             lres = {"resolution": (resolution[0] / ds, resolution[1] / ds),
                     "resolutionunit": "CENTIMETER"} if resolution else {}
             tif.write(
-                model.iter_tiles(lw, lh, ds), shape=(lh, lw, 3), tile=(t, t), subfiletype=1,
+                model.iter_tiles(lw, lh, ds), shape=(lh, lw, 3), tile=(t, t),
+                subfiletype=0 if cfg.record_mpp else 1,  # Aperio: 0; generic TIFF: reduced
                 description=description if cfg.record_mpp else None, **lres, **common,
             )
         if cfg.label_image and cfg.record_mpp:

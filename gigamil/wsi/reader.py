@@ -35,6 +35,7 @@ from gigamil.errors import (
 from gigamil.wsi.extract_config import Backend, ExtractConfig
 from gigamil.wsi.metadata import TILE_EXTENSIONS, valid_mpp, valid_power
 from gigamil.wsi.slide import SlideReader
+from gigamil.wsi.tiles import TileVerifier
 
 __all__ = [
     "Backend",
@@ -56,6 +57,8 @@ class OpenSlideReader(SlideReader):
 
         if not self.path.is_file():
             raise SlideOpenError(f"{self.path.name} does not exist or is not a file")
+        self._retired: list[Any] = []
+        self._swap = threading.Lock()
         try:
             self._handle = openslide.OpenSlide(str(self.path))
         except Exception as exc:
@@ -66,6 +69,18 @@ class OpenSlideReader(SlideReader):
 
     def _close(self) -> None:
         self._handle.close()
+        for old in self._retired:
+            with contextlib.suppress(Exception):
+                old.close()
+        verifier = self.__dict__.get("_verifier")
+        if verifier is not None:
+            verifier.close()
+
+    @functools.cached_property
+    def _verifier(self) -> TileVerifier | None:
+        if self.path.suffix.lower() not in TILE_EXTENSIONS:
+            return None
+        return TileVerifier(self.path, self._level_dims_and_downsamples())
 
     def _level_dims_and_downsamples(self) -> list[tuple[int, int, float]]:
         h = self._handle
@@ -95,15 +110,20 @@ class OpenSlideReader(SlideReader):
     def _read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         import openslide
 
+        if self._verifier is not None:  # openslide only warns about corrupt JPEG data
+            self._verifier.check(level, x, y, w, h)
         ds = self._level_dims_and_downsamples()[level][2]
         x0, y0 = int(round(x * ds)), int(round(y * ds))
+        handle = self._handle
         try:
-            rgba = np.asarray(self._handle.read_region((x0, y0), level, (w, h)))
+            rgba = np.asarray(handle.read_region((x0, y0), level, (w, h)))
         except openslide.OpenSlideError as exc:
-            # openslide's errors are sticky: reopen so that the next region reads again
-            with contextlib.suppress(Exception):
-                self._handle.close()
-            self._handle = openslide.OpenSlide(str(self.path))
+            # openslide's errors are sticky: a fresh handle for the next reads. The old one
+            # is closed with the slide, never while other threads may be reading through it
+            with self._swap:
+                if self._handle is handle:
+                    self._retired.append(handle)
+                    self._handle = openslide.OpenSlide(str(self.path))
             raise UnreadableRegionError(f"{self.path.name}: level {level} region ({x},{y}) "
                                         f"{w}x{h} cannot be decoded ({exc})") from exc
         rgb = rgba[..., :3]
@@ -206,63 +226,20 @@ class CuCIMReader(SlideReader):
         return v0
 
     @functools.cached_property
-    def _tile_table(self) -> dict[int, Any]:
-        """Per level, its TIFF tile layout (:class:`gigamil.wsi.tiles.TiffLevel`), to check
-        the tiles under a region before cuCIM decodes them: cuCIM turns a missing or
-        damaged tile into garbage pixels without raising."""
-        import tifffile
-
-        from gigamil.wsi.tiles import pyramid_levels
-
-        try:
-            with tifffile.TiffFile(self.path) as tif:
-                levels, _ = pyramid_levels(tif)
-                dims = self._level_dims_and_downsamples()
-                return {i: lv for i, lv in enumerate(levels[: len(dims)])
-                        if (lv.width, lv.height) == dims[i][:2]}
-        except Exception:
-            return {}
-
-    @functools.cached_property
-    def _tile_checks(self) -> tuple[int, dict[tuple[int, int], bool], threading.Lock]:
-        return os.open(self.path, os.O_RDONLY), {}, threading.Lock()
-
-    def _tile_ok(self, level: int, lv: Any, index: int) -> bool:
-        from gigamil.wsi.tiles import jpeg_stream_ok
-
-        fd, seen, lock = self._tile_checks
-        with lock:
-            known = seen.get((level, index))
-        if known is not None:
-            return known
-        page = lv.page
-        off, n = int(page.dataoffsets[index]), int(page.databytecounts[index])
-        ok = off > 0 and n > 4
-        if ok and int(page.compression) == 7:  # JPEG: check the stream's structure
-            ok = jpeg_stream_ok(os.pread(fd, n, off))
-        with lock:
-            seen[(level, index)] = ok
-        return ok
+    def _verifier(self) -> TileVerifier:
+        """Strict checks of the tiles under a region before cuCIM decodes them: cuCIM turns
+        a missing or damaged tile into garbage pixels without raising."""
+        return TileVerifier(self.path, self._level_dims_and_downsamples())
 
     def _check_tiles(self, level: int, x: int, y: int, w: int, h: int) -> None:
-        lv = self._tile_table.get(level)
-        if lv is None:
-            return
-        x0, y0 = max(x, 0), max(y, 0)
-        x1, y1 = min(x + w, lv.width), min(y + h, lv.height)
-        for ty in range(y0 // lv.seg_h, (y1 - 1) // lv.seg_h + 1):
-            for tx in range(x0 // lv.seg_w, (x1 - 1) // lv.seg_w + 1):
-                if not self._tile_ok(level, lv, ty * lv.across + tx):
-                    raise UnreadableRegionError(
-                        f"{self.path.name}: tile {ty * lv.across + tx} of level {level} "
-                        "is missing or damaged")
+        self._verifier.check(level, x, y, w, h)
 
     def _close(self) -> None:
         close = getattr(self._handle, "close", None)
         if close is not None:
             close()
-        if "_tile_checks" in self.__dict__:
-            os.close(self._tile_checks[0])
+        if "_verifier" in self.__dict__:
+            self._verifier.close()
 
     def _read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         self._check_tiles(level, x, y, w, h)

@@ -33,8 +33,8 @@ from gigamil.errors import SlideOpenError, UnreadableRegionError
 from gigamil.wsi.metadata import valid_mpp
 from gigamil.wsi.slide import SlideReader
 
-__all__ = ["TiffTileReader", "TiffLevel", "pyramid_levels", "jpeg_stream_ok",
-           "FLAT_TIFF_MAX_SEGMENT_PX"]
+__all__ = ["TiffTileReader", "TiffLevel", "TileVerifier", "pyramid_levels",
+           "strict_jpeg_decode", "FLAT_TIFF_MAX_SEGMENT_PX"]
 
 #: A level-0 page without reduced levels is read only if one decoded segment (tile or
 #: strip) stays under this many pixels; a larger one needs ``gigamil convert``.
@@ -68,8 +68,14 @@ class TiffLevel:
 
 
 def _jpeg_decoder(page: Any) -> Callable[..., np.ndarray] | None:
-    """imagecodecs' JPEG decoder for the tiles of an 8-bit RGB/YCbCr JPEG page, called as
-    tifffile would call it (shared tables; RGB-coded tiles not converted)."""
+    """A strict JPEG decoder for the tiles of an 8-bit RGB/YCbCr JPEG page, called as
+    ``decode(data, out=None)``.
+
+    YCbCr tiles (nearly all) go through simplejpeg (libjpeg-turbo) with ``strict``: data
+    that libjpeg only warns about ("Corrupt JPEG data: … extraneous bytes") raises, so a
+    damaged tile is never decoded to garbage. The page's shared tables are spliced into
+    each tile. RGB-coded tiles (rare) go through imagecodecs, which is not strict.
+    """
     import imagecodecs
 
     if (int(page.compression) != 7 or int(page.samplesperpixel) != 3 or not page.is_tiled
@@ -79,12 +85,24 @@ def _jpeg_decoder(page: Any) -> Callable[..., np.ndarray] | None:
     if int(page.photometric) == 2:  # RGB-coded JPEG (Aperio's "RGB" tiles): no YCbCr step
         return functools.partial(imagecodecs.jpeg8_decode, tables=tables, colorspace=2,
                                  outcolorspace=2)
-    return functools.partial(imagecodecs.jpeg8_decode, tables=tables)
+    return functools.partial(strict_jpeg_decode, tables=tables)
+
+
+def strict_jpeg_decode(data: bytes, tables: bytes | None = None,
+                       out: np.ndarray | None = None) -> np.ndarray:
+    """Decode a (YCbCr) JPEG tile to RGB, raising on any corrupt data libjpeg reports."""
+    import simplejpeg
+
+    if tables:  # abbreviated stream: the tables segments go right after SOI
+        data = data[:2] + tables[2:-2] + data[2:]
+    return np.asarray(simplejpeg.decode_jpeg(data, colorspace="rgb", strict=True, buffer=out))
 
 
 def _readable_rgb(page: Any) -> bool:
     """An 8-bit RGB(A)/grey image page stored chunky, whose codec tifffile can decode."""
     try:
+        if int(page.compression) == 33003:
+            return False  # Aperio JPEG 2000 in YCbCr: tifffile leaves it unconverted
         return (
             page.dtype is not None and np.dtype(page.dtype) == np.uint8
             and int(page.samplesperpixel) in (1, 3, 4)
@@ -104,6 +122,8 @@ def pyramid_levels(tif: Any) -> tuple[list[TiffLevel], list[str]]:
     """
     if tif.is_ome and tif.series:
         series = tif.series[0]
+        if any(ax not in "YXS" and n > 1 for ax, n in zip(series.axes, series.shape)):
+            return [], []  # channels (or z, t) as separate planes: not an RGB slide
         pages = [lv.keyframe for lv in series.levels]
         others = [s.name or f"image {i}" for i, s in enumerate(tif.series[1:], 1)]
         return [TiffLevel.of(p) for p in pages if _readable_rgb(p)], others
@@ -128,44 +148,78 @@ def pyramid_levels(tif: Any) -> tuple[list[TiffLevel], list[str]]:
     return levels, sorted(set(names))
 
 
-_VALID_AFTER_FF = np.zeros(256, bool)
-_VALID_AFTER_FF[[0x00, 0xFF, *range(0xD0, 0xD8)]] = True  # stuffing, fill, restart markers
+class TileVerifier:
+    """Checks the tiles under a region by a strict decode, for backends that decode a
+    damaged tile to garbage without a word (cuCIM; openslide warns and goes on).
 
-
-def jpeg_stream_ok(data: bytes) -> bool:
-    """Whether a baseline JPEG tile is structurally whole, without decoding it.
-
-    SOI first and EOI last, and inside the entropy-coded data after the (last) SOS
-    header every 0xFF is followed by a stuffed 0x00, a fill byte or a restart marker.
-    Random bytes written into a tile break this almost surely (each 0xFF in them is
-    followed by an invalid byte with probability 246/256). Progressive or other
-    multi-scan streams are not judged (True).
+    Each tile is checked once (the result is kept); a sparse tile (no data) is fine.
+    A region over a tile that fails raises :class:`UnreadableRegionError`, exactly
+    where the ``tiles`` backend would.
     """
-    if len(data) < 8 or data[:2] != b"\xff\xd8" or data[-2:] != b"\xff\xd9":
-        return False
-    pos, baseline = 2, False
-    while pos + 4 <= len(data):  # the header segments, up to the first SOS
-        if data[pos] != 0xFF:
-            return False
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte before a marker
-            pos += 1
-            continue
-        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
-        if length < 2:
-            return False
-        if marker in (0xC0, 0xC1):
-            baseline = True
-        elif 0xC2 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            return True  # progressive, lossless, arithmetic: not judged here
-        if marker == 0xDA:  # SOS: entropy-coded data follows its header
-            if not baseline:
-                return True
-            scan = np.frombuffer(data, np.uint8, offset=pos + 2 + length)[:-2]
-            ff = np.flatnonzero(scan[:-1] == 0xFF)
-            return bool(_VALID_AFTER_FF[scan[ff + 1]].all())
-        pos += 2 + length
-    return False
+
+    def __init__(self, path: os.PathLike[str] | str, dims: list[tuple[int, int, float]]
+                 ) -> None:
+        import tifffile
+
+        self.path = os.fspath(path)
+        self.levels: dict[int, TiffLevel] = {}
+        self._tif: Any = None
+        self._fd = -1
+        try:
+            self._tif = tifffile.TiffFile(self.path)
+            levels, _ = pyramid_levels(self._tif)
+        except Exception:  # not a TIFF tifffile reads: nothing to check
+            levels = []
+        self.levels = {i: lv for i, lv in enumerate(levels[: len(dims)])
+                       if (lv.width, lv.height) == dims[i][:2]}
+        if self.levels:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        self._seen: dict[tuple[int, int], bool] = {}
+        self._lock = threading.Lock()
+
+    def _ok(self, level: int, lv: TiffLevel, index: int) -> bool:
+        key = (level, index)
+        with self._lock:
+            known = self._seen.get(key)
+        if known is not None:
+            return known
+        page = lv.page
+        off, n = int(page.dataoffsets[index]), int(page.databytecounts[index])
+        ok = True
+        if off > 0 and n > 0:
+            data = os.pread(self._fd, n, off)
+            try:
+                if len(data) != n:
+                    raise ValueError("truncated")
+                if lv.jpeg is not None:
+                    lv.jpeg(data)
+                else:
+                    page.decode(data, index, jpegtables=page.jpegtables)
+            except Exception:
+                ok = False
+        with self._lock:
+            self._seen[key] = ok
+        return ok
+
+    def check(self, level: int, x: int, y: int, w: int, h: int) -> None:
+        lv = self.levels.get(level)
+        if lv is None:
+            return
+        x0, y0 = max(x, 0), max(y, 0)
+        x1, y1 = min(x + w, lv.width), min(y + h, lv.height)
+        for ty in range(y0 // lv.seg_h, (y1 - 1) // lv.seg_h + 1):
+            for tx in range(x0 // lv.seg_w, (x1 - 1) // lv.seg_w + 1):
+                if not self._ok(level, lv, ty * lv.across + tx):
+                    raise UnreadableRegionError(
+                        f"{os.path.basename(self.path)}: tile {ty * lv.across + tx} of level "
+                        f"{level} cannot be decoded")
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        if self._tif is not None:
+            self._tif.close()
 
 
 class TiffTileReader(SlideReader):
@@ -273,8 +327,8 @@ class TiffTileReader(SlideReader):
             return self._decode_into_scratch(lv, level, index)
         page = lv.page
         offset, length = int(page.dataoffsets[index]), int(page.databytecounts[index])
-        if offset <= 0 or length <= 0:
-            raise UnreadableRegionError(f"tile {index} of level {level} is missing from the file")
+        if offset <= 0 or length <= 0:  # a sparse tile: background, as openslide draws it
+            return np.full((lv.seg_h, lv.seg_w, 3), 255, np.uint8)
         data = os.pread(self._fd, length, offset)
         if len(data) != length:
             raise UnreadableRegionError(f"tile {index} of level {level} is cut short "
@@ -309,8 +363,9 @@ class TiffTileReader(SlideReader):
             buf = self._scratch.buf = np.empty((lv.seg_h, lv.seg_w, 3), np.uint8)
         page = lv.page
         offset, length = int(page.dataoffsets[index]), int(page.databytecounts[index])
-        if offset <= 0 or length <= 0:
-            raise UnreadableRegionError(f"tile {index} of level {level} is missing from the file")
+        if offset <= 0 or length <= 0:  # a sparse tile: background, as openslide draws it
+            buf[:] = 255
+            return buf
         data = os.pread(self._fd, length, offset)
         try:
             if len(data) != length:
