@@ -108,8 +108,9 @@ class ExtractDir:
 
     @property
     def pseudonyms(self) -> Path:
-        """The id → slide mapping of ``--pseudonymize`` (mode 0600; never share it)."""
-        return self.root / "pseudonyms.json"
+        """The id → slide mapping of ``--pseudonymize`` (mode 0600), beside the output
+        folder rather than in it, so that sharing the outputs never shares it."""
+        return self.root.resolve().parent / f"{self.root.resolve().name}.pseudonyms.json"
 
     def geojson(self, slide_id: str) -> Path:
         """Tissue contours and kept patches of ``--geojson``, for QuPath."""

@@ -336,3 +336,63 @@ def test_stage_dir_gives_the_same_stores_and_leaves_nothing(cohort: Path,
     again = extract_slides(slides, tmp_path / "b", ExtractConfig(
         mpp=1.0, patch_size=64, encoding="raw", stage_dir=str(stage)), workers=1)
     assert [r.status for r in again] == ["skipped", "skipped"]  # staged copies keep mtime
+
+
+def test_a_series_folder_does_not_hide_other_slides_and_two_series_are_reported(
+        dicom_pair: tuple[Path, Path], tmp_path: Path, cohort: Path) -> None:
+    svs, series = dicom_pair
+    root = tmp_path / "flat"
+    shutil.copytree(series, root)  # the series' files right in the input folder ...
+    shutil.copy(cohort / "s000.svs", root / "other.svs")  # ... beside a slide file
+    (root / "_archive").mkdir()
+    shutil.copy(cohort / "s001.svs", root / "_archive" / "old.svs")
+    (root / "summary.json").write_text("{}")  # not an output folder marker on its own
+    found = find_slides([root])
+    assert sorted(s.path.name for s in found.slides) == ["flat", "old.svs", "other.svs"]
+    two = tmp_path / "two"
+    shutil.copytree(series, two)
+    second = write_dicom_series(svs, tmp_path / "second")
+    for f in second.glob("*.dcm"):
+        shutil.copy(f, two / f"b_{f.name}")
+    found = find_slides([tmp_path / "two"])
+    assert not found.slides and "holds 2 DICOM series" in found.failed[0].error
+
+
+def test_pseudonymized_notes_and_errors_name_no_file_or_roi(cohort: Path, tmp_path: Path
+                                                           ) -> None:
+    import tifffile
+
+    from gigamil.synth.slides import damage_tile
+
+    src = tmp_path / "in" / "DOE-JOHN-1970.svs"
+    src.parent.mkdir()
+    shutil.copy(cohort / "s002.svs", src)
+    with tifffile.TiffFile(src) as tif:
+        level1 = next(i for i, p in enumerate(tif.pages) if p.is_tiled and i > 0)
+        n = len(tif.pages[level1].dataoffsets)
+    for k in range(n):  # tissue detection falls back to level 0, with a note
+        damage_tile(src, level1, k, "zero")
+    cfg = ExtractConfig(mpp=0.5, patch_size=128, pseudonymize=True)
+    res = extract_slides([src], tmp_path / "o", cfg)[0]
+    assert res.status == "ok" and "read level 0 instead" in res.note
+    rois = tmp_path / "roi_JaneClinic"
+    rois.mkdir()
+    (rois / "DOE-JOHN-1970.geojson").write_text("not json")
+    bad = extract_slides([src], tmp_path / "o2", ExtractConfig(
+        mpp=0.5, patch_size=128, pseudonymize=True, roi_dir=str(rois)))[0]
+    assert bad.status == "failed" and "GeoJSON" in bad.error
+    for out in (tmp_path / "o", tmp_path / "o2"):
+        data = _all_bytes(out)
+        for word in ("DOE-JOHN", "JaneClinic"):
+            assert word.encode() not in data, (out, word)
+
+
+def test_asking_for_geojson_on_a_rerun_writes_it(cohort: Path, tmp_path: Path) -> None:
+    cfg = ExtractConfig(mpp=1.0, patch_size=64)
+    assert extract_slides([cohort / "s000.svs"], tmp_path, cfg)[0].status == "ok"
+    res = extract_slides([cohort / "s000.svs"], tmp_path, ExtractConfig(mpp=1.0, patch_size=64,
+                                                                         geojson=True))[0]
+    assert res.status == "ok" and (tmp_path / "geojson" / "s000.geojson").is_file()
+    again = extract_slides([cohort / "s000.svs"], tmp_path, ExtractConfig(
+        mpp=1.0, patch_size=64, geojson=True))[0]
+    assert again.status == "skipped"

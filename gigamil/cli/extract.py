@@ -78,7 +78,7 @@ def extract(
              "goes to --pseudonym-map only (mode 0600).")] = False,
     pseudonym_map: Annotated[Path | None, typer.Option(
         dir_okay=False, rich_help_panel="Slides",
-        help="The id → slide mapping of --pseudonymize (default OUT/pseudonyms.json). Keep it; "
+        help="The id → slide mapping of --pseudonymize (default OUT.pseudonyms.json, beside OUT). Keep it; "
              "share outputs without it.")] = None,
     roi: Annotated[Path | None, typer.Option(
         exists=True, file_okay=False, rich_help_panel="QuPath",

@@ -105,8 +105,8 @@ def _prepare_extract_dir(out: ExtractDir, cfg: ExtractConfig) -> None:
     config = dataclasses.asdict(cfg)
     if not cfg.record_paths:  # folder names may name patients: keep file names only
         for key in ("pseudonym_map", "mpp_csv", "roi_dir", "stage_dir", "stain_reference"):
-            if config[key]:
-                config[key] = Path(config[key]).name
+            if config[key]:  # pseudonymized: not even those
+                config[key] = "(given)" if cfg.pseudonymize else Path(config[key]).name
     write_json(out.config, {"config": config,
                             "versions": {"gigamil": gigamil_version(), **package_versions()}})
 
@@ -289,6 +289,10 @@ class ExtractStage(Stage[list[SlideResult]]):
 
     def job(self, shard: tuple[int, int] | None, workers: int, here: bool
             ) -> Callable[[], list[SlideResult]]:
+        if self.cfg.pseudonymize:  # one salt for every array task: made here, before them
+            mapping = Path(self.cfg.pseudonym_map or ExtractDir(self.out).pseudonyms)
+            if not mapping.is_file():
+                Pseudonyms(mapping).save()
         sources = [str(Path(p).resolve()) for p in self.inputs]
         return functools.partial(_extract_job, sources, str(Path(self.out).resolve()), self.cfg,
                                  workers, self.overwrite, shard, self.hooks if here else {},

@@ -330,7 +330,7 @@ class SlideStager:
 
     def _note(self, slide: _Slide, why: str) -> None:
         if slide.source not in self._notes:
-            log.warning("%s: read in place, not staged (%s)", slide.source.name, why)
+            log.debug("a slide is read in place, not staged (%s)", why)  # no name: PHI
         self._notes[slide.source] = why
 
     def _make_folder(self, host: str) -> tuple[Path, int | None]:

@@ -14,6 +14,7 @@ No patient attribute (name, id, dates, …) reaches anything this module returns
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import threading
 import warnings
@@ -37,6 +38,7 @@ __all__ = [
 ]
 
 warnings.filterwarnings("ignore", message="get_frame_offsets is deprecated")  # wsidicom
+logging.getLogger("wsidicom").setLevel(logging.ERROR)  # its warnings carry file paths
 
 #: SOP Class UID of VL Whole Slide Microscopy Image Storage.
 WSI_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.77.1.6"

@@ -7,12 +7,14 @@ slide:
 
 - a file with a slide extension (:data:`SLIDE_EXTENSIONS`);
 - a DICOM WSI series: the folder that holds its ``.dcm`` instances (its id is the
-  folder's name; label and overview instances are never opened as slides);
+  folder's name; label and overview instances are never opened as slides; a folder
+  holding several series is reported);
 - a MIRAX slide: the ``.mrxs`` file; its companion folder of the same stem is part
   of it and is not searched.
 
 Hidden files and folders, partial downloads (``.part``, ``.crdownload``, …) and
-gigamil's own output folders are ignored. Two inputs that resolve to the same
+gigamil's own output folders (``extract_config.json`` beside ``patches/``) met while
+searching are ignored. Two inputs that resolve to the same
 slide are kept once and reported; two slides with the same id are both failed
 with a message, never extracted under one name.
 """
@@ -48,8 +50,6 @@ LIST_SUFFIXES = frozenset({".csv", ".txt", ".lst"})
 #: Partial downloads and temporary files: never slides.
 PARTIAL_SUFFIXES = frozenset({".part", ".partial", ".crdownload", ".download", ".tmp",
                               ".aria2", ".filepart"})
-#: A folder holding one of these is one of gigamil's own output folders.
-OUTPUT_MARKERS = ("extract_config.json", "embed_config.json", "extract.csv", "summary.json")
 
 
 @dataclass(frozen=True)
@@ -79,53 +79,75 @@ class Discovery:
 
 def _ignored(p: Path) -> bool:
     name = p.name
-    return (name.startswith((".", "~$", "_")) or p.suffix.lower() in PARTIAL_SUFFIXES
-            or name.endswith((".lmdb", ".h5")))
+    return (name.startswith((".", "~$")) or name == "__MACOSX"
+            or p.suffix.lower() in PARTIAL_SUFFIXES or name.endswith((".lmdb", ".h5")))
 
 
 def _is_slide_file(p: Path) -> bool:
     return p.suffix.lower() in SLIDE_EXTENSIONS and p.suffix.lower() != ".dcm"
 
 
-def _dicom_series(folder: Path) -> bool:
+def _is_output_folder(folder: Path) -> bool:
+    """One of gigamil's own ``--out`` folders (its stores are not slides)."""
+    return (folder / "extract_config.json").is_file() and (folder / "patches").is_dir()
+
+
+def _dicom_series(folder: Path) -> int:
+    """How many DICOM WSI series have VOLUME instances directly in ``folder``."""
     from gigamil.wsi.dicom import is_dicom_series_folder
 
-    return is_dicom_series_folder(folder)
+    if not is_dicom_series_folder(folder):
+        return 0
+    return max(1, len(_series_uids(folder)))
 
 
-def _walk(folder: Path, recursive: bool) -> Iterator[Path]:
-    """Slides under ``folder``, in sorted order."""
+def _series_uids(folder: Path) -> set[str]:
+    import pydicom
+
+    uids: set[str] = set()
+    for f in folder.iterdir():
+        if f.suffix.lower() == ".dcm" and f.is_file():
+            try:
+                ds = pydicom.dcmread(f, stop_before_pixels=True,
+                                     specific_tags=["SeriesInstanceUID", "ImageType"])
+            except Exception:
+                continue
+            kinds = [str(t).upper() for t in (ds.get("ImageType") or [])]
+            if "VOLUME" in kinds and ds.get("SeriesInstanceUID"):
+                uids.add(str(ds.SeriesInstanceUID))
+    return uids
+
+
+def _walk(folder: Path, recursive: bool, root: bool = True,
+          failed: list[SlideResult] | None = None) -> Iterator[Path]:
+    """Slides under ``folder``, in sorted order; folders holding several DICOM series
+    go to ``failed``."""
     try:
         entries = sorted(folder.iterdir())
     except OSError as exc:
         raise UsageError(f"cannot list {folder.name}: {exc.strerror}",
                          "check the folder's permissions") from exc
+    if not root and _is_output_folder(folder):
+        return  # one of our own output folders
     entries = [e for e in entries if not _ignored(e)]
     files = [e for e in entries if e.is_file()]
-    if any(f.suffix.lower() == ".dcm" for f in files) and _dicom_series(folder):
-        yield folder
-        return
-    if any((folder / m).exists() for m in OUTPUT_MARKERS):
-        return  # one of our own output folders
+    if any(f.suffix.lower() == ".dcm" for f in files):
+        n = _dicom_series(folder)
+        if n == 1:
+            yield folder
+        elif n > 1 and failed is not None:
+            failed.append(SlideResult(
+                slide_id(folder), folder.name, "failed",
+                error=f"folder {folder.name} holds {n} DICOM series — give each series "
+                      "its own folder (a series folder is one slide)"))
     mirax = {f.stem for f in files if f.suffix.lower() == ".mrxs"}
     yield from (f for f in files if _is_slide_file(f))
     for d in entries:
         if d.is_dir() and d.name not in mirax:
-            if recursive or any(c.suffix.lower() == ".dcm" for c in _safe_files(d)):
-                yield from _walk(d, recursive) if recursive else _series_only(d)
-
-
-def _safe_files(folder: Path) -> list[Path]:
-    try:
-        return [c for c in folder.iterdir() if c.is_file()]
-    except OSError:
-        return []
-
-
-def _series_only(folder: Path) -> Iterator[Path]:
-    """Without recursion a DICOM series folder directly inside an input still counts."""
-    if _dicom_series(folder):
-        yield folder
+            if recursive:
+                yield from _walk(d, recursive, False, failed)
+            elif _dicom_series(d) == 1:  # a series folder directly inside an input counts
+                yield d
 
 
 def _read_list(path: Path) -> list[tuple[Path, str | None]]:
@@ -182,7 +204,7 @@ def find_slides(inputs: Sequence[str | os.PathLike[str]], recursive: bool = True
                     continue
                 candidates.append((_slide_of(q), sid, p.name))
         elif p.is_dir():
-            candidates.extend((q, None, p.name) for q in _walk(p, recursive))
+            candidates.extend((q, None, p.name) for q in _walk(p, recursive, True, found.failed))
         elif p.exists():
             candidates.append((_slide_of(p), None, p.name))
         else:
@@ -191,8 +213,8 @@ def find_slides(inputs: Sequence[str | os.PathLike[str]], recursive: bool = True
     for path, sid, given in candidates:
         key = path.resolve()
         if key in seen:
-            found.notes.append(f"{path.name} is given twice (again via {given}); "
-                               "extracted once")
+            shown = path.name if pseudonyms is None else pseudonyms.id_for(path, sid)
+            found.notes.append(f"{shown} is given twice; extracted once")
             continue
         seen[key] = given
         if path.suffix.lower() == ".mrxs" and not (path.parent / path.stem).is_dir():
@@ -217,7 +239,11 @@ def discover_slides(inputs: Sequence[str | os.PathLike[str]], recursive: bool = 
                     ) -> list[Path]:
     """The slide paths in ``inputs`` (files, folders, slide lists), each once, sorted as
     found; inputs that are not usable slides are left out (see :func:`find_slides`)."""
+    import logging
+
     found = find_slides(inputs, recursive)
+    for r in found.failed:
+        logging.getLogger("gigamil").warning("%s: %s", r.slide_id, r.error)
     return [s.path for s in found.slides]
 
 

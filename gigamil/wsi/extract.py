@@ -148,7 +148,9 @@ def extract_slide(
         if store_path.exists() and not store_path.is_file():
             raise UsageError(f"output {store_path.name} exists and is not a file",
                              "remove it or choose another --out")
-        if not overwrite and store_path.is_file():
+        wanted = [p for p, on in ((layout.geojson(sid), cfg.geojson),
+                                  (layout.preview(sid), cfg.previews)) if on]
+        if not overwrite and store_path.is_file() and all(p.is_file() for p in wanted):
             current = _current_store(store_path, path, cfg, roi_key)
             if current is not None:
                 meta, coords0 = current
@@ -222,8 +224,8 @@ def extract_slide(
         result.note = "; ".join(notes)
     except Exception as exc:  # one bad slide must never stop the batch
         result.error = safe_message(exc, path, store_path)
-        if name != path.name:  # pseudonymized: the file name stays out of every output
-            result.error = result.error.replace(path.name, name)
+        if name != path.name:  # pseudonymized: before it is logged
+            result.error = _scrub(result.error, path, name, roi_key, cfg)
         if isinstance(exc, GigamilError):
             log.warning("%s: %s", sid, result.error)
         else:
@@ -231,7 +233,20 @@ def extract_slide(
                         exc_info=log.isEnabledFor(logging.DEBUG))
     finally:
         result.seconds = time.perf_counter() - t0
+        if name != path.name:  # pseudonymized: no file, folder or ROI name in any output
+            result.note = _scrub(result.note, path, name, roi_key, cfg)
     return result
+
+
+def _scrub(text: str, path: Path, name: str, roi_key: str, cfg: ExtractConfig) -> str:
+    """``text`` with the slide's path, file name, stem and ROI file replaced by ``name``."""
+    words = [str(path.resolve()), str(path), path.name, path.stem, roi_key]
+    if cfg.roi_dir is not None:
+        words = [str(Path(cfg.roi_dir).resolve()), str(cfg.roi_dir), *words]
+    for w in sorted(set(words), key=len, reverse=True):
+        if w:
+            text = text.replace(w, name)
+    return text
 
 
 def _load_roi(cfg: ExtractConfig, roi_key: str, slide: SlideReader) -> Roi | None:

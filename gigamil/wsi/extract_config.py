@@ -78,7 +78,7 @@ class ExtractConfig:
     read_block_px: int = 4096
     recursive: bool = True  # search input folders recursively
     pseudonymize: bool = False  # salted-hash slide ids; the mapping in one 0600 file
-    pseudonym_map: str | None = None  # that file (default OUT/pseudonyms.json)
+    pseudonym_map: str | None = None  # that file (default OUT.pseudonyms.json beside OUT)
     mpp_csv: str | None = None  # slide_id,mpp: level-0 resolutions of slides without one
     mpp_from_magnification: bool = False  # mpp = 10 / objective power, with a warning
     roi_dir: str | None = None  # <slide_id>.geojson annotations (QuPath): patches inside
@@ -137,11 +137,11 @@ class ExtractConfig:
                 "stain_reference", "recursive", "pseudonymize", "pseudonym_map", "mpp_csv",
                 "roi_dir", "geojson", "stage_dir", "stage_gb"}
         params = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
-        for name in ("mpp_from_magnification", "roi_classes", "roi_min_fraction"):
-            if self.roi_dir is None or name == "mpp_from_magnification":
-                if params[name] == _DEFAULTS[name]:  # stores written before it existed stay current
-                    del params[name]
-        if self.roi_dir is not None:
+        if not self.mpp_from_magnification:  # stores written before it existed stay current
+            del params["mpp_from_magnification"]
+        if self.roi_dir is None:  # the ROI options mean nothing without --roi
+            del params["roi_classes"], params["roi_min_fraction"]
+        else:
             params["roi"] = True
         params["mpp"] = list(self.mpps)
         if not self.tissue_params:  # stores written before the option existed stay current
@@ -150,9 +150,6 @@ class ExtractConfig:
             params["stain_reference_sha256"] = hashlib.sha256(
                 Path(self.stain_reference).read_bytes()).hexdigest()
         return params
-
-
-_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ExtractConfig)}
 
 
 @dataclass

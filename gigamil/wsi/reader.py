@@ -217,9 +217,9 @@ class CuCIMReader(SlideReader):
         return sorted(str(n) for n in self._handle.associated_images)
 
     def _level0(self, v: int, ds: float) -> int:
-        """The level-0 position cuCIM maps to level position ``v``: it takes floor(v0 / ds)."""
-        v0 = int(math.ceil(v * ds))
-        while v0 > 0 and math.floor((v0 - 1) / ds) == v:
+        """A level-0 position cuCIM maps to level position ``v``: it takes floor(v0 / ds)."""
+        v0 = int(math.floor((v + 0.5) * ds))  # the middle of the range that maps to v:
+        while math.floor(v0 / ds) > v:      # safe from float rounding on either side
             v0 -= 1
         while math.floor(v0 / ds) < v:
             v0 += 1
