@@ -79,7 +79,9 @@ def _focus_scores(strip: np.ndarray, n: int, glass: np.ndarray, step: int,
     if nb == 0:
         return np.zeros(n)
     grey = cv2.cvtColor(np.ascontiguousarray(strip), cv2.COLOR_RGB2GRAY)
-    lap = cv2.Laplacian(grey, cv2.CV_32F, ksize=3)
+    # from float32 input: the same exact integer sums, but OpenCV's uint8 → float32 path is
+    # 10× slower on slide content (measured: 5 ms against 0.3 ms for a 256×2048 strip)
+    lap = cv2.Laplacian(grey.astype(np.float32), cv2.CV_32F, ksize=3)
     # a patch's edge pixels would see its neighbour in the strip: zero them (in both paths),
     # so a patch scores the same whichever run it is read in
     edges = lap.reshape(h, n, side)
@@ -96,10 +98,11 @@ def _focus_scores(strip: np.ndarray, n: int, glass: np.ndarray, step: int,
     tissue = cv2.resize(g, grid, interpolation=cv2.INTER_AREA) < 0.5
     var = var.reshape(nb, n, nb).transpose(1, 0, 2).reshape(n, -1)
     tissue = tissue.reshape(nb, n, nb).transpose(1, 0, 2).reshape(n, -1)
+    scores = np.where(tissue, var, np.nan).astype(np.float64)
     out = np.zeros(n)
-    for i in range(n):
-        if tissue[i].any():
-            out[i] = float(np.median(var[i][tissue[i]]))
+    has = tissue.any(axis=1)
+    if has.any():  # one vectorised median over each patch's tissue blocks
+        out[has] = np.nanmedian(scores[has], axis=1)
     return out
 
 
