@@ -151,6 +151,10 @@ def _decoder(syntax: str, photometric: str) -> Decode | None:
         return None
     if not getattr(imagecodecs, codec.upper()).available:
         return None
+    if codec == "jpeg8" and photometric.startswith("YBR"):  # strict: corrupt data raises
+        from gigamil.wsi.tiles import strict_jpeg_decode
+
+        return strict_jpeg_decode
     decode: Decode = getattr(imagecodecs, f"{codec}_decode")
     return decode
 
