@@ -396,3 +396,13 @@ def test_asking_for_geojson_on_a_rerun_writes_it(cohort: Path, tmp_path: Path) -
     again = extract_slides([cohort / "s000.svs"], tmp_path, ExtractConfig(
         mpp=1.0, patch_size=64, geojson=True))[0]
     assert again.status == "skipped"
+
+
+def test_inspect_shows_format_and_backend_of_a_dicom_folder(dicom_pair: tuple[Path, Path]
+                                                            ) -> None:
+    _, series = dicom_pair
+    result = runner.invoke(app, ["inspect", "slide", str(series), "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    assert info["format"] == "dicom" and info["backend"] == "wsidicom"
+    assert not any(v in result.output for v in FAKE_PHI.values())

@@ -38,7 +38,8 @@ def _kv_table(title: str, info: dict[str, Any], skip: set[str]) -> Table:
 @app.command("slide")
 @cli_errors
 def inspect_slide(
-    slide: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="A slide file.")],
+    slide: Annotated[Path, typer.Argument(
+        exists=True, help="A slide file, or a DICOM series folder.")],
     backend: opt.Backend = opt.EXTRACT.backend,
     mpp_override: opt.MppOverride = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
@@ -57,7 +58,8 @@ def inspect_slide(
     qc_pen_max: opt.QcPen = opt.qc_default(opt.QC.pen_max, 1.0),
     qc_blur_min: opt.QcBlur = opt.qc_default(opt.QC.blur_min, 0.0),
 ) -> None:
-    """Vendor, size, pyramid levels and their µm/px, objective power, backend, associated images.
+    """Format, backend, vendor, size, pyramid levels and their µm/px, objective power,
+    associated images.
 
     Associated images (label, macro) are listed by name only; their pixels, which
     may show patient data, are never read. With --preview, also draws what
