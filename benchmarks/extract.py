@@ -10,8 +10,10 @@ fractional level 1, 4.0002…, shrunk ~2×), 256 px patches, ``--format raw``, o
 
 - decode limit: every tile of the read level under a kept patch, read from the file
   and decoded once, directly (tifffile/wsidicom + imagecodecs, one core);
-- per-patch loop: the CLAM/TRIDENT way, one ``read_region`` per patch then a resize
-  (openslide for svs, wsidicom for DICOM, tiffslide for OME-TIFF), on an even sample;
+- per-patch loop: the CLAM/TRIDENT way, one ``read_region`` per patch then a resize, on
+  an even sample: openslide for svs and DICOM level 0 (openslide 4 misreads the reduced
+  levels of these series: wsidicom there), tiffslide for OME-TIFF (openslide does not read
+  OME pyramids);
 - gigamil: one slide's extraction with one reading thread beside the LMDB writer, as in
   a warm worker (tissue detection, planning and LMDB writes included); best of two runs
   after a warm-up (the machine is shared).
@@ -133,7 +135,15 @@ def per_patch_loop(path: Path, level: int, read_xy: np.ndarray, read_size: int, 
                    n: int) -> float:
     """Seconds per patch of the reference library's read_region → RGB → resize."""
     idx = np.linspace(0, len(read_xy) - 1, min(n, len(read_xy))).astype(int)
-    if path.is_dir():
+    if path.is_dir() and level == 0:  # what CLAM users get: openslide 4 reads DICOM level 0
+        import openslide
+
+        slide = openslide.OpenSlide(str(next(path.glob("*.dcm"))))
+
+        def read(x: int, y: int) -> np.ndarray:
+            img = slide.read_region((x, y), 0, (read_size, read_size))
+            return np.asarray(img.convert("RGB"))
+    elif path.is_dir():  # openslide misreads the reduced levels of these series: wsidicom
         from wsidicom import WsiDicom
 
         slide = WsiDicom.open(path)

@@ -26,7 +26,10 @@ from gigamil.wsi.store_format import (
     patch_key,
 )
 
-__all__ = ["PatchStoreWriter"]
+__all__ = ["PatchStoreWriter", "WRITEBACK_BYTES"]
+
+#: Committed bytes after which the store is fsynced in the background, while reading goes on.
+WRITEBACK_BYTES = 32 << 20
 
 
 class PatchStoreWriter:
@@ -62,6 +65,9 @@ class PatchStoreWriter:
         self._pending: list[tuple[bytes, bytes]] = []
         self._pending_bytes = 0
         self._last_key = b""
+        self._unsynced = 0
+        self._syncer: Any = None
+        self._fd: int | None = None
         self.partial.parent.mkdir(parents=True, exist_ok=True)
         self._lock = _exclusive_lock(self.path.with_name(f".{self.path.name}.lock"))
         for stale in (self.partial, Path(str(self.partial) + "-lock")):
@@ -108,8 +114,32 @@ class PatchStoreWriter:
             except lmdb.MapFullError:  # incompressible patches: grow the map and redo the batch
                 self._env.set_mapsize(self._env.info()["map_size"] * 2)
         self._last_key = max(self._last_key, self._pending[-1][0])
+        self._unsynced += self._pending_bytes
         self._pending.clear()
         self._pending_bytes = 0
+        if self._unsynced >= WRITEBACK_BYTES and (self._syncer is None
+                                                  or not self._syncer.is_alive()):
+            self._start_writeback()
+
+    def _start_writeback(self) -> None:
+        """fsync what is committed so far in a background thread, while patches are still
+        being read: the final sync then waits only for the last part."""
+        import threading
+
+        if self._fd is None:
+            self._fd = os.open(self.partial, os.O_RDONLY)
+        self._unsynced = 0
+        self._syncer = threading.Thread(target=os.fsync, args=(self._fd,),
+                                        name="gigamil-writeback", daemon=True)
+        self._syncer.start()
+
+    def _stop_writeback(self) -> None:
+        if self._syncer is not None:
+            self._syncer.join()
+            self._syncer = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def finish(self, coords: np.ndarray | dict[str, np.ndarray], meta: dict[str, Any]) -> Path:
         """Write coordinates (per scale) and metadata, flush to disk and rename into place."""
@@ -136,6 +166,7 @@ class PatchStoreWriter:
                 xy = np.ascontiguousarray(xy, dtype="<i8").reshape(-1, 2)
                 txn.put(coords_key(scale), xy.tobytes())
             txn.put(META_KEY, json.dumps(meta, sort_keys=True).encode())
+        self._stop_writeback()
         self._env.sync(True)
         self._env.close()
         os.replace(self.partial, self.path)
@@ -151,6 +182,7 @@ class PatchStoreWriter:
     def abort(self) -> None:
         """Close and delete the partial file."""
         try:
+            self._stop_writeback()
             self._env.close()
         finally:
             if self.partial.exists():

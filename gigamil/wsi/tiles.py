@@ -40,7 +40,7 @@ __all__ = ["TiffTileReader", "TiffLevel", "TileVerifier", "pyramid_levels",
 #: strip) stays under this many pixels; a larger one needs ``gigamil convert``.
 FLAT_TIFF_MAX_SEGMENT_PX = 64 * 2**20
 #: Decoded tiles kept per open slide, in bytes.
-TILE_CACHE_BYTES = 192 * 2**20
+TILE_CACHE_BYTES = 64 * 2**20
 _ASSOCIATED = re.compile(r"\b(label|macro|thumbnail|overview)\b", re.IGNORECASE)
 
 
