@@ -2,7 +2,7 @@
 copying the next slides to local disk ahead of the reader.
 
     .venv/bin/python benchmarks/staging.py [--slides 4] [--size 12288x9728]
-                                           [--latency-ms 4] [--bandwidth-mb 400]
+                                           [--latency-ms 20] [--bandwidth-mb 400]
 
 The slow filesystem is real: a FUSE passthrough (``mfusepy`` over libfuse3, served by a
 child process of this script) mounted read-only over the folder of synthetic slides,
@@ -15,18 +15,17 @@ round trip; a large one, like Lustre's, streams a slide that is read in file ord
 Needs /dev/fuse, libfuse3 (``apt-get install fuse3``) and ``pip install mfusepy``;
 gigamil itself does not use it.
 
-Each slide is extracted with ``extract_slides([slide], out, ExtractConfig(), workers=1)``
-(one call per slide, so that the three runs pay the same pool start-up):
+The slides are extracted with ``extract_slides(slides, out, ExtractConfig(…), workers=1)``
+(one pool for all of them, as ``gigamil extract`` runs):
 
 - (a) local: the slides on local disk;
 - (b) slow: the same slides through the slow mount;
-- (c) staged: through the slow mount, with :class:`~gigamil.cluster.staging.SlideStager`
-  copying the next slides to a local stage dir while the current one is extracted
-  (``get`` before a slide, ``release`` after it, as the extract stage will).
+- (c) staged: through the slow mount, with ``--stage-dir`` (:class:`~gigamil.cluster.staging.SlideStager`)
+  copying the next slides to a local stage dir while the current one is extracted.
 
 The three runs are interleaved ``--repeat`` times (the machine is shared) and the best of
-each is kept. It prints the times, the read requests the mount served, the waits in
-``get``, and the ratios (c)/(a), which approaches 1 as the cohort grows (only the first
+each is kept. It prints the times, the read requests the mount served, and the ratios
+(c)/(a), which approaches 1 as the cohort grows (only the first
 copy is not hidden), and (b)/(a).
 """
 
@@ -179,33 +178,26 @@ def fuse_unavailable() -> str | None:
 
 # -- the benchmark ----------------------------------------------------------------------------
 
-def extract_each(paths: list[Path], out: Path, stager: Any = None
-                 ) -> tuple[float, int, list[float]]:
-    """Extract the slides one by one; (seconds, patches, seconds waited in each ``get``)."""
+def extract_staged(paths: list[Path], out: Path, stage: Path | None) -> tuple[float, int]:
+    """``gigamil extract [--stage-dir STAGE]`` over all the slides: (seconds, patches)."""
     from gigamil.cluster.stages import extract_slides
     from gigamil.wsi.extract_config import ExtractConfig
 
     shutil.rmtree(out, ignore_errors=True)
-    patches, waited = 0, []
     t0 = time.perf_counter()
-    for p in paths:
-        t = time.perf_counter()
-        local = stager.get(p) if stager is not None else p
-        waited.append(time.perf_counter() - t)
-        (res,) = extract_slides([local], out, ExtractConfig(), workers=1, overwrite=True)
-        if res.status != "ok":
-            raise RuntimeError(f"{p.name}: {res.status} {res.error}")
-        patches += res.n_patches
-        if stager is not None:
-            stager.release(p)
-    return time.perf_counter() - t0, patches, waited
+    cfg = ExtractConfig(stage_dir=None if stage is None else str(stage))
+    results = extract_slides(paths, out, cfg, workers=1, overwrite=True)
+    bad = [r for r in results if r.status != "ok"]
+    if bad:
+        raise RuntimeError(f"{bad[0].slide_id}: {bad[0].status} {bad[0].error}")
+    return time.perf_counter() - t0, sum(r.n_patches for r in results)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--slides", type=int, default=4)
     ap.add_argument("--size", default="12288x9728", help="level-0 WxH of each synthetic slide")
-    ap.add_argument("--latency-ms", type=float, default=4.0,
+    ap.add_argument("--latency-ms", type=float, default=20.0,
                     help="round trip of one read request on the slow mount")
     ap.add_argument("--bandwidth-mb", type=float, default=400.0,
                     help="MB/s of the slow mount's link, shared by all requests")
@@ -224,7 +216,6 @@ def main() -> None:
     if why is not None:
         sys.exit(f"no slow filesystem can be made here: {why}")
 
-    from gigamil.cluster.staging import SlideStager
     from gigamil.synth.slides import make_cohort
 
     width, height = (int(v) for v in args.size.lower().split("x"))
@@ -250,7 +241,7 @@ def main() -> None:
             SlowMount(cohort, mnt, latency, bandwidth, args.readahead_kb) as slow:
         out = Path(tmp)
         slow_paths = [mnt / p.name for p in paths]
-        extract_each(paths[:1], out / "warm")  # imports, page cache of the local files
+        extract_staged(paths[:1], out / "warm", None)  # imports, page cache of the local files
 
         def record(mode: str, seconds: float, patches: int, what: str) -> None:
             best[mode] = min(best.get(mode, float("inf")), seconds)
@@ -258,23 +249,19 @@ def main() -> None:
             print(f"  {mode} {seconds:6.2f} s  {patches} patches  {what}", flush=True)
 
         for _ in range(args.repeat):  # the modes interleaved: the machine is shared
-            t, n, _w = extract_each(paths, out / "a")
+            t, n = extract_staged(paths, out / "a", None)
             record("(a) local disk:        ", t, n, "")
             s0 = slow.stats()
-            t, n, _w = extract_each(slow_paths, out / "b")
+            t, n = extract_staged(slow_paths, out / "b", None)
             s1 = slow.stats()
             record("(b) slow mount:        ", t, n,
                    f"{s1['reads'] - s0['reads']} read requests, "
                    f"{(s1['bytes'] - s0['bytes']) / 1e6:.0f} MB")
-            with SlideStager(slow_paths, stage, ahead=args.ahead) as stager:
-                t, n, waited = extract_each(slow_paths, out / "c", stager)
-                if stager.notes:
-                    print(f"    read in place: {stager.notes}")
+            t, n = extract_staged(slow_paths, out / "c", stage)
             s2 = slow.stats()
             record("(c) slow mount, staged:", t, n,
                    f"{s2['reads'] - s1['reads']} read requests, "
-                   f"{(s2['bytes'] - s1['bytes']) / 1e6:.0f} MB; waited in get "
-                   f"{' '.join(f'{w:.2f}' for w in waited)} s")
+                   f"{(s2['bytes'] - s1['bytes']) / 1e6:.0f} MB (extract --stage-dir)")
     if len(counts["patches"]) != 1:
         sys.exit(f"the runs stored different patch counts: {sorted(counts['patches'])}")
     t_a, t_b, t_c = (v for _k, v in sorted(best.items()))

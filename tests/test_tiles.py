@@ -17,11 +17,11 @@ from gigamil.errors import UnreadableRegionError
 from gigamil.synth.slides import damage_tile
 from gigamil.wsi.extract import extract_slide
 from gigamil.wsi.extract_config import ExtractConfig
+from gigamil.wsi.jpeg import strict_jpeg_decode
 from gigamil.wsi.planning import plan_slide, read_runs
 from gigamil.wsi.reader import cucim_available, open_slide
 from gigamil.wsi.slide import resize_area
 from gigamil.wsi.store import PatchStore
-from gigamil.wsi.tiles import strict_jpeg_decode
 
 BACKENDS = ["tiles", "openslide"] + (["cucim"] if cucim_available() else [])
 EXACT = ["tiles"] + (["cucim"] if cucim_available() else [])

@@ -26,16 +26,12 @@ from typing import Any
 import numpy as np
 
 from gigamil.errors import SlideOpenError, UnreadableRegionError
+from gigamil.wsi.jpeg import strict_jpeg_decode
 from gigamil.wsi.metadata import valid_mpp, valid_power
 from gigamil.wsi.slide import SlideReader
 
-__all__ = [
-    "WSI_SOP_CLASS_UID",
-    "DicomReader",
-    "is_wsi_dicom",
-    "series_image_type",
-    "is_dicom_series_folder",
-]
+__all__ = ["WSI_SOP_CLASS_UID", "DicomReader", "is_wsi_dicom", "series_image_type",
+           "is_dicom_series_folder"]
 
 warnings.filterwarnings("ignore", message="get_frame_offsets is deprecated")  # wsidicom
 logging.getLogger("wsidicom").setLevel(logging.ERROR)  # its warnings carry file paths
@@ -152,8 +148,6 @@ def _decoder(syntax: str, photometric: str) -> Decode | None:
     if not getattr(imagecodecs, codec.upper()).available:
         return None
     if codec == "jpeg8" and photometric.startswith("YBR"):  # strict: corrupt data raises
-        from gigamil.wsi.tiles import strict_jpeg_decode
-
         return strict_jpeg_decode
     decode: Decode = getattr(imagecodecs, f"{codec}_decode")
     return decode

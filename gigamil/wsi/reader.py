@@ -35,7 +35,7 @@ from gigamil.errors import (
 from gigamil.wsi.extract_config import Backend, ExtractConfig
 from gigamil.wsi.metadata import TILE_EXTENSIONS, valid_mpp, valid_power
 from gigamil.wsi.slide import SlideReader
-from gigamil.wsi.tiles import TileVerifier
+from gigamil.wsi.tile_check import TileVerifier
 
 __all__ = [
     "Backend",
