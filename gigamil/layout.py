@@ -20,7 +20,7 @@ from typing import Any
 from gigamil.errors import UsageError
 
 __all__ = ["ExtractDir", "FeatureDir", "RunDir", "PredictionsDir", "JOBS", "safe_name",
-           "shard_suffix"]
+           "shard_suffix", "pseudonyms_beside"]
 
 #: Where submitted jobs (submitit's logs and pickles, ``jobs.json``) go, under any output.
 JOBS = "jobs"
@@ -44,6 +44,11 @@ def _read_json(path: Path, what: str, hint: str) -> Any:
     except ValueError as exc:
         raise UsageError(f"{path} is not valid JSON ({exc})", hint) from None
 
+
+
+def pseudonyms_beside(root: Path) -> Path:
+    """``<root>.pseudonyms.json`` in the folder that holds ``root`` (never inside it)."""
+    return root.resolve().parent / f"{root.resolve().name}.pseudonyms.json"
 
 @dataclass(frozen=True)
 class FeatureDir:
@@ -110,7 +115,7 @@ class ExtractDir:
     def pseudonyms(self) -> Path:
         """The id → slide mapping of ``--pseudonymize`` (mode 0600), beside the output
         folder rather than in it, so that sharing the outputs never shares it."""
-        return self.root.resolve().parent / f"{self.root.resolve().name}.pseudonyms.json"
+        return pseudonyms_beside(self.root)
 
     def geojson(self, slide_id: str) -> Path:
         """Tissue contours and kept patches of ``--geojson``, for QuPath."""
@@ -179,7 +184,11 @@ class RunDir:
 
     @property
     def reliability(self) -> Path:
-        return self.root / "reliability.png"
+        return self.plot("reliability.png")
+
+    def plot(self, name: str) -> Path:
+        """A picture of the pooled test predictions (reliability, Kaplan–Meier)."""
+        return self.root / name
 
     @property
     def log(self) -> Path:
@@ -259,6 +268,11 @@ class PredictionsDir:
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         object.__setattr__(self, "root", Path(root))
+
+    @property
+    def pseudonyms(self) -> Path:
+        """The id → slide mapping of ``infer --pseudonymize``, beside the output folder."""
+        return pseudonyms_beside(self.root)
 
     @property
     def slides(self) -> Path:

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from gigamil.cli.main import app
 from gigamil.errors import UsageError
+from gigamil.layout import ExtractDir
 from gigamil.mil.export import PARITY_LENGTHS, OnnxMIL, export_onnx
 from gigamil.mil.infer_config import InferConfig
 from gigamil.mil.models import create_model
@@ -453,3 +454,60 @@ def test_a_damaged_tile_leaves_out_its_patches_and_the_slide_is_predicted(
     a, b = _preds(tmp_path / "a")["s002"], _preds(tmp_path / "b")["s002"]
     assert 0 < int(b["n_patches"]) < int(a["n_patches"])
     assert "unreadable=" in b.get("qc_rejected", "") or "unreadable" in json.dumps(b)
+
+
+def test_infer_pseudonymized_and_slide_lists(trained: dict[str, Path], tmp_path: Path) -> None:
+    """infer finds slides as extract does (lists; a missing file is a failure row), and
+    with --pseudonymize no file name reaches predictions, failures, jsons or heatmaps."""
+    slides = tmp_path / "PATIENT_SMITH"
+    slides.mkdir()
+    shutil.copy(trained["slides"] / "s003.svs", slides / "smith_john.svs")
+    (slides / "broken_doe.svs").write_bytes(b"not a slide" * 100)
+    listing = tmp_path / "cohort.csv"
+    listing.write_text("path\nPATIENT_SMITH/smith_john.svs\nPATIENT_SMITH/broken_doe.svs\n"
+                       "PATIENT_SMITH/missing_roe.svs\n")
+    out, mapping = tmp_path / "preds", tmp_path / "secret" / "map.json"
+    res = runner.invoke(app, ["infer", str(listing), "--run", str(trained["run"]), "--out",
+                              str(out), "--ray-address", "none", "--heatmaps", "--pseudonymize",
+                              "--pseudonym-map", str(mapping)])
+    assert res.exit_code == 1, res.output  # two inputs are not usable slides
+    data = b"".join(p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file())
+    for word in ("smith", "SMITH", "broken_doe", "missing_roe", str(tmp_path)):
+        assert word.encode() not in data, word
+        assert word not in res.output.replace(str(out), "OUT"), word  # OUT: the user's own
+    entries = {e["original_id"]: e["slide_id"] for e in json.loads(mapping.read_text())["slides"]}
+    preds = _preds(out)
+    assert list(preds) == [entries["smith_john"]]
+    fails = {f["slide_id"] for f in csv.DictReader(open(out / "failures.csv"))}
+    assert fails == {entries["broken_doe"], entries["missing_roe"]}
+    assert (out / "heatmaps" / f"{entries['smith_john']}.png").is_file()
+    # the same slide, not pseudonymized, gets the same prediction under its own name
+    plain = runner.invoke(app, ["infer", str(slides / "smith_john.svs"), "--run",
+                                str(trained["run"]), "--out", str(tmp_path / "plain"),
+                                "--ray-address", "none"])
+    assert plain.exit_code == 0, plain.output
+    assert _preds(tmp_path / "plain")["smith_john"]["pred"] == preds[entries["smith_john"]]["pred"]
+
+
+def test_embed_from_slides_pseudonymized(trained: dict[str, Path], tmp_path: Path) -> None:
+    slides = tmp_path / "PATIENT_SMITH"
+    slides.mkdir()
+    shutil.copy(trained["slides"] / "s003.svs", slides / "smith_john.svs")
+    (slides / "broken_doe.svs").write_bytes(b"not a slide" * 100)
+    out = tmp_path / "data"
+    res = runner.invoke(app, ["embed", str(slides), "--from-slides", "--out", str(out),
+                              "--encoder", "tiny-cnn", "--device", "cpu", "--mpp", "1.0",
+                              "--patch-size", "128", "--pseudonymize"])
+    assert res.exit_code == 1, res.output  # the broken slide
+    mapping = ExtractDir(out).pseudonyms
+    entries = {e["original_id"]: e["slide_id"] for e in json.loads(mapping.read_text())["slides"]}
+    data = b"".join(p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file())
+    for word in ("smith", "SMITH", "broken_doe", str(tmp_path)):
+        assert word.encode() not in data, word
+        assert word not in res.output.replace(str(out), "OUT"), word
+    h5 = out / "features" / "tiny-cnn" / f"{entries['smith_john']}.h5"
+    assert h5.is_file()
+    again = runner.invoke(app, ["embed", str(slides), "--from-slides", "--out", str(out),
+                                "--encoder", "tiny-cnn", "--device", "cpu", "--mpp", "1.0",
+                                "--patch-size", "128", "--pseudonymize"])
+    assert "1 skipped" in " ".join(again.output.split()), again.output

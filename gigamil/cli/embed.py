@@ -53,6 +53,8 @@ def embed(
     min_tissue: opt.MinTissue = opt.EXTRACT.min_tissue,
     backend: opt.Backend = opt.EXTRACT.backend,
     mpp_override: opt.MppOverride = None,
+    pseudonymize: opt.Pseudonymize = False,
+    pseudonym_map: opt.PseudonymMap = None,
     *,
     cluster: ClusterOptions,
 ) -> None:
@@ -80,7 +82,11 @@ def embed(
             raise UsageError("--from-slides embeds one scale", "give one --mpp, e.g. 0.5")
         from_slides_cfg = ExtractConfig(
             mpp=mpps[0], patch_size=patch_size, min_tissue=min_tissue, backend=backend,
-            mpp_override=mpp_override, stain_norm=stain_norm, stain_reference=cfg.stain_reference)
+            mpp_override=mpp_override, stain_norm=stain_norm, stain_reference=cfg.stain_reference,
+            pseudonymize=pseudonymize, pseudonym_map=str(pseudonym_map) if pseudonym_map else None)
+    elif pseudonymize:
+        raise UsageError("--pseudonymize belongs to `gigamil extract`, or to embed --from-slides",
+                         "the stores of `extract --pseudonymize` hold pseudonyms already")
     with progress_bar() as bar:
         task = bar.add_task("embed", total=None, info="")
         stage = EmbedStage(data, cfg, out_dir, from_slides=from_slides_cfg, hooks={

@@ -72,14 +72,8 @@ def extract(
         rich_help_panel="Slides",
         help="Without a recorded mpp, take 10 / objective power (40x → 0.25), with a warning "
              "in the manifest.")] = False,
-    pseudonymize: Annotated[bool, typer.Option(
-        rich_help_panel="Slides",
-        help="Replace slide ids and file names in every output with salted hashes; the mapping "
-             "goes to --pseudonym-map only (mode 0600).")] = False,
-    pseudonym_map: Annotated[Path | None, typer.Option(
-        dir_okay=False, rich_help_panel="Slides",
-        help="The id → slide mapping of --pseudonymize (default OUT.pseudonyms.json, beside OUT). Keep it; "
-             "share outputs without it.")] = None,
+    pseudonymize: opt.Pseudonymize = False,
+    pseudonym_map: opt.PseudonymMap = None,
     roi: Annotated[Path | None, typer.Option(
         exists=True, file_okay=False, rich_help_panel="QuPath",
         help="Folder of <slide_id>.geojson annotations exported from QuPath: keep only the "

@@ -40,15 +40,14 @@ def infer(
     (coords, attention, and per-patch probabilities with --heatmap-values probability). A
     rerun skips finished slides; exit code 1 if any slide failed.
     """
-    from gigamil.cluster.infer import infer_slides_where, todo
+    from gigamil.cluster.infer import find_inference_slides, infer_slides_where, todo
     from gigamil.mil.infer_outputs import write_outputs
     from gigamil.mil.infer_spec import InferenceSpec
-    from gigamil.wsi.discovery import discover_slides
 
     spec = InferenceSpec.from_run(run, settings)
-    paths = discover_slides(slides)
-    remaining = todo(paths, preds_out)
-    failures: list[SlideFailure] = []
+    paths, unusable = find_inference_slides(slides, spec, settings, preds_out)
+    remaining = todo(paths, preds_out, spec)
+    failures: list[SlideFailure] = list(unusable)
     stats: dict[str, Any] = {}
     with progress_bar() as bar:
         task = bar.add_task("infer", total=len(paths), completed=len(paths) - len(remaining),
@@ -58,12 +57,13 @@ def infer(
             bar.update(task, advance=1, info=res.describe())
 
         try:
-            _, failures, stats = infer_slides_where(remaining, spec, preds_out, where, on_result)
+            _, failed, stats = infer_slides_where(remaining, spec, preds_out, where, on_result)
+            failures += failed
         finally:  # Ctrl-C too: the finished slides are kept and listed
             preds_out.mkdir(parents=True, exist_ok=True)
             pred_csv, fail_csv = write_outputs(preds_out, spec, failures, stats)
     err.print(f"[green]{len(paths) - len(remaining)} already done, "
-              f"{len(remaining) - len(failures)} predicted[/], "
+              f"{len(remaining) - len(failures) + len(unusable)} predicted[/], "
               f"[{'red' if failures else 'green'}]{len(failures)} failed[/] → {pred_csv}",
               highlight=False)
     for f in failures:

@@ -9,6 +9,7 @@ import json
 import typing
 from collections.abc import Callable
 from enum import Enum
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
@@ -39,6 +40,14 @@ MppOverride = Annotated[
     float | None, typer.Option(help="Level-0 µm/px for slides that do not record it "
                                "(a recorded value is never replaced).")
 ]
+Pseudonymize = Annotated[bool, typer.Option(
+    rich_help_panel="Slides",
+    help="Replace slide ids and file names in every output with salted hashes; the mapping "
+         "goes to --pseudonym-map only (mode 0600).")]
+PseudonymMap = Annotated[Path | None, typer.Option(
+    dir_okay=False, rich_help_panel="Slides",
+    help="The id → slide mapping of --pseudonymize (default OUT.pseudonyms.json, beside OUT). "
+         "Keep it; share outputs without it. Give extract's map to get the same ids.")]
 AllowUpsample = Annotated[bool, typer.Option(help="Allow --mpp finer than the scan (interpolates).")]
 TissueMpp = Annotated[float, typer.Option(min=1.0, help="µm/px of the tissue-detection thumbnail.")]
 QcBackground = Annotated[

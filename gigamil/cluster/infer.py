@@ -22,11 +22,12 @@ from gigamil.wsi.extract import safe_message
 from gigamil.wsi.metadata import slide_id
 
 if TYPE_CHECKING:  # the CLI imports this module for RayOptions: no torch at start-up
+    from gigamil.mil.infer_config import InferConfig
     from gigamil.mil.infer_outputs import SlideFailure, SlideOutcome
     from gigamil.mil.infer_spec import InferenceSpec
 
 __all__ = ["RayOptions", "Outcome", "infer_slides_where", "infer_slides_local", "todo",
-           "failure_message", "slide_failure"]
+           "failure_message", "slide_failure", "find_inference_slides"]
 
 #: (prediction rows, failures, pipeline stats)
 Outcome = tuple[list[dict[str, Any]], list["SlideFailure"], dict[str, Any]]
@@ -47,27 +48,61 @@ class RayOptions:
     gpus_per_worker: float = option(0.0, "GPUs per predictor.", min=0)
 
 
-def failure_message(exc: BaseException, path: str) -> str:
-    """What went wrong with a slide, without its directory (paths may hold patient data)."""
+def failure_message(exc: BaseException, path: str, spec: InferenceSpec | None = None) -> str:
+    """What went wrong with a slide, without its directory (paths may hold patient data),
+    nor its file name when ``spec`` is pseudonymized."""
     cause = getattr(exc, "cause", None) or exc
     if not isinstance(cause, BaseException):
         cause = exc
     text = safe_message(cause, Path(path))
-    return text.splitlines()[0] if text else cause.__class__.__name__
+    text = text.splitlines()[0] if text else cause.__class__.__name__
+    if spec is not None and spec.pseudonymized:
+        p, sid = Path(path), spec.slide_id(path)
+        for w in sorted({str(p.resolve()), str(p), p.name, p.stem}, key=len, reverse=True):
+            text = text.replace(w, sid)
+    return text
 
 
-def slide_failure(path: str, error: str) -> SlideFailure:
+def slide_failure(path: str, error: str, spec: InferenceSpec | None = None) -> SlideFailure:
     """The failure of the slide at ``path`` (its id and file name: no directory)."""
     from gigamil.mil.infer_outputs import SlideFailure
 
-    return SlideFailure(slide_id(Path(path)), Path(path).name, error)
+    if spec is None:
+        return SlideFailure(slide_id(Path(path)), Path(path).name, error)
+    return SlideFailure(spec.slide_id(path), spec.shown_name(path), error)
 
 
-def todo(paths: Sequence[Path], out: str | os.PathLike[str]) -> list[Path]:
+def find_inference_slides(inputs: Sequence[str | os.PathLike[str]], spec: InferenceSpec,
+                          settings: InferConfig, out: str | os.PathLike[str]
+                          ) -> tuple[list[Path], list[SlideFailure]]:
+    """The slides of ``inputs`` (files, folders, lists, DICOM series), their ids set in
+    ``spec`` (pseudonymized when asked: the mapping saved, mode 0600), and a failure for
+    every input that is not a usable slide."""
+    from gigamil.layout import PredictionsDir
+    from gigamil.mil.infer_outputs import SlideFailure
+    from gigamil.wsi.discovery import Pseudonyms, find_slides
+
+    pseudonyms = None
+    if settings.pseudonymize:
+        pseudonyms = Pseudonyms(Path(settings.pseudonym_map) if settings.pseudonym_map
+                                else PredictionsDir(out).pseudonyms)
+    found = find_slides(inputs, True, pseudonyms)
+    if pseudonyms is not None:
+        pseudonyms.save()
+    spec.slide_ids = {str(s.path): s.slide_id for s in found.slides
+                      if s.slide_id != slide_id(s.path)}
+    failures = [SlideFailure(r.slide_id, r.file,
+                             r.error or "not a usable slide") for r in found.failed]
+    return [s.path for s in found.slides], failures
+
+
+def todo(paths: Sequence[Path], out: str | os.PathLike[str],
+         spec: InferenceSpec | None = None) -> list[Path]:
     """The slides without a finished result (a rerun does only these)."""
     from gigamil.mil.infer_outputs import slide_done
 
-    return [p for p in paths if not slide_done(Path(out), slide_id(p))]
+    ids = spec.slide_id if spec is not None else (lambda p: slide_id(Path(p)))
+    return [p for p in paths if not slide_done(Path(out), ids(p))]
 
 
 def infer_slides_local(paths: Sequence[Path], spec: InferenceSpec, out: str | os.PathLike[str],
@@ -92,7 +127,7 @@ def infer_slides_local(paths: Sequence[Path], spec: InferenceSpec, out: str | os
             res = SlideOutcome(row=predictor.predict_to(p, out))
             rows.append(res.row)  # type: ignore[arg-type]  # set just above
         except Exception as exc:  # noqa: BLE001 - one bad slide never stops the batch
-            failures.append(slide_failure(str(p), failure_message(exc, str(p))))
+            failures.append(slide_failure(str(p), failure_message(exc, str(p), spec), spec))
             res = SlideOutcome(failure=failures[-1])
         if on_result is not None:
             on_result(res)

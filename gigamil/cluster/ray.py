@@ -190,7 +190,8 @@ class _Pipeline:
     def _start(self, path: str) -> None:
         slide = _Slide(path, time.perf_counter())
         self.slides.append(slide)
-        ref = self.plan.remote(path, self.spec.extract, self.spec.chunk_patches)
+        ref = self.plan.remote(path, self.spec.extract, self.spec.chunk_patches,
+                               self.spec.slide_id(path))
         self.pending[ref] = lambda v, e: self._planned(slide, ref, v, e)
 
     def _planned(self, slide: _Slide, ref: Any, work: SlideWork | None,
@@ -320,8 +321,8 @@ class _Pipeline:
         slide.alive = 0
         slide.feats.clear()
         self.slides.remove(slide)
-        message = failure_message(error, slide.path) if error is not None else "unknown error"
-        self.failures.append(slide_failure(slide.path, message))
+        message = failure_message(error, slide.path, self.spec) if error is not None else "unknown error"
+        self.failures.append(slide_failure(slide.path, message, self.spec))
         if self.on_result is not None:
             self.on_result(SlideOutcome(failure=self.failures[-1]))
 

@@ -23,21 +23,15 @@ from torch.utils.data import Dataset, Sampler
 from gigamil.errors import UsageError
 from gigamil.wsi.features import bag_header, read_bag
 
-__all__ = ["BagDataset", "BagBatch", "collate_bags", "BagBatchSampler", "class_weights"]
-
-
-def class_weights(targets: Sequence[int], n_classes: int) -> torch.Tensor:
-    """Inverse-frequency weights ``n / (C · n_c)`` (1 for a balanced set)."""
-    counts = np.bincount(np.asarray(targets, np.int64), minlength=n_classes).astype(np.float64)
-    w = len(targets) / (n_classes * np.maximum(counts, 1))
-    return torch.tensor(w, dtype=torch.float32)
+__all__ = ["BagDataset", "BagBatch", "collate_bags", "BagBatchSampler"]
 
 
 @dataclass
 class BagBatch:
     """A batch of bags, packed: the real instances of all bags back to back.
 
-    ``packed`` (ΣN, D), ``lengths`` (B,), ``targets`` (B,), dataset ``index`` (B,). Only
+    ``packed`` (ΣN, D), ``lengths`` (B,), ``targets`` (B, W) float (label-matrix rows,
+    NaN = missing; a class index for one classification target), dataset ``index`` (B,). Only
     real instances are copied between host and device; :meth:`padded` lays them out
     as (B, N_max, D) with a mask where the batch lives (on the GPU, for GPU training).
     """
@@ -71,13 +65,15 @@ class BagDataset(Dataset):
     host out of the loop; use no data-loader workers then).
     """
 
-    def __init__(self, paths: Sequence[str | os.PathLike[str]], targets: Sequence[int],
-                 max_instances: int | None = None, seed: int = 0, preload: bool = False,
+    def __init__(self, paths: Sequence[str | os.PathLike[str]],
+                 targets: Sequence[int] | np.ndarray, max_instances: int | None = None,
+                 seed: int = 0, preload: bool = False,
                  preload_device: torch.device | str = "cpu") -> None:
         if len(paths) != len(targets):
             raise ValueError("paths and targets differ in length")
         self.paths = [Path(p) for p in paths]
-        self.targets = [int(t) for t in targets]
+        y = np.asarray(targets, np.float64)
+        self.targets = y.reshape(len(y), -1) if y.size else y.reshape(len(paths), 1)
         self.max_instances = max_instances
         self.seed = seed
         self._cache: dict[int, torch.Tensor] = {}
@@ -107,7 +103,7 @@ class BagDataset(Dataset):
     def _read(self, i: int) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(read_bag(self.paths[i]).features, np.float32))
 
-    def __getitem__(self, item: tuple[int, int] | int) -> tuple[torch.Tensor, int, int]:
+    def __getitem__(self, item: tuple[int, int] | int) -> tuple[torch.Tensor, np.ndarray, int]:
         i, epoch = item if isinstance(item, tuple) else (item, -1)
         feats = self._cache[i] if i in self._cache else self._read(i)
         if self.max_instances and epoch >= 0 and len(feats) > self.max_instances:
@@ -117,11 +113,11 @@ class BagDataset(Dataset):
         return feats, self.targets[i], i
 
 
-def collate_bags(items: Sequence[tuple[torch.Tensor, int, int]]) -> BagBatch:
+def collate_bags(items: Sequence[tuple[torch.Tensor, np.ndarray, int]]) -> BagBatch:
     """Pack the bags of a batch back to back (see :class:`BagBatch`)."""
     return BagBatch(torch.cat([f for f, _, _ in items]),
                     torch.tensor([len(f) for f, _, _ in items], dtype=torch.long),
-                    torch.tensor([t for _, t, _ in items], dtype=torch.long),
+                    torch.from_numpy(np.stack([t for _, t, _ in items]).astype(np.float32)),
                     torch.tensor([i for _, _, i in items], dtype=torch.long))
 
 
@@ -136,11 +132,12 @@ class BagBatchSampler(Sampler[list[tuple[int, int]]]):
     Evaluation (``shuffle=False``) yields every bag once, in order, in batches.
     """
 
-    def __init__(self, targets: Sequence[int], lengths: Sequence[int] | None = None,
+    def __init__(self, targets: Sequence[int] | np.ndarray,
+                 lengths: Sequence[int] | None = None,
                  batch_size: int = 8, shuffle: bool = True, balanced: bool = False,
                  bucket: bool = False, seed: int = 0, rank: int = 0, world_size: int = 1
                  ) -> None:
-        self.targets = np.asarray(targets, np.int64)
+        self.targets = np.asarray(targets, np.int64).reshape(-1)  # strata (--balanced-sampler)
         self.lengths = np.asarray(lengths if lengths is not None else np.ones(len(targets)))
         n = len(self.targets)
         if shuffle:

@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -36,6 +36,9 @@ from gigamil.wsi.store import PatchStore
 __all__ = ["embed_stores", "select_share", "forward_patches"]
 
 log = logging.getLogger("gigamil.embed")
+T = TypeVar("T")
+
+
 class _Patches(Dataset):
     """Patches of several stores in order → (uint8 HWC patch, ok, slide index, patch index).
 
@@ -74,10 +77,11 @@ class _Patches(Dataset):
         return torch.from_numpy(np.ascontiguousarray(patch)), ok, s, i
 
 
-def select_share(stores: list[Path], shard: tuple[int, int] | None, rank: int = 0,
-                 world_size: int = 1) -> list[Path]:
-    """The share of the slides for this shard and this rank (deterministic: sorted by name)."""
-    stores = sorted(stores)
+def select_share(stores: Sequence[T], shard: tuple[int, int] | None, rank: int = 0,
+                 world_size: int = 1, key: Callable[[T], Any] = str) -> list[T]:
+    """The share of the slides for this shard and this rank (deterministic: sorted by
+    ``key``, the path by default)."""
+    stores = sorted(stores, key=key)
     if shard is not None:
         k, n = shard
         stores = stores[k::n]

@@ -19,76 +19,119 @@ from gigamil.io import write_csv, write_json
 from gigamil.layout import RunDir
 from gigamil.mil.bags import BagDataset
 from gigamil.mil.labels import match_features, read_labels
-from gigamil.mil.metrics import reliability_diagram
 from gigamil.mil.predict import load_model, predict
 from gigamil.mil.run_outputs import (
     prediction_fields,
     prediction_rows,
     read_predictions,
     summarize,
+    target_plots,
 )
+from gigamil.mil.targets import Target, layout_targets, target_from_dict, targets_of_run
 
 __all__ = ["evaluate_run"]
+
+
+def _pool(parts: list[list[tuple[np.ndarray, np.ndarray]]], n: int
+          ) -> list[tuple[np.ndarray, np.ndarray]]:
+    return [(np.concatenate([p[i][0] for p in parts]), np.concatenate([p[i][1] for p in parts]))
+            for i in range(n)]
 
 
 def evaluate_run(run: str | os.PathLike[str], features: str | os.PathLike[str] | None = None,
                  labels: str | os.PathLike[str] | None = None,
                  out: str | os.PathLike[str] | None = None, n_boot: int = 1000, seed: int = 0,
                  device: torch.device | None = None, batch_size: int = 8) -> dict[str, Any]:
-    """Per-fold and pooled metrics with 95 % bootstrap CIs.
+    """Per-fold and pooled metrics with 95 % bootstrap CIs, and their pictures
+    (reliability diagrams; Kaplan–Meier plots of the low- and high-risk halves).
 
-    Without ``features`` the run's own test predictions are scored. With ``features`` and
-    ``labels`` each fold's best model predicts that cohort; the folds' mean probability is
-    the ensemble. Results go to ``out`` (default ``<run>/eval/<features dir name>``).
+    Without ``features`` the run's own test predictions are scored (pictures go to
+    ``<run>/eval/``). With ``features`` and ``labels`` each fold's best model predicts
+    that cohort; the folds' mean score is the ensemble. Results go to ``out`` (default
+    ``<run>/eval/<features dir name>``).
     """
+    from gigamil.wsi.preview import save_png
+
     layout = RunDir(run)
     config = layout.load_config()
-    classes: list[str] = config["classes"]
-    report: dict[str, Any] = {"run": layout.name, "classes": classes, "folds": {}}
+    targets = targets_of_run(config)
+    report: dict[str, Any] = {"run": layout.name, "classes": config["classes"],
+                              "targets": [t.name for t in targets], "folds": {}}
     if features is None:
-        ys, ps = [], []
+        parts = []
         for fold, path in layout.prediction_files().items():
-            y, p = read_predictions(path, classes)
-            report["folds"][fold] = summarize(y, p, classes, n_boot, seed)
-            ys.append(y)
-            ps.append(p)
-        if not ys:
+            data = read_predictions(path, targets)
+            report["folds"][fold] = summarize(targets, data, n_boot, seed)
+            parts.append(data)
+        if not parts:
             raise UsageError(f"{layout.root} has no predictions_fold*.csv",
                              "the run has no test folds yet; finish training first")
-        report["pooled"] = summarize(np.concatenate(ys), np.concatenate(ps), classes, n_boot, seed)
+        pooled = _pool(parts, len(targets))
+        report["pooled"] = summarize(targets, pooled, n_boot, seed)
+        eval_dir = RunDir(out) if out else RunDir(layout.root / "eval")
+        for name, img in target_plots(targets, pooled, f"{layout.name}, folds pooled").items():
+            save_png(eval_dir.plot(name), img)
+        write_json(eval_dir.summary, report)
         return report
     if labels is None:
         raise UsageError("--features needs --labels", "give the labels CSV of that cohort")
     device = device or torch.device("cpu")
-    table = read_labels(labels, config["config"]["label_column"], classes)
+    table = read_labels(labels, [target_from_dict(t.to_dict()) for t in targets])
     table, paths = match_features(table, features)
     ids = [s.slide_id for s in table.slides]
-    dataset = BagDataset([paths[i] for i in ids], [table.target(s) for s in table.slides])
+    dataset = BagDataset([paths[i] for i in ids], table.y(ids))
     eval_dir = RunDir(out) if out else RunDir(layout.eval_dir(Path(features).name))
-    y = np.asarray(dataset.targets)
-    mean = np.zeros((len(ids), len(classes)))
+    y = dataset.targets
     models = layout.fold_models()
+    scores: list[list[np.ndarray]] = [[] for _ in targets]
     for path in models:
         state = torch.load(path, map_location=device, weights_only=True)
         model, meta = load_model(state, device)
-        if meta["classes"] != classes:
-            raise UsageError(f"{path} was trained on classes {meta['classes']}, not {classes}")
-        preds = predict(model, dataset, device, batch_size, evidential=meta["evidential"])
-        mean += preds.probs
-        report["folds"][str(meta["fold"])] = summarize(y, preds.probs, classes, n_boot, seed)
+        fold_targets = _fold_targets(meta, targets, path)
+        preds = predict(model, dataset, device, batch_size)
+        data = [(y[:, t.columns], t.scores(preds.logits[:, t.outputs])) for t in fold_targets]
+        for i, (_, s) in enumerate(data):
+            scores[i].append(s)
+        report["folds"][str(meta["fold"])] = summarize(fold_targets, data, n_boot, seed)
         write_csv(eval_dir.predictions(meta["fold"]),
-                  prediction_rows(table, ids, preds.probs, preds.uncertainty, preds.n_instances,
-                                  meta["fold"], meta["model"]), prediction_fields(classes))
-    mean /= len(models)
-    ent = -(mean * np.log(np.clip(mean, 1e-12, None))).sum(1) / np.log(len(classes))
+                  prediction_rows(table, fold_targets, ids, preds.logits, preds.n_instances,
+                                  meta["fold"], meta["model"]), prediction_fields(fold_targets))
+    ensemble = [(y[:, t.columns], np.mean(scores[i], axis=0)) for i, t in enumerate(targets)]
     write_csv(eval_dir.ensemble_predictions,
-              prediction_rows(table, ids, mean, ent, preds.n_instances, "ensemble",
-                              config["config"]["model"]), prediction_fields(classes))
-    report["pooled"] = summarize(y, mean, classes, n_boot, seed)
-    report["pooled"]["what"] = f"mean probability of {len(models)} fold models"
-    from gigamil.wsi.preview import save_png
-
-    save_png(eval_dir.reliability, reliability_diagram(y, mean, title="fold ensemble"))
+              _ensemble_rows(table, targets, ids, ensemble, preds.n_instances,
+                             config["config"]["model"]),
+              prediction_fields(targets))
+    report["pooled"] = summarize(targets, ensemble, n_boot, seed)
+    report["pooled"]["what"] = f"mean score of {len(models)} fold models"
+    for name, img in target_plots(targets, ensemble, "fold ensemble").items():
+        save_png(eval_dir.plot(name), img)
     write_json(eval_dir.summary, report)
     return report
 
+
+def _fold_targets(meta: dict[str, Any], targets: list[Target], path: Path) -> list[Target]:
+    """The targets a fold model was trained with (its own bins and scales)."""
+    if not meta.get("targets"):
+        return targets
+    fold_targets = layout_targets([target_from_dict(d) for d in meta["targets"]])
+    if [t.name for t in fold_targets] != [t.name for t in targets] or \
+            [getattr(t, "classes", None) for t in fold_targets] != \
+            [getattr(t, "classes", None) for t in targets]:
+        raise UsageError(f"{path} was trained on other targets than its run",
+                         "do not mix checkpoints of different runs")
+    return fold_targets
+
+
+def _ensemble_rows(table: Any, targets: list[Target], ids: list[str],
+                   data: list[tuple[np.ndarray, np.ndarray]], n_instances: np.ndarray,
+                   model: str) -> list[dict[str, Any]]:
+    by_id = table.by_id()
+    rows = []
+    for k, sid in enumerate(ids):
+        row: dict[str, Any] = {"slide_id": sid, "patient_id": by_id[sid].patient_id,
+                               "fold": "ensemble", "n_instances": int(n_instances[k]),
+                               "model": model}
+        for t, (y, s) in zip(targets, data):
+            row.update(t.score_row(y[k], s[k]))
+        rows.append(row)
+    return rows

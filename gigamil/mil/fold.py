@@ -19,19 +19,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
 from gigamil.errors import TrainingInterrupted, UsageError
-from gigamil.mil.bags import BagBatch, BagBatchSampler, BagDataset, class_weights, collate_bags
+from gigamil.mil.bags import BagBatch, BagBatchSampler, BagDataset, collate_bags
 from gigamil.mil.labels import LabelTable
-from gigamil.mil.models import evidential_loss
 from gigamil.mil.predict import Predictions, build_model, predict, takes_label
 from gigamil.mil.splits import Fold
+from gigamil.mil.standardize import Standardized, fit_standardization
+from gigamil.mil.targets import (
+    Target,
+    evaluate_targets,
+    layout_targets,
+    monitor_key,
+    target_from_dict,
+    total_outputs,
+)
 from gigamil.mil.train_config import MONITORS, TrainConfig, autocast_dtype
 
 __all__ = ["Checkpointer", "StopRequest", "FoldProgress", "FoldTrainer"]
@@ -114,7 +120,6 @@ class FoldTrainer:
         self.cfg = cfg
         self.fold = fold
         self.table = table
-        self.classes = table.classes
         self.ckpt = ckpt
         self.device = device
         self.rank = rank
@@ -123,9 +128,14 @@ class FoldTrainer:
         self.on_epoch = on_epoch
         self.in_dim = in_dim
         by_id = table.by_id()
+        # this fold's own targets: bins, class weights and scales come from its training slides
+        self.targets: list[Target] = layout_targets(
+            [target_from_dict(t.to_dict()) for t in table.targets])
+        for t in self.targets:
+            t.fit(table.y(fold.train)[:, t.columns])
 
         def dataset(ids: Sequence[str], train: bool) -> BagDataset:
-            return BagDataset([paths[i] for i in ids], [table.target(by_id[i]) for i in ids],
+            return BagDataset([paths[i] for i in ids], table.y(ids),
                               max_instances=cfg.max_instances if train else None,
                               seed=cfg.seed * 1000 + fold.index, preload=cfg.preload,
                               preload_device=device)
@@ -133,16 +143,26 @@ class FoldTrainer:
         self.train_set = dataset(fold.train, True)
         self.val_set = dataset(fold.val, False) if fold.val else None
         self.test_set = dataset(fold.test, False) if fold.test else None
+        strata = [table.target(by_id[i]) for i in fold.train]
         self.sampler = BagBatchSampler(
-            self.train_set.targets, self.train_set.lengths() if cfg.bucket else None,
+            strata, self.train_set.lengths() if cfg.bucket else None,
             cfg.batch_size, shuffle=True, balanced=cfg.balanced_sampler, bucket=cfg.bucket,
             seed=cfg.seed * 1000 + fold.index, rank=rank, world_size=world_size)
         self.batches_per_epoch = len(self.sampler.global_batches(0))
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / cfg.accumulate)
 
+        self.standardize = fit_standardization(cfg.standardize, self.train_set)
         torch.manual_seed(cfg.seed * 1000 + fold.index)  # the same initial weights on every rank
-        self.model = build_model(cfg.model, in_dim, len(self.classes), cfg.model_options).to(device)
+        self.model = build_model(cfg.model, in_dim, total_outputs(self.targets),
+                                 cfg.model_options)
         self.with_label = takes_label(self.model)
+        if self.with_label and (len(self.targets) > 1 or self.targets[0].kind != "classification"):
+            raise UsageError(f"model {cfg.model!r} trains on one class label",
+                             "use abmil, transmil or another model for survival, regression "
+                             "or several targets")
+        if self.standardize is not None:
+            self.model = Standardized(self.model, in_dim, *self.standardize)
+        self.model = self.model.to(device)
         self.ddp: nn.Module = self.model
         if world_size > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -157,10 +177,13 @@ class FoldTrainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
                                                            _cosine_warmup(warmup, total))
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-        weights = cfg.class_weights == "auto" and not cfg.balanced_sampler
-        self.weights = (class_weights(self.train_set.targets, len(self.classes)).to(device)
-                        if weights else None)
         self.progress = FoldProgress()
+
+    @property
+    def classes(self) -> list[str]:
+        """The classes of the first target (none for survival or regression)."""
+        first = self.targets[0]
+        return list(getattr(first, "classes", []))
 
     # -- state --------------------------------------------------------------------------------
     def _rng_states(self) -> dict[str, list[torch.Tensor]]:
@@ -207,7 +230,10 @@ class FoldTrainer:
         """The deployable model: weights plus what is needed to rebuild and use it."""
         return {"model": self.model.state_dict(), "epoch": epoch,
                 "meta": {"model": self.cfg.model, "model_options": dict(self.cfg.model_options),
-                         "in_dim": self.in_dim, "classes": list(self.classes),
+                         "in_dim": self.in_dim, "classes": self.classes,
+                         "n_outputs": total_outputs(self.targets),
+                         "targets": [t.to_dict() for t in self.targets],
+                         "standardize": self.standardize is not None,
                          "evidential": self.cfg.loss == "evidential", "fold": self.fold.index,
                          "precision": self.cfg.precision}}
 
@@ -230,23 +256,31 @@ class FoldTrainer:
         with torch.autocast(self.device.type, dtype=dtype or torch.float32,
                             enabled=dtype is not None):
             if self.with_label:
-                out = self.ddp(x, mask, label=batch.targets)
+                out = self.ddp(x, mask, label=batch.targets[:, 0].long())
             else:
                 out = self.ddp(x, mask)
         logits = out.logits.float()
-        if cfg.loss == "evidential":
-            anneal = min(1.0, self.progress.epoch / 10)
-            per_bag = evidential_loss(logits, batch.targets, anneal, reduction="none")
-        else:
-            per_bag = F.cross_entropy(logits, batch.targets, reduction="none")
-        if self.weights is not None:
-            per_bag = per_bag * self.weights[batch.targets]
         # normalise by the *global* batch, so gradients do not depend on the number of ranks
         scale = self.world_size / (self.sampler.batch_size * n_micro)
-        loss = per_bag.sum() * scale
+        loss = logits.new_zeros(())
+        for t in self.targets:
+            o, y = logits[:, t.outputs], batch.targets[:, t.columns]
+            if t.batch_loss:  # Cox: the risk set is the global batch, gathered from every rank
+                o, y = self._gather(o), self._gather(y)
+                loss = loss + t.weight * t.loss(o, y, self.progress.epoch) * scale / self.world_size
+            else:
+                loss = loss + t.weight * t.loss(o, y, self.progress.epoch).sum() * scale
         if out.aux_loss is not None:
-            loss = loss + cfg.aux_weight * out.aux_loss.float() * len(per_bag) * scale
+            loss = loss + cfg.aux_weight * out.aux_loss.float() * len(logits) * scale
         return loss
+
+    def _gather(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` of every rank, concatenated in rank order (gradients flow back to each)."""
+        if self.world_size == 1:
+            return t
+        from torch.distributed.nn.functional import all_gather
+
+        return torch.cat(all_gather(t.contiguous()))
 
     def _optimizer_step(self) -> None:
         if self.cfg.clip_grad:
@@ -307,15 +341,10 @@ class FoldTrainer:
             self.stop.clear()
 
     def evaluate(self, dataset: BagDataset) -> tuple[Predictions, dict[str, float]]:
-        from gigamil.mil.metrics import classification_metrics
-
         preds = predict(self.model, dataset, self.device, self.cfg.batch_size,
-                        self.cfg.precision, self.cfg.loss == "evidential", self.rank,
-                        self.world_size, self.cfg.workers)
-        y = np.asarray(dataset.targets)[preds.index]
-        metrics = classification_metrics(y, preds.probs, self.classes)
-        metrics["loss"] = float(np.mean(preds.loss))
-        return preds, metrics
+                        self.cfg.precision, self.rank, self.world_size, self.cfg.workers)
+        y = dataset.targets[preds.index]
+        return preds, evaluate_targets(self.targets, y, preds.logits, self.progress.epoch)
 
     def fit(self) -> None:
         """Train until the last epoch or early stop, from wherever the progress stands."""
@@ -333,7 +362,7 @@ class FoldTrainer:
             if self.val_set is not None:
                 _, val = self.evaluate(self.val_set)
                 row.update({f"val_{k}": v for k, v in val.items()})
-                value = sign * val[cfg.monitor]
+                value = sign * val[monitor_key(self.targets, cfg.monitor)]
             else:
                 value = float(p.epoch)  # no validation set: the latest epoch is the best
             p.history.append(row)

@@ -79,14 +79,15 @@ class SlideScores:
 
 
 def plan_inference(path: str | os.PathLike[str], extract: ExtractConfig,
-                   chunk_patches: int = 512) -> SlideWork:
-    """Tissue, grid and stain fit of one slide; its reads grouped into as few chunks of at
-    most ~``chunk_patches`` patches as will do, of even size (so no chunk is a small tail)."""
+                   chunk_patches: int = 512, sid: str | None = None) -> SlideWork:
+    """Tissue, grid and stain fit of one slide (``sid``: its id, default the file's stem);
+    its reads grouped into as few chunks of at most ~``chunk_patches`` patches as will do,
+    of even size (so no chunk is a small tail)."""
     from gigamil.wsi.metadata import slide_id
     from gigamil.wsi.planning import plan_slide, read_runs
     from gigamil.wsi.reader import open_slide_for
 
-    sid = slide_id(Path(path))
+    sid = sid or slide_id(Path(path))
     with open_slide_for(path, extract) as slide:
         plan = plan_slide(slide, extract, sid)
         exact = slide.exact_levels
@@ -223,7 +224,7 @@ class SlidePredictor:
         """(row, coords, scores, plan) for one slide, every stage in this process."""
         t0 = time.perf_counter()
         extract = self.spec.extract
-        work = plan_inference(path, extract, self.spec.chunk_patches)
+        work = plan_inference(path, extract, self.spec.chunk_patches, self.spec.slide_id(path))
         chunks = [read_chunk(work, k, extract) for k in range(len(work.chunks))]
         rejected = merge_rejected([c.rejected for c in chunks])
         chunks = [c for c in chunks if len(c.patches)]

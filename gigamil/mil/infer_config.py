@@ -33,6 +33,11 @@ class InferConfig:
                      "one (also saved in the .npz).", flag="--heatmap-values")
     heatmap_class: str | None = option(None, "The class whose probability is mapped "
                                              "[default: the last].", flag="--heatmap-class")
+    pseudonymize: bool = option(False, "Salted-hash slide ids: no file name or path in any "
+                                "output; the mapping goes to --pseudonym-map only (mode 0600).")
+    pseudonym_map: str | None = option(None, "The id → slide mapping of --pseudonymize "
+                                       "(default OUT.pseudonyms.json, beside OUT). Give "
+                                       "extract's map to get the same ids.")
 
     def __post_init__(self) -> None:
         check_choice("--engine", self.engine, Engine)

@@ -138,7 +138,8 @@ def write_outputs(out: str | os.PathLike[str], spec: InferenceSpec,
         "run": Path(spec.run).name, "model_id": spec.model_id(),
         "model_files": [str(Path(m).relative_to(spec.run)) if Path(m).is_relative_to(spec.run)
                         else Path(m).name for m in spec.model_files],
-        "encoder_weights": Path(spec.encoder_weights).name if spec.encoder_weights else None}
+        "encoder_weights": Path(spec.encoder_weights).name if spec.encoder_weights else None,
+        "slide_ids": len(spec.slide_ids)}  # paths → ids: the count only (paths may be PHI)
     write_json(preds.config, {
         "config": config, "pipeline": stats or {},
         "versions": {"gigamil": gigamil_version(), **package_versions(), "torch": torch.__version__}})

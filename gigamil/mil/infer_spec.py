@@ -82,6 +82,19 @@ class InferenceSpec:
     heatmap_class: str | None = None  # the class whose probability is mapped [default: last]
     model_name: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    #: slide path → id where it is not the file's stem (a DICOM series folder; --pseudonymize)
+    slide_ids: dict[str, str] = field(default_factory=dict)
+    pseudonymized: bool = False  # no file name in any output
+
+    def slide_id(self, path: str | os.PathLike[str]) -> str:
+        """The id that outputs give the slide at ``path``."""
+        from gigamil.wsi.metadata import slide_id
+
+        return self.slide_ids.get(str(path)) or slide_id(Path(path))
+
+    def shown_name(self, path: str | os.PathLike[str]) -> str:
+        """What outputs call the slide's file: its name, or its id when pseudonymized."""
+        return self.slide_id(path) if self.pseudonymized else Path(path).name
 
     @classmethod
     def from_run(cls, run: str | os.PathLike[str], cfg: InferConfig | None = None
@@ -103,7 +116,7 @@ class InferenceSpec:
                    engine=cfg.engine, device=cfg.device, batch_size=cfg.batch_size,
                    threads=cfg.threads, heatmaps=cfg.heatmaps,
                    heatmap_values=cfg.heatmap_values, heatmap_class=cfg.heatmap_class,
-                   model_name=config["config"]["model"])
+                   model_name=config["config"]["model"], pseudonymized=cfg.pseudonymize)
         spec.heatmap_class_index()  # an unknown --heatmap-class fails here, early
         return spec
 

@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -32,10 +31,9 @@ class Predictions:
     """Per-bag outputs in dataset order."""
 
     index: np.ndarray  # (n,) dataset indices
-    probs: np.ndarray  # (n, C)
-    uncertainty: np.ndarray  # (n,)
-    loss: np.ndarray  # (n,) per-bag loss (NaN without targets)
+    logits: np.ndarray  # (n, outputs) every target's head
     n_instances: np.ndarray  # (n,)
+    embedding: np.ndarray | None = None  # (n, E) the pooled slide vector, when asked for
 
 
 def build_model(name: str, in_dim: int, n_classes: int, options: dict[str, Any]) -> nn.Module:
@@ -49,9 +47,15 @@ def build_model(name: str, in_dim: int, n_classes: int, options: dict[str, Any])
 
 def load_model(state: dict[str, Any], device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
     """A model and its metadata from a ``best.pt`` state
-    (see :meth:`gigamil.mil.fold.FoldTrainer.best_state`)."""
+    (see :meth:`gigamil.mil.fold.FoldTrainer.best_state`): with the feature standardization
+    it was trained with, if any."""
+    from gigamil.mil.standardize import Standardized
+
     meta = state["meta"]
-    model = build_model(meta["model"], meta["in_dim"], len(meta["classes"]), meta["model_options"])
+    n_out = meta.get("n_outputs") or len(meta["classes"])
+    model = build_model(meta["model"], meta["in_dim"], n_out, meta["model_options"])
+    if meta.get("standardize"):
+        model = Standardized(model, meta["in_dim"])
     model.load_state_dict(state["model"])
     return model.to(device).eval(), meta
 
@@ -73,36 +77,36 @@ def probs_and_uncertainty(logits: torch.Tensor, evidential: bool
 
 @torch.no_grad()
 def predict(model: nn.Module, dataset: BagDataset, device: torch.device, batch_size: int = 8,
-            precision: str = "fp32", evidential: bool = False, rank: int = 0,
-            world_size: int = 1, workers: int = 0) -> Predictions:
-    """Run ``model`` over every bag (sharded over ranks, then gathered on all of them)."""
+            precision: str = "fp32", rank: int = 0, world_size: int = 1, workers: int = 0,
+            embeddings: bool = False) -> Predictions:
+    """Run ``model`` over every bag (sharded over ranks, then gathered on all of them):
+    the logits, and with ``embeddings`` the pooled slide vectors."""
     model.eval()
-    sampler = BagBatchSampler(dataset.targets, batch_size=batch_size, shuffle=False, rank=rank,
-                              world_size=world_size)
+    sampler = BagBatchSampler(np.zeros(len(dataset), np.int64), batch_size=batch_size,
+                              shuffle=False, rank=rank, world_size=world_size)
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_bags,
                         num_workers=0 if dataset.on_device else workers,
                         generator=torch.Generator())
     dtype = autocast_dtype(precision)
-    rows: list[tuple[int, list[float], float, float, int]] = []
+    rows: list[tuple[int, list[float], int, list[float] | None]] = []
     for batch in loader:
         b = batch.to(device)
         x, mask = b.padded()
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             out = model(x, mask)
-        logits = out.logits.float()
-        probs, unc = probs_and_uncertainty(logits, evidential)
-        targets = b.targets.clamp_min(0)
-        loss = F.cross_entropy(logits, targets, reduction="none")
-        loss = torch.where(b.targets >= 0, loss, torch.full_like(loss, float("nan")))
+        logits = out.logits.float().cpu()
+        emb = out.embedding.float().cpu() if embeddings and out.embedding is not None else None
         for k in range(len(batch.index)):
-            rows.append((int(batch.index[k]), probs[k].tolist(), float(unc[k]), float(loss[k]),
-                         int(batch.lengths[k])))
+            rows.append((int(batch.index[k]), logits[k].tolist(), int(batch.lengths[k]),
+                         emb[k].tolist() if emb is not None else None))
     if world_size > 1:
         gathered: list[Any] = [None] * world_size
         dist.all_gather_object(gathered, rows)
         rows = [r for part in gathered for r in part]
     rows.sort(key=lambda r: r[0])
+    embedding = None
+    if embeddings and rows and rows[0][3] is not None:
+        embedding = np.array([r[3] for r in rows], np.float32)
     return Predictions(np.array([r[0] for r in rows], np.int64),
                        np.array([r[1] for r in rows], np.float64).reshape(len(rows), -1),
-                       np.array([r[2] for r in rows]), np.array([r[3] for r in rows]),
-                       np.array([r[4] for r in rows], np.int64))
+                       np.array([r[2] for r in rows], np.int64), embedding)

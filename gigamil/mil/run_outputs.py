@@ -14,50 +14,45 @@ import numpy as np
 from gigamil.io import write_csv, write_json
 from gigamil.layout import RunDir
 from gigamil.mil.labels import LabelTable
-from gigamil.mil.metrics import (
-    SCALAR_METRICS,
-    bootstrap_metrics,
-    confusion_matrix,
-    reliability_diagram,
-)
+from gigamil.mil.metrics import confusion_matrix, reliability_diagram
+from gigamil.mil.targets import Classification, Survival, Target
 from gigamil.mil.train_config import TrainConfig
 
 __all__ = ["prediction_rows", "prediction_fields", "read_predictions", "metric_row", "summarize",
-           "write_metrics", "write_summary"]
+           "bootstrap_targets", "write_metrics", "write_summary", "target_plots"]
 
 
-def prediction_rows(table: LabelTable, ids: Sequence[str], probs: np.ndarray,
-                    uncertainty: np.ndarray, n_instances: np.ndarray, fold: int | str,
+def prediction_rows(table: LabelTable, targets: Sequence[Target], ids: Sequence[str],
+                    logits: np.ndarray, n_instances: np.ndarray, fold: int | str,
                     model: str) -> list[dict[str, Any]]:
     """Rows of a predictions CSV (see :func:`prediction_fields`), one per slide in ``ids``."""
     by_id = table.by_id()
+    y = table.y(ids)
     rows = []
     for k, sid in enumerate(ids):
-        s = by_id[sid]
-        row = {"slide_id": sid, "patient_id": s.patient_id, "fold": fold, "label": s.label,
-               "target": table.target(s), "pred": table.classes[int(probs[k].argmax())],
-               "uncertainty": f"{uncertainty[k]:.6g}", "n_instances": int(n_instances[k]),
-               "model": model}
-        row.update({f"prob_{c}": f"{probs[k, j]:.8g}" for j, c in enumerate(table.classes)})
+        row: dict[str, Any] = {"slide_id": sid, "patient_id": by_id[sid].patient_id,
+                               "fold": fold}
+        for t in targets:
+            row.update(t.row(y[k, t.columns], logits[k, t.outputs]))
+        row.update({"n_instances": int(n_instances[k]), "model": model})
         rows.append(row)
     return rows
 
 
-def read_predictions(path: Path, classes: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(targets (n,), probabilities (n, C)) from a predictions CSV."""
+def read_predictions(path: Path, targets: Sequence[Target]
+                     ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per target, (labels (n, width), scores (n, s)) from a predictions CSV."""
     import csv
 
     with open(path, newline="") as fh:
         rows = list(csv.DictReader(fh))
-    y = np.array([int(r["target"]) for r in rows], np.int64)
-    p = np.array([[float(r[f"prob_{c}"]) for c in classes] for r in rows]).reshape(len(rows), -1)
-    return y, p
+    return [t.read(rows) for t in targets]
 
 
-def prediction_fields(classes: Sequence[str]) -> list[str]:
+def prediction_fields(targets: Sequence[Target]) -> list[str]:
     """The columns of a predictions CSV, in order."""
-    return (["slide_id", "patient_id", "fold", "label", "target", "pred"]
-            + [f"prob_{c}" for c in classes] + ["uncertainty", "n_instances", "model"])
+    return (["slide_id", "patient_id", "fold"] + [c for t in targets for c in t.columns_out()]
+            + ["n_instances", "model"])
 
 
 def metric_row(name: str, ci: dict[str, tuple[float, float, float]]) -> dict[str, Any]:
@@ -68,13 +63,49 @@ def metric_row(name: str, ci: dict[str, tuple[float, float, float]]) -> dict[str
     return row
 
 
-def summarize(y: np.ndarray, probs: np.ndarray, classes: Sequence[str], n_boot: int,
-              seed: int) -> dict[str, Any]:
-    """Metrics with bootstrap CIs and the confusion matrix, JSON-ready."""
-    ci = bootstrap_metrics(y, probs, n_boot=n_boot, seed=seed, classes=classes)
-    return {"n": int(len(y)),
-            "metrics": {k: {"value": v[0], "ci95": [v[1], v[2]]} for k, v in ci.items()},
-            "confusion_matrix": confusion_matrix(y, probs.argmax(1), len(classes)).tolist()}
+def bootstrap_targets(targets: Sequence[Target], data: Sequence[tuple[np.ndarray, np.ndarray]],
+                      n_boot: int, seed: int) -> dict[str, tuple[float, float, float]]:
+    """Every target's metrics with bootstrap CIs, prefixed as in :func:`evaluate_targets`."""
+    out: dict[str, tuple[float, float, float]] = {}
+    for t, (y, s) in zip(targets, data):
+        out.update({t.prefix + k: v for k, v in t.bootstrap(y, s, n_boot, seed).items()})
+    return out
+
+
+def summarize(targets: Sequence[Target], data: Sequence[tuple[np.ndarray, np.ndarray]],
+              n_boot: int, seed: int) -> dict[str, Any]:
+    """Metrics with bootstrap CIs (and the first classification target's confusion
+    matrix), JSON-ready."""
+    ci = bootstrap_targets(targets, data, n_boot, seed)
+    n = len(data[0][0]) if data else 0
+    summary: dict[str, Any] = {
+        "n": int(n), "metrics": {k: {"value": v[0], "ci95": [v[1], v[2]]} for k, v in ci.items()}}
+    for t, (y, s) in zip(targets, data):
+        if isinstance(t, Classification):
+            known = ~np.isnan(y[:, 0])
+            summary["confusion_matrix"] = confusion_matrix(
+                y[known, 0].astype(np.int64), s[known].argmax(1), len(t.classes)).tolist()
+            break
+    return summary
+
+
+def target_plots(targets: Sequence[Target], data: Sequence[tuple[np.ndarray, np.ndarray]],
+                 title: str) -> dict[str, np.ndarray]:
+    """Pictures of pooled predictions, by file name: a reliability diagram per
+    classification target, a Kaplan–Meier plot of the risk halves per survival target."""
+    from gigamil.mil.survival import km_plot
+
+    out: dict[str, np.ndarray] = {}
+    for t, (y, s) in zip(targets, data):
+        known = ~np.isnan(y).any(1)
+        if isinstance(t, Classification):
+            out[f"reliability{'_' + t.name if t.prefix else ''}.png"] = reliability_diagram(
+                y[known, 0].astype(np.int64), s[known], title=title)
+        elif isinstance(t, Survival) and known.sum() >= 2:
+            risk = s[known, 0]
+            out[f"km{'_' + t.name if t.prefix else ''}.png"] = km_plot(
+                y[known, 0], y[known, 1], risk > np.median(risk), title=f"{title}: risk halves")
+    return out
 
 
 def _history_rows(results: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -88,44 +119,55 @@ def _history_rows(results: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def write_metrics(out: Path, results: dict[int, dict[str, Any]], classes: Sequence[str],
+def metric_names(targets: Sequence[Target]) -> list[str]:
+    """Every target's metric names, prefixed (classification adds ``f1_<class>``)."""
+    names: list[str] = []
+    for t in targets:
+        extra = [f"f1_{c}" for c in t.classes] if isinstance(t, Classification) else []
+        names.extend(t.prefix + k for k in (*t.metric_names, *extra))
+    return names
+
+
+def write_metrics(out: Path, results: dict[int, dict[str, Any]], targets: Sequence[Target],
                   pooled: dict[str, tuple[float, float, float]] | None = None) -> None:
     """``metrics.csv``: every fold's epoch history and test CIs (and the pooled CIs)."""
     rows = _history_rows(results)
     if pooled is not None:
         rows.append(metric_row("pooled", pooled))
-    metric_names = [*SCALAR_METRICS, *(f"f1_{c}" for c in classes)]
+    names = metric_names(targets)
     fields = ["fold", "split", "epoch", "step", "train_loss", "lr",
-              *(f"val_{k}" for k in ("loss", *metric_names)),
-              *(f"{k}{s}" for k in metric_names for s in ("", "_lo", "_hi"))]
+              *(f"val_{k}" for k in ("loss", *names)),
+              *(f"{k}{s}" for k in names for s in ("", "_lo", "_hi"))]
     write_csv(RunDir(out).metrics, rows, fields)
 
 
 def write_summary(out: Path, summary: dict[str, Any], results: dict[int, dict[str, Any]],
-                  classes: Sequence[str], cfg: TrainConfig, complete: bool) -> dict[str, Any]:
+                  targets: Sequence[Target], cfg: TrainConfig, complete: bool) -> dict[str, Any]:
     """Per-fold and pooled test metrics (from the prediction CSVs) into ``summary``, then
-    ``reliability.png``, ``metrics.csv`` and ``summary.json`` into ``out``; ``summary``."""
+    the pictures (reliability, Kaplan–Meier), ``metrics.csv`` and ``summary.json`` into
+    ``out``; ``summary``."""
     from gigamil.wsi.preview import save_png
 
-    ys, ps = [], []
+    parts: list[list[tuple[np.ndarray, np.ndarray]]] = []
     for k in sorted(results):
         summary["folds"][str(k)] = {"best_epoch": results[k]["best_epoch"],
                                     "n": results[k]["n"]}
         pred_file = RunDir(out).predictions(k)
         if "test_ci" not in results[k] or not pred_file.exists():
             continue
-        y, p = read_predictions(pred_file, classes)
-        summary["folds"][str(k)]["test"] = summarize(y, p, classes, cfg.bootstrap, cfg.seed)
-        ys.append(y)
-        ps.append(p)
+        data = read_predictions(pred_file, targets)
+        summary["folds"][str(k)]["test"] = summarize(targets, data, cfg.bootstrap, cfg.seed)
+        parts.append(data)
     pooled = None
-    if ys:
-        y, p = np.concatenate(ys), np.concatenate(ps)
-        summary["pooled"] = summarize(y, p, classes, cfg.bootstrap, cfg.seed)
-        pooled = bootstrap_metrics(y, p, cfg.bootstrap, seed=cfg.seed, classes=classes)
-        save_png(RunDir(out).reliability,
-                 reliability_diagram(y, p, title=f"{cfg.model}, {len(ys)} folds pooled"))
-    write_metrics(out, results, classes, pooled)
+    if parts:
+        data = [(np.concatenate([p[i][0] for p in parts]), np.concatenate([p[i][1] for p in parts]))
+                for i in range(len(targets))]
+        summary["pooled"] = summarize(targets, data, cfg.bootstrap, cfg.seed)
+        pooled = bootstrap_targets(targets, data, cfg.bootstrap, cfg.seed)
+        for name, img in target_plots(targets, data,
+                                      f"{cfg.model}, {len(parts)} folds pooled").items():
+            save_png(RunDir(out).plot(name), img)
+    write_metrics(out, results, targets, pooled)
     summary["complete"] = complete
     write_json(RunDir(out).summary, summary)
     return summary

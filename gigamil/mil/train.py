@@ -19,7 +19,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -28,9 +27,15 @@ from gigamil.io import write_csv, write_json
 from gigamil.layout import RunDir
 from gigamil.mil.fold import Checkpointer, FoldTrainer, StopRequest
 from gigamil.mil.labels import match_features, read_labels
-from gigamil.mil.metrics import bootstrap_metrics
-from gigamil.mil.run_outputs import prediction_fields, prediction_rows, write_metrics, write_summary
+from gigamil.mil.run_outputs import (
+    bootstrap_targets,
+    prediction_fields,
+    prediction_rows,
+    write_metrics,
+    write_summary,
+)
 from gigamil.mil.splits import make_folds, write_splits
+from gigamil.mil.targets import build_targets
 from gigamil.mil.train_config import TrainConfig
 from gigamil.versions import package_versions
 
@@ -83,12 +88,14 @@ def train(cfg: TrainConfig, checkpoints: Callable[[int], Checkpointer],
     device = device or torch.device("cpu")
     main = rank == 0
     out = Path(cfg.out)
-    table = read_labels(cfg.labels, cfg.label_column, cfg.classes)
+    table = read_labels(cfg.labels, build_targets(cfg))
     table, paths = match_features(table, cfg.features)
+    targets = table.targets
     folds = make_folds(table, cfg.folds, cfg.seed, cfg.val_frac, cfg.cv)
     in_dim = feature_dim(next(iter(paths.values())))
-    meta = {"classes": table.classes, "in_dim": in_dim, "n_slides": len(table),
-            "folds": len(folds)}
+    classes = list(getattr(targets[0], "classes", []))
+    meta = {"classes": classes, "targets": [t.to_dict() for t in targets], "in_dim": in_dim,
+            "n_slides": len(table), "folds": len(folds)}
     if main:
         _prepare_run(cfg, out, resume, meta)
         write_splits(RunDir(out).splits, table, folds)
@@ -123,25 +130,26 @@ def train(cfg: TrainConfig, checkpoints: Callable[[int], Checkpointer],
                                         "test": len(fold.test)}}
         if trainer.test_set is not None:
             preds, _ = trainer.evaluate(trainer.test_set)
-            y = np.asarray(trainer.test_set.targets)[preds.index]
-            ci = bootstrap_metrics(y, preds.probs, cfg.bootstrap, seed=cfg.seed,
-                                   classes=table.classes)
+            y = trainer.test_set.targets[preds.index]
+            data = [(y[:, t.columns], t.scores(preds.logits[:, t.outputs]))
+                    for t in trainer.targets]
+            ci = bootstrap_targets(trainer.targets, data, cfg.bootstrap, cfg.seed)
             result["test_ci"] = {k: list(v) for k, v in ci.items()}
             if main:
                 ids = [fold.test[i] for i in preds.index]
                 write_csv(RunDir(out).predictions(fold.index),
-                          prediction_rows(table, ids, preds.probs, preds.uncertainty,
+                          prediction_rows(table, trainer.targets, ids, preds.logits,
                                           preds.n_instances, fold.index, cfg.model),
-                          prediction_fields(table.classes))
+                          prediction_fields(trainer.targets))
         results[fold.index] = result
         if main:
             write_json(ckpt.directory / "result.json", result)
-            write_metrics(out, results, table.classes)
+            write_metrics(out, results, targets)
         _barrier(world_size)
 
-    summary: dict[str, Any] = {"classes": table.classes, "model": cfg.model,
-                               "n_slides": len(table), "folds": {}}
+    summary: dict[str, Any] = {"classes": classes, "targets": [t.name for t in targets],
+                               "model": cfg.model, "n_slides": len(table), "folds": {}}
     if not main:
         return summary
     complete = all(f.index in results for f in folds)
-    return write_summary(out, summary, results, table.classes, cfg, complete)
+    return write_summary(out, summary, results, targets, cfg, complete)

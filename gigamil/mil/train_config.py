@@ -16,17 +16,23 @@ from gigamil.errors import UsageError
 if TYPE_CHECKING:  # torch is imported when a device or dtype is asked for, not with the config
     import torch
 
-__all__ = ["Precision", "Monitor", "CV", "Loss", "ClassWeights", "MONITORS", "TrainConfig",
+__all__ = ["Precision", "Monitor", "CV", "Loss", "ClassWeights", "Task", "SurvivalLoss",
+           "RegressionLoss", "Standardize", "MONITORS", "TrainConfig",
            "autocast_dtype", "default_device", "check_choice"]
 
 #: The choices of a training run, defined once: the CLI offers exactly these.
 Precision = Literal["fp32", "bf16", "fp16"]
-Monitor = Literal["loss", "auroc", "bal_acc", "acc"]
+Monitor = Literal["loss", "auroc", "bal_acc", "acc", "c_index", "r2"]
+Task = Literal["classification", "survival", "regression"]
+SurvivalLoss = Literal["nll", "cox"]
+RegressionLoss = Literal["mse", "huber"]
+Standardize = Literal["auto", "on", "off"]
 CV = Literal["patient", "site"]
 Loss = Literal["ce", "evidential"]
 ClassWeights = Literal["auto", "none"]
 
-MONITORS: dict[str, float] = {"loss": -1.0, "auroc": 1.0, "bal_acc": 1.0, "acc": 1.0}  # sign
+MONITORS: dict[str, float] = {"loss": -1.0, "auroc": 1.0, "bal_acc": 1.0, "acc": 1.0,
+                              "c_index": 1.0, "r2": 1.0}  # sign
 
 
 def check_choice(what: str, value: object, choices: object) -> None:
@@ -54,6 +60,15 @@ class TrainConfig:
     model_options: dict[str, Any] = field(default_factory=dict)
     label_column: str = "label"
     classes: tuple[str, ...] | None = None
+    task: Task = "classification"  # of every --target without a :kind of its own
+    target: tuple[str, ...] | None = None  # columns (survival: names); default label_column
+    target_weights: tuple[float, ...] | None = None  # loss weight per target
+    time_column: str = "time"  # survival columns of the default target (else NAME_time)
+    event_column: str = "event"
+    survival_loss: SurvivalLoss = "nll"
+    time_bins: int = 4
+    regression_loss: RegressionLoss = "mse"
+    standardize: Standardize = "auto"  # features, fitted on each fold's training bags
     folds: int = 5
     cv: CV = "patient"
     val_frac: float = 0.15
@@ -90,7 +105,11 @@ class TrainConfig:
         for what, value, choices in (("precision", self.precision, Precision),
                                      ("monitor", self.monitor, Monitor),
                                      ("loss", self.loss, Loss), ("cv", self.cv, CV),
-                                     ("class weights", self.class_weights, ClassWeights)):
+                                     ("class weights", self.class_weights, ClassWeights),
+                                     ("task", self.task, Task),
+                                     ("survival loss", self.survival_loss, SurvivalLoss),
+                                     ("regression loss", self.regression_loss, RegressionLoss),
+                                     ("standardize", self.standardize, Standardize)):
             check_choice(what, value, choices)
         if self.batch_size < 1 or self.accumulate < 1 or self.epochs < 1:
             raise UsageError("batch size, accumulation steps and epochs must be at least 1")
@@ -98,6 +117,18 @@ class TrainConfig:
             self.classes = tuple(self.classes)
         if self.only_folds is not None:
             self.only_folds = tuple(self.only_folds)
+        if self.target is not None:
+            self.target = tuple(self.target)
+        if self.target_weights is not None:
+            self.target_weights = tuple(float(w) for w in self.target_weights)
+            if len(self.target_weights) != len(self.target or ("",)):
+                raise UsageError(f"{len(self.target_weights)} --target-weights for "
+                                 f"{len(self.target or ('',))} targets", "give one per target")
+        if self.task == "regression" and not self.target:
+            raise UsageError("--task regression needs --target COLUMN",
+                             "name the column of the labels CSV to predict")
+        if self.time_bins < 1:
+            raise UsageError("--time-bins must be at least 1")
 
     def to_dict(self) -> dict[str, Any]:
         """Every option, as plain values."""
@@ -109,6 +140,8 @@ class TrainConfig:
         for k in self.RUNTIME_FIELDS:
             d.pop(k, None)
         d["classes"] = list(d["classes"]) if d["classes"] else None
+        for k in ("target", "target_weights"):
+            d[k] = list(d[k]) if d[k] else None
         return d
 
 
