@@ -15,25 +15,59 @@ from gigamil.cli.cluster import run_stage_here_or_submit
 from gigamil.cluster.executor import ClusterOptions
 from gigamil.cluster.stages import TrainStage
 from gigamil.errors import UsageError
-from gigamil.mil.train_config import CV, ClassWeights, Loss, Monitor, Precision, TrainConfig
+from gigamil.mil.train_config import (
+    CV,
+    ClassWeights,
+    Loss,
+    Monitor,
+    Precision,
+    RegressionLoss,
+    Standardize,
+    SurvivalLoss,
+    Task,
+    TrainConfig,
+)
 
 #: The defaults of every training option: read from the config, never restated here.
 T = TrainConfig
 Resume = Literal["auto", "never"]
 
 
+#: the metrics a table shows, in order, where the report has them
+TABLE_METRICS = ("auroc", "bal_acc", "acc", "f1_macro", "kappa", "ece", "c_index", "r2", "mae",
+                 "pearson")
+
+
 def _metrics_table(title: str, report: dict[str, Any]) -> Table:
-    names = ["auroc", "bal_acc", "acc", "f1_macro", "kappa", "ece"]
-    table = Table("fold", "n", *names, title=title, title_justify="left")
     rows = [(k, v) for k, v in report.get("folds", {}).items() if "metrics" in v or "test" in v]
     if "pooled" in report:
         rows.append(("pooled", report["pooled"]))
+    present = rows[-1][1].get("test", rows[-1][1])["metrics"] if rows else {}
+
+
+    def rank(k: str) -> int:  # each target's first metrics before any target's later ones
+        return next((i for i, m in enumerate(TABLE_METRICS) if k == m or k.endswith("_" + m)),
+                    -1)
+
+    names = sorted((k for k in present if rank(k) >= 0), key=rank)[:6]
+    table = Table("fold", "n", *names, title=title, title_justify="left")
     for name, entry in rows:
         entry = entry.get("test", entry)
         m = entry["metrics"]
         table.add_row(name, str(entry["n"]), *(
-            f"{m[k]['value']:.2f} ({m[k]['ci95'][0]:.2f}–{m[k]['ci95'][1]:.2f})" for k in names))
+            f"{m[k]['value']:.2f} ({m[k]['ci95'][0]:.2f}–{m[k]['ci95'][1]:.2f})" if k in m
+            else "" for k in names))
     return table
+
+
+def _floats(text: str | None) -> tuple[float, ...] | None:
+    if not text:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise UsageError(f"--target-weights {text!r} is not a list of numbers",
+                         "e.g. --target-weights 1,0.5") from None
 
 
 @cli_errors
@@ -87,6 +121,29 @@ def train(
     keep_last: Annotated[int, typer.Option(min=1, help="Numbered checkpoints kept per fold.")] = T.keep_last,
     bootstrap: Annotated[int, typer.Option(min=0, help="Bootstrap resamples for the 95% CIs.")] = T.bootstrap,
     label_column: Annotated[str, typer.Option(help="Column of the labels CSV to predict.")] = T.label_column,
+    kind: Annotated[Task, typer.Option(
+        "--task", rich_help_panel="Targets", help="What each --target is: classification, survival "
+        "(columns time,event, or NAME_time,NAME_event) or regression.")] = T.task,
+    target: Annotated[str | None, typer.Option(
+        rich_help_panel="Targets", help="Columns to predict, one head each: cms,msi,braf; "
+        "COLUMN:KIND mixes kinds (os:survival,tmb:regression). Empty cells are masked. "
+        "[default: --label-column; survival: time,event]")] = None,
+    target_weights: Annotated[str | None, typer.Option(
+        rich_help_panel="Targets", help="Loss weight per --target, e.g. 1,0.5,0.5.")] = None,
+    time_column: Annotated[str, typer.Option(rich_help_panel="Targets",
+                                             help="Follow-up time column.")] = T.time_column,
+    event_column: Annotated[str, typer.Option(
+        rich_help_panel="Targets", help="Event column (1 = event, 0 = censored).")] = T.event_column,
+    survival_loss: Annotated[SurvivalLoss, typer.Option(
+        rich_help_panel="Targets", help="nll: discrete-time hazards over quantile time bins; "
+        "cox: partial likelihood over each batch (gathered over every rank).")] = T.survival_loss,
+    time_bins: Annotated[int, typer.Option(min=1, rich_help_panel="Targets",
+                                           help="Time bins of the nll loss.")] = T.time_bins,
+    regression_loss: Annotated[RegressionLoss, typer.Option(
+        rich_help_panel="Targets", help="On the standardized target.")] = T.regression_loss,
+    standardize: Annotated[Standardize, typer.Option(
+        help="Standardize features on each fold's training bags (saved with the model); "
+        "auto: when they are far from zero mean and unit scale.")] = T.standardize,
     *,
     cluster: ClusterOptions,
 ) -> None:
@@ -106,6 +163,10 @@ def train(
     cfg = TrainConfig(
         features=str(features), labels=str(labels), out=str(run_out), model=model,
         model_options=opt.parse_key_values(model_option, "model option"), label_column=label_column,
+        task=kind, target=tuple(target.split(",")) if target else None,
+        target_weights=_floats(target_weights), time_column=time_column,
+        event_column=event_column, survival_loss=survival_loss, time_bins=time_bins,
+        regression_loss=regression_loss, standardize=standardize,
         folds=folds, cv=cv, val_frac=val_frac, epochs=epochs, lr=lr,
         weight_decay=weight_decay, warmup_epochs=warmup_epochs, batch_size=batch_size,
         accumulate=accumulate, max_instances=max_instances or None, bucket=bucket,

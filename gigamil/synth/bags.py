@@ -17,7 +17,7 @@ import numpy as np
 from gigamil.io import write_csv
 from gigamil.wsi.features import write_bag
 
-__all__ = ["make_feature_bags"]
+__all__ = ["make_feature_bags", "make_outcome_bags"]
 
 
 def make_feature_bags(out: str | os.PathLike[str], n_slides: int = 40, dim: int = 64,
@@ -58,4 +58,52 @@ def make_feature_bags(out: str | os.PathLike[str], n_slides: int = 40, dim: int 
         rows.append(row)
     fields = ["slide_id", "label", "patient_id"] + (["site"] if sites else [])
     write_csv(out / "labels.csv", rows, fields)
+    return paths
+
+
+def make_outcome_bags(out: str | os.PathLike[str], n_slides: int = 60, dim: int = 32,
+                      bag_size: tuple[int, int] = (20, 120), signal: float = 1.0,
+                      missing: float = 0.1, seed: int = 0) -> list[Path]:
+    """Bags whose outcomes depend on planted fractions, and ``labels.csv`` with them.
+
+    Each bag plants ``f_k / 2`` of its instances along direction k (``f_k`` ~ U(0, 0.4),
+    as recorded). Columns: ``time,event`` (hazard exp(12 f_0 - 2.4), about 30 % censored),
+    ``score`` (= 40 f_1 + noise, a TMB-like count), ``msi`` (``high`` when f_2 > 0.2),
+    ``cms`` (CMS1…CMS3 by tertile of f_3), ``braf`` (``mut`` when f_0 + f_2 > 0.4; a
+    ``missing`` share of its cells left empty), ``patient_id``, and the planted
+    fractions ``frac0``…``frac3`` (what an oracle would score with).
+    """
+    out = Path(out)
+    rng = np.random.default_rng(seed)
+    directions = rng.normal(size=(4, dim))
+    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+    rows, paths = [], []
+    fracs = rng.uniform(0, 0.4, size=(n_slides, 4))
+    tertiles = np.quantile(fracs[:, 3], [1 / 3, 2 / 3])
+    for i in range(n_slides):
+        n = int(rng.integers(bag_size[0], bag_size[1] + 1))
+        feats = rng.normal(size=(n, dim)).astype(np.float32)
+        order = rng.permutation(n)
+        start = 0
+        for k in range(4):
+            m = int(round(fracs[i, k] * n / 2))  # the four plants share the bag
+            feats[order[start:start + m]] += signal * 3 * directions[k]
+            start += m
+        fracs[i] = [min(1.0, 2 * round(fracs[i, k] * n / 2) / n) for k in range(4)]
+        hazard = np.exp(12 * fracs[i, 0] - 2.4)
+        time, censor = rng.exponential(1 / hazard), rng.exponential(2.5)
+        coords = np.stack([np.arange(n) % 32, np.arange(n) // 32], 1) * 256
+        sid = f"o{i:03d}"
+        paths.append(write_bag(out / f"{sid}.h5", feats, coords, {"mpp": 0.5, "patch_size": 256,
+                                                                  "encoder": "synthetic"}))
+        braf = "mut" if fracs[i, 0] + fracs[i, 2] > 0.4 else "wt"
+        rows.append({
+            "slide_id": sid, "patient_id": f"p{i:03d}",
+            "time": f"{min(time, censor) * 365:.1f}", "event": int(time <= censor),
+            "score": f"{40 * fracs[i, 1] + rng.normal(0, 0.5):.3f}",
+            "msi": "high" if fracs[i, 2] > 0.2 else "low",
+            "cms": f"CMS{1 + int(np.searchsorted(tertiles, fracs[i, 3]))}",
+            "braf": "" if rng.random() < missing else braf,
+            **{f"frac{k}": f"{fracs[i, k]:.5f}" for k in range(4)}})
+    write_csv(out / "labels.csv", rows, list(rows[0]))
     return paths
