@@ -511,3 +511,41 @@ def test_embed_from_slides_pseudonymized(trained: dict[str, Path], tmp_path: Pat
                                 "--encoder", "tiny-cnn", "--device", "cpu", "--mpp", "1.0",
                                 "--patch-size", "128", "--pseudonymize"])
     assert "1 skipped" in " ".join(again.output.split()), again.output
+
+
+def test_survival_and_several_targets_predict_export_and_eval(trained: dict[str, Path],
+                                                              tmp_path: Path) -> None:
+    """A run with a class, a survival and a regression head: infer writes each target's
+    cells, the ONNX export keeps parity, eval scores and plots it."""
+    labels = list(csv.DictReader(open(trained["slides"] / "labels.csv")))
+    rows = []
+    for i, r in enumerate(labels):
+        rows.append({"slide_id": r["slide_id"], "label": r["label"], "os_time": 100 + 50 * i,
+                     "os_event": i % 2 if i < 4 else 1, "tmb": "" if i == 5 else 3.5 * i})
+    cohort = tmp_path / "cohort.csv"
+    with open(cohort, "w", newline="") as fh:
+        w = csv.DictWriter(fh, list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    run = tmp_path / "run"
+    res = runner.invoke(app, ["train", "--features", str(trained["root"] / "data/features/tiny-cnn"),
+                              "--labels", str(cohort), "--out", str(run), "--folds", "2",
+                              "--epochs", "2", "--batch-size", "2", "--bootstrap", "10",
+                              "--val-frac", "0", "--target", "label,os:survival,tmb:regression"])
+    assert res.exit_code == 0, res.output
+    preds = tmp_path / "preds"
+    res = runner.invoke(app, ["infer", str(trained["slides"] / "s001.svs"), "--run", str(run),
+                              "--out", str(preds), "--ray-address", "none", "--heatmaps"])
+    assert res.exit_code == 0, res.output
+    row = _preds(preds)["s001"]
+    assert {"label_pred", "label_prob_tumor", "os_risk", "tmb_pred"} <= set(row), row
+    assert np.isfinite(float(row["os_risk"])) and np.isfinite(float(row["tmb_pred"]))
+    report = export_onnx(torch.load(run / "checkpoints/fold0/best.pt", weights_only=True),
+                         tmp_path / "m.onnx")
+    assert report["max_abs_diff"] < 1e-4, report
+    res = runner.invoke(app, ["infer", str(trained["slides"] / "s001.svs"), "--run", str(run),
+                              "--out", str(tmp_path / "o"), "--engine", "onnx"])
+    assert res.exit_code == 2 and "classification runs only" in " ".join(res.output.split())
+    res = runner.invoke(app, ["eval", str(run), "--bootstrap", "10", "--json"])
+    assert res.exit_code == 0, res.output
+    assert (run / "eval" / "km_os.png").is_file() and (run / "km_os.png").is_file()

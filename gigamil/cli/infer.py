@@ -98,14 +98,14 @@ def heatmap(
     """Attention, or per-patch probability, of the run's model(s) over the slide's
     thumbnail, with a colour bar."""
     from gigamil.mil.infer import SlidePredictor
-    from gigamil.mil.infer_outputs import slide_heatmap
+    from gigamil.mil.infer_outputs import headline, slide_heatmap
     from gigamil.mil.infer_spec import InferenceSpec
     from gigamil.wsi.preview import save_png
 
     predictor = SlidePredictor(InferenceSpec.from_run(run, settings))
     row, coords, scores, work = predictor.predict(slide)
     save_png(png, slide_heatmap(predictor.spec, slide, coords, scores, work.patch_size_level0,
-                                title=f"{row['slide_id']}: {row['pred']}"))
-    out.print(f"{row['slide_id']}: {row['pred']} "
+                                title=f"{row['slide_id']}: {headline(row)}"))
+    out.print(f"{row['slide_id']}: {headline(row)} "
               + " ".join(f"{k[5:]}={v:.3f}" for k, v in row.items() if k.startswith("prob_"))
               + f" → {png}")

@@ -76,6 +76,7 @@ class SlideScores:
     uncertainty: float
     attention: np.ndarray  # (N,) mean attention
     patch_probs: np.ndarray | None = None  # (N, C) each patch as a bag of one
+    targets: dict[str, dict[str, Any]] | None = None  # several targets: each one's cells
 
 
 def plan_inference(path: str | os.PathLike[str], extract: ExtractConfig,
@@ -176,6 +177,8 @@ class SlidePredictor:
         """The slide's scores over the fold models (``feats``: its chunks, in order): mean
         probabilities, uncertainty, mean attention, and per-patch probabilities if asked."""
         bag = np.concatenate(feats) if len(feats) > 1 else feats[0]
+        if not self.spec.single_classification:
+            return self.target_scores(bag)
         probs, attn, unc = [], [], []
         for m in self.models:
             if self.spec.engine == "onnx":
@@ -198,6 +201,32 @@ class SlidePredictor:
         return SlideScores(mean, float(np.mean(unc)) if unc and len(unc) == 1 else entropy,
                            np.mean(attn, 0),
                            self.patch_probabilities(bag) if self.spec.patch_probs else None)
+
+    def target_scores(self, bag: np.ndarray) -> SlideScores:
+        """Every target's scores (risk, value, probabilities), each fold model with its own
+        bins and scales, averaged over the folds; their prediction cells."""
+        from gigamil.mil.targets import layout_targets, target_from_dict
+
+        per_fold: list[list[np.ndarray]] = []
+        attn = []
+        targets = []
+        for model, meta in self.models:
+            targets = layout_targets([target_from_dict(d) for d in meta["targets"]])
+            with torch.no_grad():
+                out = model(torch.from_numpy(bag).to(self.device)[None])
+            logits = out.logits.float().cpu().numpy()
+            per_fold.append([t.scores(logits[:, t.outputs])[0] for t in targets])
+            a = out.attention if out.attention.dim() == 2 else out.attention.mean(1)
+            attn.append(a[0].float().cpu().numpy())
+        cells: dict[str, dict[str, Any]] = {}
+        for i, t in enumerate(targets):
+            mean = np.mean([f[i] for f in per_fold], 0)
+            row = t.score_row(np.full(t.width, np.nan), mean)
+            cells[t.name] = {k: v for k, v in row.items()
+                             if k not in {t.prefix + n for n in t.label_names}}
+        first = next(iter(cells.values()))
+        probs = np.array([float(v) for k, v in first.items() if "prob_" in k] or [np.nan])
+        return SlideScores(probs, float("nan"), np.mean(attn, 0), None, cells)
 
     def patch_probabilities(self, bag: np.ndarray, block: int = 4096) -> np.ndarray:
         """(N, C): every patch scored as a bag of one by each fold model, averaged."""

@@ -28,7 +28,7 @@ from gigamil.mil.infer_spec import InferenceSpec
 if TYPE_CHECKING:
     from gigamil.mil.infer import SlideScores
 
-__all__ = ["SlideFailure", "SlideOutcome", "slide_done", "prediction_row", "write_slide", "slide_heatmap", "write_outputs",
+__all__ = ["SlideFailure", "SlideOutcome", "slide_done", "headline", "prediction_row", "write_slide", "slide_heatmap", "write_outputs",
            "PREDICTION_FIELDS", "FAILURE_FIELDS"]
 
 PREDICTION_FIELDS = ["slide_id", "pred", "uncertainty", "n_patches", "qc", "model", "seconds"]
@@ -61,8 +61,18 @@ class SlideOutcome:
     def describe(self) -> str:
         """``s001 tumor``, or ``s002.svs failed``: one line for a progress bar."""
         if self.row is not None:
-            return f"{self.row['slide_id']} {self.row['pred']}"
+            return f"{self.row['slide_id']} {headline(self.row)}"
         return f"{self.failure.file if self.failure else '?'} failed"
+
+
+def headline(row: dict[str, Any]) -> str:
+    """What a prediction row says first: the class, else the first target's score."""
+    if "pred" in row:
+        return str(row["pred"])
+    for k, v in row.items():
+        if k not in ("slide_id",):
+            return f"{k} {v}"
+    return ""
 
 
 def slide_done(out: Path, sid: str) -> bool:
@@ -73,6 +83,10 @@ def slide_done(out: Path, sid: str) -> bool:
 def prediction_row(spec: InferenceSpec, sid: str, scores: SlideScores, qc: str,
                    seconds: float) -> dict[str, Any]:
     """The slide's row of ``predictions.csv`` (also its ``.json``)."""
+    if scores.targets is not None:  # survival, regression, several targets: each one's cells
+        cells = {k: v for c in scores.targets.values() for k, v in c.items()}
+        return {"slide_id": sid, **cells, "n_patches": int(len(scores.attention)), "qc": qc,
+                "model": spec.model_id(), "seconds": round(seconds, 3)}
     return {"slide_id": sid, "pred": spec.classes[int(scores.probs.argmax())],
             **{f"prob_{c}": float(scores.probs[k]) for k, c in enumerate(spec.classes)},
             "uncertainty": scores.uncertainty, "n_patches": int(len(scores.attention)),
@@ -98,7 +112,7 @@ def write_slide(spec: InferenceSpec, out: str | os.PathLike[str], path: str | os
 
         save_png(preds.heatmap(sid),
                  slide_heatmap(spec, path, coords, scores, patch_size_level0,
-                               title=f"{sid}: {row['pred']}"))
+                               title=f"{sid}: {headline(row)}"))
     write_json(preds.slide_json(sid), row)
     return row
 
@@ -131,7 +145,12 @@ def write_outputs(out: str | os.PathLike[str], spec: InferenceSpec,
 
     preds = PredictionsDir(out)
     rows = [json.loads(p.read_text()) for p in preds.slide_results()]
-    fields = PREDICTION_FIELDS[:2] + [f"prob_{c}" for c in spec.classes] + PREDICTION_FIELDS[2:]
+    if spec.single_classification:
+        fields = (PREDICTION_FIELDS[:2] + [f"prob_{c}" for c in spec.classes]
+                  + PREDICTION_FIELDS[2:])
+    else:  # every target's cells, in the run's order
+        cells = [k for k in (rows[0] if rows else {}) if k not in PREDICTION_FIELDS]
+        fields = ["slide_id", *cells, *PREDICTION_FIELDS[3:]]
     write_csv(preds.predictions, rows, fields)
     write_csv(preds.failures, [f.row() for f in failures], FAILURE_FIELDS)
     config = dataclasses.asdict(spec) | {

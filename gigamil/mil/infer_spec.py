@@ -82,6 +82,7 @@ class InferenceSpec:
     heatmap_class: str | None = None  # the class whose probability is mapped [default: last]
     model_name: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    targets: list[dict[str, Any]] = field(default_factory=list)  # of the run (config.json)
     #: slide path → id where it is not the file's stem (a DICOM series folder; --pseudonymize)
     slide_ids: dict[str, str] = field(default_factory=dict)
     pseudonymized: bool = False  # no file name in any output
@@ -105,6 +106,14 @@ class InferenceSpec:
         config = layout.load_config()
         features = FeatureDir(config["config"]["features"])
         embed = _embed_config(features)
+        targets = list(config.get("targets") or [])
+        single = len(targets) <= 1 and all(t["kind"] == "classification" for t in targets)
+        if not single and cfg.engine == "onnx":
+            raise UsageError("--engine onnx predicts classification runs only",
+                             "use --engine torch for survival, regression or several targets")
+        if not single and cfg.heatmap_values == "probability":
+            raise UsageError("--heatmap-values probability maps one class's probability",
+                             "use --heatmap-values attention for this run")
         models = layout.fold_models()
         if cfg.folds == "best":
             models = [models[best_fold(models, config["config"].get("monitor", "loss"))]]
@@ -116,9 +125,16 @@ class InferenceSpec:
                    engine=cfg.engine, device=cfg.device, batch_size=cfg.batch_size,
                    threads=cfg.threads, heatmaps=cfg.heatmaps,
                    heatmap_values=cfg.heatmap_values, heatmap_class=cfg.heatmap_class,
-                   model_name=config["config"]["model"], pseudonymized=cfg.pseudonymize)
+                   model_name=config["config"]["model"], pseudonymized=cfg.pseudonymize,
+                   targets=targets)
         spec.heatmap_class_index()  # an unknown --heatmap-class fails here, early
         return spec
+
+    @property
+    def single_classification(self) -> bool:
+        """One classification target (the probabilities, ONNX and probability maps path)."""
+        return len(self.targets) <= 1 and all(t["kind"] == "classification"
+                                              for t in self.targets)
 
     @property
     def patch_probs(self) -> bool:
