@@ -271,3 +271,40 @@ def test_two_rank_gloo_cox_matches_one_rank(outcome_bags: Path, tmp_path: Path) 
     for ra, rb in zip(ha, hb, strict=True):
         if ra["train_loss"]:
             assert abs(float(ra["train_loss"]) - float(rb["train_loss"])) < 1e-5
+
+
+def test_infer_table_keeps_a_single_regression_prediction(tmp_path: Path) -> None:
+    """Review finding: the value of a one-target regression run is named ``pred``, which
+    the table once dropped as a classification column."""
+    from gigamil.layout import PredictionsDir
+    from gigamil.mil.infer_outputs import write_outputs
+    from gigamil.mil.infer_spec import InferenceSpec
+    from gigamil.wsi.extract_config import ExtractConfig
+
+    spec = InferenceSpec(run=str(tmp_path), classes=[], model_files=[], encoder="tiny-cnn",
+                         encoder_weights=None, extract=ExtractConfig(),
+                         targets=[{"kind": "regression", "name": "tmb"}])
+    preds = PredictionsDir(tmp_path / "p")
+    preds.slides.mkdir(parents=True)
+    (preds.slide_json("a")).write_text(json.dumps(
+        {"slide_id": "a", "pred": "3.25", "n_patches": 4, "qc": "", "model": "m",
+         "seconds": 1.0}))
+    csv_path, _ = write_outputs(tmp_path / "p", spec, [])
+    row = next(csv.DictReader(open(csv_path)))
+    assert row["pred"] == "3.25" and row["n_patches"] == "4"
+
+
+def test_a_run_from_before_targets_resumes_with_its_own_settings(tmp_path: Path) -> None:
+    """Review finding: an old run's identity lacks the target options; resuming it must
+    compare against what it did (no standardization), not refuse every new key."""
+    from gigamil.errors import UsageError as Usage
+    from gigamil.mil.train import BEFORE_TARGETS, _prepare_run
+
+    out = tmp_path / "run"
+    out.mkdir()
+    old_cfg = TrainConfig(features="f", labels="l", out=str(out), standardize="off")
+    identity = {k: v for k, v in old_cfg.identity().items() if k not in BEFORE_TARGETS}
+    (out / "config.json").write_text(json.dumps({"identity": identity}))
+    with pytest.raises(Usage, match=r"other settings \(standardize\)"):
+        _prepare_run(TrainConfig(features="f", labels="l", out=str(out)), out, True, {})
+    _prepare_run(old_cfg, out, True, {})  # the old settings: accepted

@@ -27,7 +27,13 @@ from gigamil.mil.run_outputs import (
     summarize,
     target_plots,
 )
-from gigamil.mil.targets import Target, layout_targets, target_from_dict, targets_of_run
+from gigamil.mil.targets import (
+    Classification,
+    Target,
+    layout_targets,
+    target_from_dict,
+    targets_of_run,
+)
 
 __all__ = ["evaluate_run"]
 
@@ -111,8 +117,13 @@ def evaluate_run(run: str | os.PathLike[str], features: str | os.PathLike[str] |
 
 def _fold_targets(meta: dict[str, Any], targets: list[Target], path: Path) -> list[Target]:
     """The targets a fold model was trained with (its own bins and scales)."""
-    if not meta.get("targets"):
-        return targets
+    if not meta.get("targets"):  # a model from before targets: one classification head
+        if meta["classes"] != getattr(targets[0], "classes", None):
+            raise UsageError(f"{path} was trained on classes {meta['classes']}",
+                             "do not mix checkpoints of different runs")
+        column = targets[0].name
+        return layout_targets([Classification(column, column=column, classes=meta["classes"],
+                                              evidential=bool(meta.get("evidential")))])
     fold_targets = layout_targets([target_from_dict(d) for d in meta["targets"]])
     if [t.name for t in fold_targets] != [t.name for t in targets] or \
             [getattr(t, "classes", None) for t in fold_targets] != \

@@ -149,7 +149,8 @@ def write_outputs(out: str | os.PathLike[str], spec: InferenceSpec,
         fields = (PREDICTION_FIELDS[:2] + [f"prob_{c}" for c in spec.classes]
                   + PREDICTION_FIELDS[2:])
     else:  # every target's cells, in the run's order
-        cells = [k for k in (rows[0] if rows else {}) if k not in PREDICTION_FIELDS]
+        fixed = {"slide_id", *PREDICTION_FIELDS[3:]}
+        cells = [k for k in (rows[0] if rows else {}) if k not in fixed]
         fields = ["slide_id", *cells, *PREDICTION_FIELDS[3:]]
     write_csv(preds.predictions, rows, fields)
     write_csv(preds.failures, [f.row() for f in failures], FAILURE_FIELDS)

@@ -68,8 +68,8 @@ def fit_standardization(mode: str, train_set: BagDataset
 class Standardized(nn.Module):
     """``model`` fed ``(x - mean) / std`` on the real instances (0 on padding).
 
-    Dimensions without spread keep a scale of 1; none is scaled up more than 100× past
-    the median dimension's spread. The statistics are buffers: they are
+    Dimensions without spread keep a scale of 1, and a spread is taken as at least 1e-3
+    of the dimension's mean (below that it is round-off). The statistics are buffers: they are
     saved and loaded with the model, and traced into its ONNX export.
     """
 
@@ -82,11 +82,10 @@ class Standardized(nn.Module):
         self.model = model
         m = np.zeros(in_dim) if mean is None else np.asarray(mean, np.float64)
         s = np.ones(in_dim) if std is None else np.asarray(std, np.float64)
-        live = s[s > 0]
-        # a dimension with under 1 % of the typical spread is not blown up to unit scale
-        # (its noise would swamp the others, and float32 round-off with it)
-        floor = 0.01 * float(np.median(live)) if len(live) else 1.0
-        s = np.where(s > 0, np.maximum(s, floor), 1.0)
+        # a spread under 1e-3 of the dimension's own mean is float32 round-off once the
+        # mean is subtracted: it is not blown up to unit scale
+        floor = 1e-3 * np.abs(m)
+        s = np.where(s > 1e-12, np.maximum(s, floor), 1.0)
         self.register_buffer("mean", torch.tensor(m, dtype=torch.float32))
         self.register_buffer("scale", torch.tensor(1.0 / s, dtype=torch.float32))
 

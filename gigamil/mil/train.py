@@ -45,6 +45,13 @@ log = logging.getLogger(__name__)
 
 RUN_SCHEMA_VERSION = 1
 
+#: what a run made before targets existed did (its identity lacks these keys): resuming
+#: it needs these settings (``--standardize off``)
+BEFORE_TARGETS: dict[str, Any] = {
+    "task": "classification", "target": None, "target_weights": None, "time_column": "time",
+    "event_column": "event", "survival_loss": "nll", "time_bins": 4, "regression_loss": "mse",
+    "standardize": "off"}
+
 
 def feature_dim(path: Path) -> int:
     """The feature dimension of a bag file (from its dataset shape; no data is read)."""
@@ -67,7 +74,7 @@ def _prepare_run(cfg: TrainConfig, out: Path, resume: bool, meta: dict[str, Any]
         if not resume:
             raise UsageError(f"{out} already holds a run",
                              "continue it with --resume auto, or choose another --out")
-        old = saved.get("identity", {})
+        old = {**BEFORE_TARGETS, **saved.get("identity", {})}  # a run from before targets
         new = cfg.identity()
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         if diff:

@@ -98,20 +98,22 @@ def targets_of_run(config: dict[str, Any]) -> list[Target]:
     if saved:
         return layout_targets([target_from_dict(d) for d in saved])
     column = config["config"].get("label_column", "label")
-    return layout_targets([Classification(column, column=column, classes=config["classes"])])
+    return layout_targets([Classification(column, column=column, classes=config["classes"],
+                                          evidential=config["config"].get("loss") == "evidential")])
 
 
 def evaluate_targets(targets: Sequence[Target], y: np.ndarray, logits: np.ndarray,
                      epoch: int = 0) -> dict[str, float]:
     """Every target's metrics (prefixed with its name when there are several) and
-    ``loss``: the weighted loss per bag over the whole set (Cox: its risk set is the set)."""
+    ``loss``: the evaluation loss per bag over the whole set (no class weights, evidential
+    fully annealed; Cox: its risk set is the set)."""
     out: dict[str, float] = {}
     total = 0.0
     yt, lt = torch.from_numpy(y).float(), torch.from_numpy(logits).float()
     for t in targets:
         scores = t.scores(logits[:, t.outputs])
         out.update({t.prefix + k: v for k, v in t.metrics(y[:, t.columns], scores).items()})
-        loss = t.loss(lt[:, t.outputs], yt[:, t.columns], epoch)
+        loss = t.loss(lt[:, t.outputs], yt[:, t.columns], None)
         total += t.weight * float(loss.sum())
     out["loss"] = total / max(1, len(y))
     return out

@@ -67,9 +67,10 @@ class Target(ABC):
 
     # -- training -----------------------------------------------------------------------------
     @abstractmethod
-    def loss(self, out: torch.Tensor, y: torch.Tensor, epoch: int = 0) -> torch.Tensor:
+    def loss(self, out: torch.Tensor, y: torch.Tensor, epoch: int | None = 0) -> torch.Tensor:
         """Per-bag loss (B,), 0 where the label is missing; with ``batch_loss`` a sum over
-        the batch (0-d)."""
+        the batch (0-d). ``epoch`` None: the evaluation loss (no class weights, no
+        annealing)."""
 
     # -- outputs ------------------------------------------------------------------------------
     @abstractmethod

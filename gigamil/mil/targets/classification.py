@@ -84,16 +84,17 @@ class Classification(Target):
         counts = np.bincount(known, minlength=len(self.classes)).astype(np.float64)
         self.class_weights = (len(known) / (len(self.classes) * np.maximum(counts, 1))).tolist()
 
-    def loss(self, out: torch.Tensor, y: torch.Tensor, epoch: int = 0) -> torch.Tensor:
+    def loss(self, out: torch.Tensor, y: torch.Tensor, epoch: int | None = 0) -> torch.Tensor:
         from gigamil.mil.models import evidential_loss
 
         known = ~torch.isnan(y[:, 0])
         t = torch.where(known, y[:, 0], torch.zeros_like(y[:, 0])).long()
         if self.evidential:
-            per_bag = evidential_loss(out, t, min(1.0, epoch / 10), reduction="none")
+            anneal = 1.0 if epoch is None else min(1.0, epoch / 10)
+            per_bag = evidential_loss(out, t, anneal, reduction="none")
         else:
             per_bag = F.cross_entropy(out, t, reduction="none")
-        if self.class_weights is not None:
+        if self.class_weights is not None and epoch is not None:
             per_bag = per_bag * torch.tensor(self.class_weights, device=out.device)[t]
         return torch.where(known, per_bag, torch.zeros_like(per_bag))
 

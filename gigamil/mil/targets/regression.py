@@ -65,10 +65,14 @@ class Regression(Target):
 
     def fit(self, y: np.ndarray) -> None:
         known = y[labelled(y), 0]
+        if len(known) == 0:  # no training slide of this fold has the value: it is masked
+            self.mean, self.std = 0.0, 1.0
+            return
         self.mean = float(np.mean(known))
-        self.std = float(np.std(known)) or 1.0
+        std = float(np.std(known))
+        self.std = std if np.isfinite(std) and std > 1e-12 else 1.0
 
-    def loss(self, out: torch.Tensor, y: torch.Tensor, epoch: int = 0) -> torch.Tensor:
+    def loss(self, out: torch.Tensor, y: torch.Tensor, epoch: int | None = 0) -> torch.Tensor:
         known = ~torch.isnan(y[:, 0])
         z = torch.where(known, (y[:, 0] - self.mean) / self.std, torch.zeros_like(y[:, 0]))
         pred = out[:, 0]

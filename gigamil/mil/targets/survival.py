@@ -81,7 +81,7 @@ class Survival(Target):
         # fewer distinct quantiles than bins: the missing last bins hold no slide
         self.edges = edges[:-1] + [math.inf] * (self.n_bins + 2 - len(edges))
 
-    def loss(self, out: torch.Tensor, y: torch.Tensor, epoch: int = 0) -> torch.Tensor:
+    def loss(self, out: torch.Tensor, y: torch.Tensor, epoch: int | None = 0) -> torch.Tensor:
         from gigamil.mil.survival import cox_loss, nll_survival_loss
 
         known = ~torch.isnan(y[:, 0])
@@ -89,8 +89,8 @@ class Survival(Target):
         event = torch.where(known, y[:, 1], torch.zeros_like(y[:, 1]))
         if self.loss_kind == "cox":
             return cox_loss(out[known, 0], time[known], event[known])
-        inner = torch.tensor(self.edges[1:-1], dtype=time.dtype, device=time.device)
-        bins = torch.bucketize(time, inner, right=True).clamp_max(self.n_bins - 1)
+        inner = torch.tensor(self.edges[1:-1], dtype=torch.float64, device=time.device)
+        bins = torch.bucketize(time.double(), inner, right=True).clamp_max(self.n_bins - 1)
         per_bag = nll_survival_loss(out, bins, event)
         return torch.where(known, per_bag, torch.zeros_like(per_bag))
 
