@@ -190,6 +190,11 @@ class RunDir:
         """A picture of the pooled test predictions (reliability, Kaplan–Meier)."""
         return self.root / name
 
+    def fold_plot(self, fold: int, name: str) -> Path:
+        """A picture of one fold's test predictions: ``reliability_fold<k>.png``."""
+        stem, dot, ext = name.partition(".")
+        return self.root / f"{stem}_fold{fold}{dot}{ext}"
+
     @property
     def log(self) -> Path:
         return self.root / "train.log"

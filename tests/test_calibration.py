@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ import torch
 from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
 
 from gigamil.mil.calibration import (
+    MIN_CALIBRATION_SLIDES,
     REGRESSION_METRICS,
     apply_temperature,
     bootstrap_regression,
@@ -195,3 +197,96 @@ def test_bootstrap_regression_is_fast() -> None:
     ci = bootstrap_regression(y, pred, n_boot=1000)
     assert time.perf_counter() - t0 < 1.0
     assert all(np.isfinite(v).all() for v in ci.values())
+
+
+# -- temperature scaling in a training run, eval and infer ------------------------------------
+
+def _noisy_bags(out: Path) -> Path:
+    """Bags whose labels are 25 % flipped: a model trained long on them is overconfident."""
+    import csv
+
+    from gigamil.synth.bags import make_feature_bags
+
+    make_feature_bags(out, n_slides=120, dim=16, bag_size=(10, 40), signal=1.5, seed=3)
+    rows = list(csv.DictReader(open(out / "labels.csv")))
+    rng = np.random.default_rng(0)
+    for r in rows:
+        if rng.uniform() < 0.25:
+            r["label"] = "tumor" if r["label"] == "normal" else "normal"
+    with open(out / "labels.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return out
+
+
+def test_temperature_is_fitted_on_validation_and_applied_everywhere(tmp_path: Path) -> None:
+    import csv
+    import json
+
+    from gigamil.cluster.launch import run_training
+    from gigamil.mil.bags import BagDataset
+    from gigamil.mil.evaluate import evaluate_run
+    from gigamil.mil.export import OnnxMIL, export_run
+    from gigamil.mil.labels import match_features, read_labels
+    from gigamil.mil.predict import load_model, predict, temperature_of
+    from gigamil.mil.targets import targets_of_run
+    from gigamil.mil.train_config import TrainConfig
+
+    torch.set_num_threads(1)
+    bags = _noisy_bags(tmp_path / "bags")
+    out = tmp_path / "run"
+    cfg = TrainConfig(features=str(bags), labels=str(bags / "labels.csv"), out=str(out),
+                      folds=3, epochs=15, lr=5e-3, batch_size=8, early_stop=None,
+                      monitor="auroc", val_frac=0.3, bootstrap=20, weight_decay=0.0)
+    summary = run_training(cfg)
+    config = json.loads((out / "config.json").read_text())
+    table, paths = match_features(read_labels(bags / "labels.csv", targets_of_run(config)),
+                                  str(bags))
+    splits = list(csv.DictReader(open(out / "splits.csv")))
+    temps = []
+    for k in range(3):
+        state = torch.load(out / f"checkpoints/fold{k}/best.pt", weights_only=True)
+        model, meta = load_model(state)
+        t = temperature_of(meta)
+        temps.append(t)
+
+        def logits(part: str, k: int = k, model: torch.nn.Module = model
+                   ) -> tuple[list[str], np.ndarray]:
+            ids = [r["slide_id"] for r in splits if r["fold"] == str(k)
+                   and r["partition"] == part]
+            ds = BagDataset([paths[i] for i in ids], table.y(ids))
+            return ids, predict(model, ds, torch.device("cpu"), 4).logits
+
+        val_ids, val_z = logits("val")  # fitted on the inner validation split only
+        y_val = table.y(val_ids)[:, 0].astype(np.int64)
+        assert len(val_ids) >= MIN_CALIBRATION_SLIDES
+        assert t == pytest.approx(fit_temperature(val_z, y_val), rel=1e-6)
+        test_ids, test_z = logits("test")  # applied to the test fold's probabilities
+        rows = {r["slide_id"]: r for r in csv.DictReader(open(out / f"predictions_fold{k}.csv"))}
+        got = np.array([[float(rows[i]["prob_normal"]), float(rows[i]["prob_tumor"])]
+                        for i in test_ids])
+        np.testing.assert_allclose(got, apply_temperature(test_z, t), atol=1e-6)
+        cal = summary["folds"][str(k)]["calibration"]["label"]
+        assert cal["temperature"] == pytest.approx(t)
+        y_test = table.y(test_ids)[:, 0].astype(np.int64)
+        for key, temp in (("ece_before", 1.0), ("ece_after", t)):
+            assert cal[key] == pytest.approx(expected_calibration_error(
+                y_test, apply_temperature(test_z, temp))[0], abs=1e-6)
+        assert (out / f"reliability_fold{k}.png").exists()
+        if k == 0:  # the ONNX engine divides by the same temperature
+            export_run(out, 0, tmp_path / "f0.onnx")
+            onnx = OnnxMIL(tmp_path / "f0.onnx")
+            bag = BagDataset([paths[test_ids[0]]], table.y(test_ids[:1]))[0]
+            probs, _ = onnx(bag[0].numpy())
+            np.testing.assert_allclose(probs, apply_temperature(test_z[:1], t)[0], atol=1e-5)
+    assert any(abs(t - 1.0) > 0.05 for t in temps), temps  # overconfident: T moved off 1
+    pooled = summary["pooled"]["calibration"]["label"]
+    assert 0 <= pooled["ece_after"] <= 1 and 0 <= pooled["ece_before"] <= 1
+    assert (out / "reliability.png").exists()
+    report = evaluate_run(out, features=str(bags), labels=str(bags / "labels.csv"),
+                          out=tmp_path / "eval", n_boot=10)
+    for k in range(3):
+        assert report["folds"][str(k)]["calibration"]["label"]["temperature"] == \
+            pytest.approx(temps[k])
+    assert set(report["pooled"]["calibration"]["label"]) == {"ece_before", "ece_after"}

@@ -302,9 +302,10 @@ def test_a_run_from_before_targets_resumes_with_its_own_settings(tmp_path: Path)
 
     out = tmp_path / "run"
     out.mkdir()
-    old_cfg = TrainConfig(features="f", labels="l", out=str(out), standardize="off")
+    old_cfg = TrainConfig(features="f", labels="l", out=str(out), standardize="off",
+                          calibrate="off")
     identity = {k: v for k, v in old_cfg.identity().items() if k not in BEFORE_TARGETS}
     (out / "config.json").write_text(json.dumps({"identity": identity}))
-    with pytest.raises(Usage, match=r"other settings \(standardize\)"):
+    with pytest.raises(Usage, match=r"other settings \(calibrate, standardize\)"):
         _prepare_run(TrainConfig(features="f", labels="l", out=str(out)), out, True, {})
     _prepare_run(old_cfg, out, True, {})  # the old settings: accepted

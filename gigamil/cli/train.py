@@ -17,6 +17,7 @@ from gigamil.cluster.stages import TrainStage
 from gigamil.errors import UsageError
 from gigamil.mil.train_config import (
     CV,
+    Calibrate,
     ClassWeights,
     Loss,
     Monitor,
@@ -144,6 +145,10 @@ def train(
     standardize: Annotated[Standardize, typer.Option(
         help="Standardize features on each fold's training bags (saved with the model); "
         "auto: when they are far from zero mean and unit scale.")] = T.standardize,
+    calibrate: Annotated[Calibrate, typer.Option(
+        help="temperature: fit temperature scaling of each classification head on the fold's "
+        "inner validation split (when it has at least 20 labelled slides); eval and infer "
+        "apply it.")] = T.calibrate,
     *,
     cluster: ClusterOptions,
 ) -> None:
@@ -166,7 +171,7 @@ def train(
         task=kind, target=tuple(target.split(",")) if target else None,
         target_weights=_floats(target_weights), time_column=time_column,
         event_column=event_column, survival_loss=survival_loss, time_bins=time_bins,
-        regression_loss=regression_loss, standardize=standardize,
+        regression_loss=regression_loss, standardize=standardize, calibrate=calibrate,
         folds=folds, cv=cv, val_frac=val_frac, epochs=epochs, lr=lr,
         weight_decay=weight_decay, warmup_epochs=warmup_epochs, batch_size=batch_size,
         accumulate=accumulate, max_instances=max_instances or None, bucket=bucket,

@@ -23,6 +23,8 @@ import numpy as np
 __all__ = [
     "fit_temperature",
     "apply_temperature",
+    "undo_temperature",
+    "MIN_CALIBRATION_SLIDES",
     "regression_metrics",
     "bootstrap_regression",
     "REGRESSION_METRICS",
@@ -59,6 +61,10 @@ def _check_labels(logits: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.nda
     if not np.isfinite(logits).all():
         raise ValueError("logits must be finite")
     return logits, yi
+
+
+#: a temperature fitted on fewer labelled validation slides is noise: they keep T = 1
+MIN_CALIBRATION_SLIDES = 20
 
 
 def fit_temperature(logits: np.ndarray, y: np.ndarray, max_iter: int = 200) -> float:
@@ -115,6 +121,14 @@ def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
     e = np.exp(z)
     out: np.ndarray = e / e.sum(axis=-1, keepdims=True)
     return out
+
+
+def undo_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """The probabilities before temperature scaling, from those after it: the softmax of
+    ``T · log p`` (``log p`` is ``z / T`` up to a per-row constant, which softmax drops).
+    Exact up to the precision of ``probs``; rows of ``probs`` must be positive."""
+    logp = np.log(np.clip(np.asarray(probs, np.float64), 1e-300, None))
+    return apply_temperature(logp * float(temperature), 1.0)
 
 
 def _regression_batch(y: np.ndarray, pred: np.ndarray) -> dict[str, np.ndarray]:

@@ -21,6 +21,9 @@ from gigamil.mil.bags import BagDataset
 from gigamil.mil.labels import match_features, read_labels
 from gigamil.mil.predict import load_model, predict
 from gigamil.mil.run_outputs import (
+    calibration_report,
+    ece_of,
+    pool_folds,
     prediction_fields,
     prediction_rows,
     read_predictions,
@@ -36,12 +39,6 @@ from gigamil.mil.targets import (
 )
 
 __all__ = ["evaluate_run"]
-
-
-def _pool(parts: list[list[tuple[np.ndarray, np.ndarray]]], n: int
-          ) -> list[tuple[np.ndarray, np.ndarray]]:
-    return [(np.concatenate([p[i][0] for p in parts]), np.concatenate([p[i][1] for p in parts]))
-            for i in range(n)]
 
 
 def evaluate_run(run: str | os.PathLike[str], features: str | os.PathLike[str] | None = None,
@@ -72,7 +69,7 @@ def evaluate_run(run: str | os.PathLike[str], features: str | os.PathLike[str] |
         if not parts:
             raise UsageError(f"{layout.root} has no predictions_fold*.csv",
                              "the run has no test folds yet; finish training first")
-        pooled = _pool(parts, len(targets))
+        pooled = pool_folds(parts, len(targets))
         report["pooled"] = summarize(targets, pooled, n_boot, seed)
         eval_dir = RunDir(out) if out else RunDir(layout.root / "eval")
         for name, img in target_plots(targets, pooled, f"{layout.name}, folds pooled").items():
@@ -90,15 +87,20 @@ def evaluate_run(run: str | os.PathLike[str], features: str | os.PathLike[str] |
     y = dataset.targets
     models = layout.fold_models()
     scores: list[list[np.ndarray]] = [[] for _ in targets]
+    raw: list[list[np.ndarray]] = [[] for _ in targets]  # before temperature scaling
     for path in models:
         state = torch.load(path, map_location=device, weights_only=True)
         model, meta = load_model(state, device)
         fold_targets = _fold_targets(meta, targets, path)
         preds = predict(model, dataset, device, batch_size)
         data = [(y[:, t.columns], t.scores(preds.logits[:, t.outputs])) for t in fold_targets]
-        for i, (_, s) in enumerate(data):
+        for i, ((_, s), t) in enumerate(zip(data, fold_targets)):
             scores[i].append(s)
+            raw[i].append(t.uncalibrated().scores(preds.logits[:, t.outputs]))
         report["folds"][str(meta["fold"])] = summarize(fold_targets, data, n_boot, seed)
+        calibration = calibration_report(fold_targets, y, preds.logits)
+        if calibration:
+            report["folds"][str(meta["fold"])]["calibration"] = calibration
         write_csv(eval_dir.predictions(meta["fold"]),
                   prediction_rows(table, fold_targets, ids, preds.logits, preds.n_instances,
                                   meta["fold"], meta["model"]), prediction_fields(fold_targets))
@@ -107,9 +109,16 @@ def evaluate_run(run: str | os.PathLike[str], features: str | os.PathLike[str] |
               _ensemble_rows(table, targets, ids, ensemble, preds.n_instances,
                              config["config"]["model"]),
               prediction_fields(targets))
+    before = [(y[:, t.columns], np.mean(raw[i], axis=0)) for i, t in enumerate(targets)]
     report["pooled"] = summarize(targets, ensemble, n_boot, seed)
     report["pooled"]["what"] = f"mean score of {len(models)} fold models"
-    for name, img in target_plots(targets, ensemble, "fold ensemble").items():
+    calibrated = [i for i, t in enumerate(targets) if isinstance(t, Classification)]
+    if calibrated:
+        report["pooled"]["calibration"] = {
+            targets[i].name: {"ece_before": ece_of(*before[i]), "ece_after": ece_of(*ensemble[i])}
+            for i in calibrated}
+    for name, img in target_plots(targets, ensemble, "fold ensemble",
+                                  before if calibrated else None).items():
         save_png(eval_dir.plot(name), img)
     write_json(eval_dir.summary, report)
     return report

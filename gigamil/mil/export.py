@@ -112,10 +112,14 @@ class OnnxMIL:
                  .metadata_props}
         self.meta = json.loads(props.get("gigamil", "{}"))
         self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        from gigamil.mil.predict import temperature_of
+
+        self.temperature = temperature_of(self.meta)  # calibrated on the inner validation split
 
     def __call__(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         logits, attention = self.session.run(
             None, {"features": np.ascontiguousarray(features[None], np.float32)})
-        z = logits[0] - logits[0].max()
+        z = logits[0] / self.temperature
+        z = z - z.max()
         probs = np.exp(z) / np.exp(z).sum()
         return probs, attention[0]

@@ -10,6 +10,7 @@ epoch/step, position in the epoch, RNG state, early-stopping state, history — 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import logging
 import math
@@ -226,13 +227,24 @@ class FoldTrainer:
         if "cuda" in rng and self.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"][mine].cpu(), self.device)
 
-    def best_state(self, epoch: int) -> dict[str, Any]:
-        """The deployable model: weights plus what is needed to rebuild and use it."""
+    def calibrated(self, preds: Predictions, dataset: BagDataset) -> list[Target]:
+        """Copies of the fold's targets with post-hoc calibration (temperature scaling)
+        fitted on ``preds`` of ``dataset``: the inner validation split, never the test fold."""
+        y = dataset.targets[preds.index]
+        out = copy.deepcopy(self.targets)
+        for t in out:
+            t.calibrate(y[:, t.columns], preds.logits[:, t.outputs])
+        return out
+
+    def best_state(self, epoch: int, targets: Sequence[Target] | None = None) -> dict[str, Any]:
+        """The deployable model: weights plus what is needed to rebuild and use it
+        (``targets``: the calibrated ones, default the fold's own)."""
+        targets = self.targets if targets is None else targets
         return {"model": self.model.state_dict(), "epoch": epoch,
                 "meta": {"model": self.cfg.model, "model_options": dict(self.cfg.model_options),
                          "in_dim": self.in_dim, "classes": self.classes,
                          "n_outputs": total_outputs(self.targets),
-                         "targets": [t.to_dict() for t in self.targets],
+                         "targets": [t.to_dict() for t in targets],
                          "standardize": self.standardize is not None,
                          "evidential": self.cfg.loss == "evidential", "fold": self.fold.index,
                          "precision": self.cfg.precision}}
@@ -359,8 +371,9 @@ class FoldTrainer:
                 train_loss = float(t.item())
             row: dict[str, Any] = {"epoch": p.epoch, "step": p.step, "train_loss": train_loss,
                                    "lr": self.scheduler.get_last_lr()[0]}
+            val_preds = None
             if self.val_set is not None:
-                _, val = self.evaluate(self.val_set)
+                val_preds, val = self.evaluate(self.val_set)
                 row.update({f"val_{k}": v for k, v in val.items()})
                 value = sign * val[monitor_key(self.targets, cfg.monitor)]
             else:
@@ -372,7 +385,10 @@ class FoldTrainer:
             else:
                 p.bad_epochs += 1
             if improved:
-                self.ckpt.save_best(self.best_state(p.epoch), sign * p.best, p.step)
+                calibrated = (self.calibrated(val_preds, self.val_set)
+                              if val_preds is not None and self.val_set is not None
+                              and cfg.calibrate != "off" else None)
+                self.ckpt.save_best(self.best_state(p.epoch, calibrated), sign * p.best, p.step)
             p.epoch += 1
             p.batch = 0
             p.loss_sum = 0.0

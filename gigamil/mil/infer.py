@@ -186,12 +186,13 @@ class SlidePredictor:
                 probs.append(p)
                 attn.append(a)
                 continue
-            from gigamil.mil.predict import probs_and_uncertainty
+            from gigamil.mil.predict import probs_and_uncertainty, temperature_of
 
             model, meta = m
             with torch.no_grad():
                 out = model(torch.from_numpy(bag).to(self.device)[None])
-                p, u = probs_and_uncertainty(out.logits.float(), meta.get("evidential", False))
+                p, u = probs_and_uncertainty(out.logits.float() / temperature_of(meta),
+                                             meta.get("evidential", False))
                 a = out.attention if out.attention.dim() == 2 else out.attention.mean(1)
             probs.append(p[0].cpu().numpy())
             attn.append(a[0].float().cpu().numpy())
@@ -235,14 +236,14 @@ class SlidePredictor:
             if self.spec.engine == "onnx":
                 per_model.append(np.stack([m(bag[i:i + 1])[0] for i in range(len(bag))]))
                 continue
-            from gigamil.mil.predict import probs_and_uncertainty
+            from gigamil.mil.predict import probs_and_uncertainty, temperature_of
 
             model, meta = m
             rows = []
             with torch.no_grad():
                 for i in range(0, len(bag), block):
                     x = torch.from_numpy(bag[i:i + block]).to(self.device)[:, None]
-                    p, _ = probs_and_uncertainty(model(x).logits.float(),
+                    p, _ = probs_and_uncertainty(model(x).logits.float() / temperature_of(meta),
                                                  meta.get("evidential", False))
                     rows.append(p.cpu().numpy())
             per_model.append(np.concatenate(rows))

@@ -21,6 +21,7 @@ __all__ = [
     "binary_auroc",
     "expected_calibration_error",
     "reliability_diagram",
+    "calibration_diagram",
     "SCALAR_METRICS",
 ]
 
@@ -144,7 +145,7 @@ def bootstrap_metrics(y: Sequence[int] | np.ndarray, probs: np.ndarray, n_boot: 
     return out
 
 
-def reliability_diagram(y: Sequence[int] | np.ndarray, probs: np.ndarray, n_bins: int = 10,
+def reliability_diagram(y: Sequence[int] | np.ndarray, probs: np.ndarray, n_bins: int = 15,
                         title: str = "", size: int = 420) -> np.ndarray:
     """A reliability diagram (accuracy against confidence per bin, with the diagonal) as RGB."""
     y = np.asarray(y, np.int64)
@@ -177,3 +178,13 @@ def reliability_diagram(y: Sequence[int] | np.ndarray, probs: np.ndarray, n_bins
     label = f"{title}  ECE {ece:.3f}  n={len(y)}".strip()
     cv2.putText(img, label, (pad_l + 60, pad_t - 12), font, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
     return img
+
+
+def calibration_diagram(y: Sequence[int] | np.ndarray, before: np.ndarray, after: np.ndarray,
+                        temperature: float | None = None, title: str = "") -> np.ndarray:
+    """Reliability diagrams before and after post-hoc calibration, side by side, as RGB
+    (``temperature``: the one fitted, shown in the right-hand title; None for an ensemble)."""
+    t = "" if temperature is None else f" T={temperature:.2f}"
+    left = reliability_diagram(y, before, title=f"{title} raw".strip())
+    right = reliability_diagram(y, after, title=f"{title} calibrated{t}".strip())
+    return np.concatenate([left, np.full((left.shape[0], 6, 3), 255, np.uint8), right], axis=1)

@@ -22,8 +22,8 @@ from gigamil.mil.bags import BagBatchSampler, BagDataset, collate_bags
 from gigamil.mil.models import create_model, dirichlet
 from gigamil.mil.train_config import autocast_dtype
 
-__all__ = ["Predictions", "build_model", "load_model", "takes_label", "probs_and_uncertainty",
-           "predict"]
+__all__ = ["Predictions", "build_model", "load_model", "takes_label", "temperature_of",
+           "probs_and_uncertainty", "predict"]
 
 
 @dataclass
@@ -58,6 +58,15 @@ def load_model(state: dict[str, Any], device: torch.device | str = "cpu") -> tup
         model = Standardized(model, meta["in_dim"])
     model.load_state_dict(state["model"])
     return model.to(device).eval(), meta
+
+
+def temperature_of(meta: dict[str, Any]) -> float:
+    """The temperature a single-classification fold model's logits are divided by before
+    the softmax (fitted on its inner validation split; 1 for older or evidential models)."""
+    targets = meta.get("targets") or []
+    if len(targets) != 1 or targets[0]["kind"] != "classification" or meta.get("evidential"):
+        return 1.0
+    return float(targets[0].get("temperature", 1.0))
 
 
 def takes_label(model: nn.Module) -> bool:

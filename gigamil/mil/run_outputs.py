@@ -14,12 +14,18 @@ import numpy as np
 from gigamil.io import write_csv, write_json
 from gigamil.layout import RunDir
 from gigamil.mil.labels import LabelTable
-from gigamil.mil.metrics import confusion_matrix, reliability_diagram
+from gigamil.mil.metrics import (
+    calibration_diagram,
+    confusion_matrix,
+    expected_calibration_error,
+    reliability_diagram,
+)
 from gigamil.mil.targets import Classification, Survival, Target
 from gigamil.mil.train_config import TrainConfig
 
 __all__ = ["prediction_rows", "prediction_fields", "read_predictions", "metric_row", "summarize",
-           "bootstrap_targets", "write_metrics", "write_summary", "target_plots"]
+           "bootstrap_targets", "write_metrics", "write_summary", "target_plots",
+           "calibration_report", "uncalibrated_scores", "ece_of", "pool_folds"]
 
 
 def prediction_rows(table: LabelTable, targets: Sequence[Target], ids: Sequence[str],
@@ -89,18 +95,60 @@ def summarize(targets: Sequence[Target], data: Sequence[tuple[np.ndarray, np.nda
     return summary
 
 
+def ece_of(y: np.ndarray, s: np.ndarray) -> float:
+    """ECE of a classification target's probabilities on its labelled slides."""
+    known = ~np.isnan(y[:, 0])
+    return expected_calibration_error(y[known, 0].astype(np.int64), s[known])[0] \
+        if known.any() else float("nan")
+
+
+def calibration_report(targets: Sequence[Target], y: np.ndarray, logits: np.ndarray
+                       ) -> dict[str, dict[str, float]]:
+    """Per classification target of a fold model: its fitted temperature and the ECE of
+    its probabilities on ``y``/``logits`` (a test fold, an external cohort) before and
+    after temperature scaling."""
+    report = {}
+    for t in targets:
+        if isinstance(t, Classification):
+            o, yt = logits[:, t.outputs], y[:, t.columns]
+            report[t.name] = {"temperature": t.temperature, "fitted_on": t.calibrated_on,
+                              "ece_before": ece_of(yt, t.uncalibrated().scores(o)),
+                              "ece_after": ece_of(yt, t.scores(o))}
+    return report
+
+
+def uncalibrated_scores(targets: Sequence[Target], data: Sequence[tuple[np.ndarray, np.ndarray]],
+                        calibration: dict[str, dict[str, float]]
+                        ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``data`` (labels, scores) with each classification target's temperature scaling
+    undone (``calibration``: a :func:`calibration_report`)."""
+    from gigamil.mil.calibration import undo_temperature
+
+    out = []
+    for t, (y, s) in zip(targets, data):
+        temperature = calibration.get(t.name, {}).get("temperature", 1.0)
+        out.append((y, undo_temperature(s, temperature) if isinstance(t, Classification)
+                    and temperature != 1.0 else s))
+    return out
+
+
 def target_plots(targets: Sequence[Target], data: Sequence[tuple[np.ndarray, np.ndarray]],
-                 title: str) -> dict[str, np.ndarray]:
-    """Pictures of pooled predictions, by file name: a reliability diagram per
-    classification target, a Kaplan–Meier plot of the risk halves per survival target."""
+                 title: str, before: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
+                 temperature: dict[str, float] | None = None) -> dict[str, np.ndarray]:
+    """Pictures of predictions, by file name: a reliability diagram per classification
+    target (beside the one ``before`` calibration, when given), a Kaplan–Meier plot of
+    the risk halves per survival target."""
     from gigamil.mil.survival import km_plot
 
     out: dict[str, np.ndarray] = {}
-    for t, (y, s) in zip(targets, data):
+    for i, (t, (y, s)) in enumerate(zip(targets, data)):
         known = ~np.isnan(y).any(1)
         if isinstance(t, Classification):
-            out[f"reliability{'_' + t.name if t.prefix else ''}.png"] = reliability_diagram(
-                y[known, 0].astype(np.int64), s[known], title=title)
+            yk = y[known, 0].astype(np.int64)
+            name = f"reliability{'_' + t.name if t.prefix else ''}.png"
+            out[name] = (reliability_diagram(yk, s[known], title=title) if before is None else
+                         calibration_diagram(yk, before[i][1][known], s[known],
+                                             (temperature or {}).get(t.name), title))
         elif isinstance(t, Survival) and known.sum() >= 2:
             risk = s[known, 0]
             out[f"km{'_' + t.name if t.prefix else ''}.png"] = km_plot(
@@ -141,6 +189,13 @@ def write_metrics(out: Path, results: dict[int, dict[str, Any]], targets: Sequen
     write_csv(RunDir(out).metrics, rows, fields)
 
 
+def pool_folds(parts: Sequence[Sequence[tuple[np.ndarray, np.ndarray]]], n: int
+          ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per target, the (labels, scores) of every fold concatenated."""
+    return [(np.concatenate([p[i][0] for p in parts]), np.concatenate([p[i][1] for p in parts]))
+            for i in range(n)]
+
+
 def write_summary(out: Path, summary: dict[str, Any], results: dict[int, dict[str, Any]],
                   targets: Sequence[Target], cfg: TrainConfig, complete: bool) -> dict[str, Any]:
     """Per-fold and pooled test metrics (from the prediction CSVs) into ``summary``, then
@@ -149,6 +204,7 @@ def write_summary(out: Path, summary: dict[str, Any], results: dict[int, dict[st
     from gigamil.wsi.preview import save_png
 
     parts: list[list[tuple[np.ndarray, np.ndarray]]] = []
+    raw_parts: list[list[tuple[np.ndarray, np.ndarray]]] = []
     for k in sorted(results):
         summary["folds"][str(k)] = {"best_epoch": results[k]["best_epoch"],
                                     "n": results[k]["n"]}
@@ -157,15 +213,30 @@ def write_summary(out: Path, summary: dict[str, Any], results: dict[int, dict[st
             continue
         data = read_predictions(pred_file, targets)
         summary["folds"][str(k)]["test"] = summarize(targets, data, cfg.bootstrap, cfg.seed)
+        calibration = results[k].get("calibration", {})
+        raw = uncalibrated_scores(targets, data, calibration)
+        if calibration:
+            summary["folds"][str(k)]["calibration"] = calibration
+        if any(c.get("fitted_on") for c in calibration.values()):
+            temps = {n: c["temperature"] for n, c in calibration.items()}
+            for name, img in target_plots(targets, data, f"fold {k}", raw, temps).items():
+                if name.startswith("reliability"):
+                    save_png(RunDir(out).fold_plot(k, name), img)
         parts.append(data)
+        raw_parts.append(raw)
     pooled = None
     if parts:
-        data = [(np.concatenate([p[i][0] for p in parts]), np.concatenate([p[i][1] for p in parts]))
-                for i in range(len(targets))]
+        data, raw = pool_folds(parts, len(targets)), pool_folds(raw_parts, len(targets))
         summary["pooled"] = summarize(targets, data, cfg.bootstrap, cfg.seed)
+        calibrated = any(c.get("fitted_on") for k in results
+                         for c in results[k].get("calibration", {}).values())
+        if calibrated:
+            summary["pooled"]["calibration"] = {
+                t.name: {"ece_before": ece_of(*raw[i]), "ece_after": ece_of(*data[i])}
+                for i, t in enumerate(targets) if isinstance(t, Classification)}
         pooled = bootstrap_targets(targets, data, cfg.bootstrap, cfg.seed)
-        for name, img in target_plots(targets, data,
-                                      f"{cfg.model}, {len(parts)} folds pooled").items():
+        for name, img in target_plots(targets, data, f"{cfg.model}, {len(parts)} folds pooled",
+                                      raw if calibrated else None).items():
             save_png(RunDir(out).plot(name), img)
     write_metrics(out, results, targets, pooled)
     summary["complete"] = complete

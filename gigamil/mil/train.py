@@ -29,13 +29,14 @@ from gigamil.mil.fold import Checkpointer, FoldTrainer, StopRequest
 from gigamil.mil.labels import match_features, read_labels
 from gigamil.mil.run_outputs import (
     bootstrap_targets,
+    calibration_report,
     prediction_fields,
     prediction_rows,
     write_metrics,
     write_summary,
 )
 from gigamil.mil.splits import make_folds, write_splits
-from gigamil.mil.targets import build_targets
+from gigamil.mil.targets import build_targets, layout_targets, target_from_dict
 from gigamil.mil.train_config import TrainConfig
 from gigamil.versions import package_versions
 
@@ -50,7 +51,7 @@ RUN_SCHEMA_VERSION = 1
 BEFORE_TARGETS: dict[str, Any] = {
     "task": "classification", "target": None, "target_weights": None, "time_column": "time",
     "event_column": "event", "survival_loss": "nll", "time_bins": 4, "regression_loss": "mse",
-    "standardize": "off"}
+    "standardize": "off", "calibrate": "off"}
 
 
 def feature_dim(path: Path) -> int:
@@ -131,6 +132,9 @@ def train(cfg: TrainConfig, checkpoints: Callable[[int], Checkpointer],
             raise GigamilError(f"fold {fold.index} has no usable best checkpoint in "
                                f"{ckpt.directory}", "rerun with --resume auto to retrain it")
         trainer.model.load_state_dict(best["model"])
+        if best["meta"].get("targets"):  # calibrated on the inner validation split
+            trainer.targets = layout_targets([target_from_dict(d)
+                                              for d in best["meta"]["targets"]])
         result: dict[str, Any] = {"fold": fold.index, "best_epoch": best["epoch"],
                                   "history": trainer.progress.history,
                                   "n": {"train": len(fold.train), "val": len(fold.val),
@@ -142,6 +146,7 @@ def train(cfg: TrainConfig, checkpoints: Callable[[int], Checkpointer],
                     for t in trainer.targets]
             ci = bootstrap_targets(trainer.targets, data, cfg.bootstrap, cfg.seed)
             result["test_ci"] = {k: list(v) for k, v in ci.items()}
+            result["calibration"] = calibration_report(trainer.targets, y, preds.logits)
             if main:
                 ids = [fold.test[i] for i in preds.index]
                 write_csv(RunDir(out).predictions(fold.index),

@@ -27,6 +27,7 @@ Task = Literal["classification", "survival", "regression"]
 SurvivalLoss = Literal["nll", "cox"]
 RegressionLoss = Literal["mse", "huber"]
 Standardize = Literal["auto", "on", "off"]
+Calibrate = Literal["temperature", "off"]
 CV = Literal["patient", "site"]
 Loss = Literal["ce", "evidential"]
 ClassWeights = Literal["auto", "none"]
@@ -69,6 +70,7 @@ class TrainConfig:
     time_bins: int = 4
     regression_loss: RegressionLoss = "mse"
     standardize: Standardize = "auto"  # features, fitted on each fold's training bags
+    calibrate: Calibrate = "temperature"  # of classification heads, on the inner validation split
     folds: int = 5
     cv: CV = "patient"
     val_frac: float = 0.15
@@ -109,7 +111,8 @@ class TrainConfig:
                                      ("task", self.task, Task),
                                      ("survival loss", self.survival_loss, SurvivalLoss),
                                      ("regression loss", self.regression_loss, RegressionLoss),
-                                     ("standardize", self.standardize, Standardize)):
+                                     ("standardize", self.standardize, Standardize),
+                                     ("calibrate", self.calibrate, Calibrate)):
             check_choice(what, value, choices)
         if self.batch_size < 1 or self.accumulate < 1 or self.epochs < 1:
             raise UsageError("batch size, accumulation steps and epochs must be at least 1")

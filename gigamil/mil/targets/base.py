@@ -60,6 +60,15 @@ class Target(ABC):
         """Learn what the fold's training slides define (bins, standardization)."""
         return None
 
+    def calibrate(self, y: np.ndarray, out: np.ndarray) -> None:
+        """Fit post-hoc calibration on a fold's inner validation slides (``out``: their
+        logits); only classification has any (temperature scaling)."""
+        return None
+
+    def uncalibrated(self) -> Target:
+        """This target without its post-hoc calibration (itself when it has none)."""
+        return self
+
     @property
     @abstractmethod
     def n_outputs(self) -> int:

@@ -1,7 +1,9 @@
-"""Classification targets: classes of one column, cross-entropy or evidential loss."""
+"""Classification targets: classes of one column, cross-entropy or evidential loss;
+temperature scaling fitted on a fold's inner validation split (:meth:`Classification.calibrate`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,6 +28,8 @@ class Classification(Target):
     evidential: bool = False
     class_weights: list[float] | None = None  # fitted per fold with ``auto_weights``
     auto_weights: bool = True
+    temperature: float = 1.0  # softmax(logits / T): fitted on the inner validation split
+    calibrated_on: int = 0  # labelled validation slides T was fitted on (0: not fitted)
 
     kind: ClassVar[str] = "classification"
     metric_names: ClassVar[tuple[str, ...]] = ("acc", "bal_acc", "auroc", "f1_macro", "kappa",
@@ -101,9 +105,27 @@ class Classification(Target):
     def probs_and_uncertainty(self, out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         from gigamil.mil.predict import probs_and_uncertainty
 
-        p, u = probs_and_uncertainty(torch.from_numpy(np.asarray(out, np.float32)),
-                                     self.evidential)
+        z = torch.from_numpy(np.asarray(out, np.float32))
+        if not self.evidential and self.temperature != 1.0:
+            z = z / self.temperature
+        p, u = probs_and_uncertainty(z, self.evidential)
         return p.double().numpy(), u.double().numpy()
+
+    def calibrate(self, y: np.ndarray, out: np.ndarray) -> None:
+        """Fit the temperature on labelled validation slides (``out``: their logits); an
+        evidential head (Dirichlet evidence, not logits) stays as it is."""
+        from gigamil.mil.calibration import MIN_CALIBRATION_SLIDES, fit_temperature
+
+        keep = labelled(y)
+        if self.evidential or keep.sum() < MIN_CALIBRATION_SLIDES:
+            self.temperature, self.calibrated_on = 1.0, 0
+            return
+        self.temperature = fit_temperature(np.asarray(out, np.float64)[keep],
+                                           y[keep, 0].astype(np.int64))
+        self.calibrated_on = int(keep.sum())
+
+    def uncalibrated(self) -> Classification:
+        return dataclasses.replace(self, temperature=1.0, calibrated_on=0)
 
     def scores(self, out: np.ndarray) -> np.ndarray:
         return self.probs_and_uncertainty(out)[0]
