@@ -15,7 +15,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_path", "atomic_open", "write_json", "write_csv", "fsync_dir"]
+__all__ = ["atomic_path", "atomic_open", "write_json", "write_csv", "write_slide_vectors",
+           "fsync_dir"]
 
 
 def fsync_dir(directory: str | os.PathLike[str]) -> None:
@@ -87,3 +88,17 @@ def write_csv(
         writer = csv.DictWriter(fh, fieldnames=list(fieldnames), extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
+
+
+def write_slide_vectors(target: str | os.PathLike[str], slide_ids: Sequence[str], vectors: Any,
+                        attrs: Mapping[str, Any] | None = None) -> None:
+    """An HDF5 file of per-slide vectors: ``slide_id`` (n,) strings and ``embedding``
+    (n, ...) float32, with ``attrs`` on the file (slide embeddings of a run or inference)."""
+    import h5py
+    import numpy as np
+
+    with atomic_path(target) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("slide_id", data=np.array(list(slide_ids), dtype=h5py.string_dtype()))
+        f.create_dataset("embedding", data=np.asarray(vectors, np.float32), compression="gzip")
+        for k, v in (attrs or {}).items():
+            f.attrs[k] = v

@@ -213,6 +213,10 @@ class RunDir:
     def predictions(self, fold: int | str) -> Path:
         return self.root / f"predictions_fold{fold}.csv"
 
+    def embeddings(self, fold: int | str) -> Path:
+        """The test fold's attention-pooled slide vectors (``slide_id``, ``embedding``)."""
+        return self.root / f"embeddings_fold{fold}.h5"
+
     @property
     def ensemble_predictions(self) -> Path:
         """``predictions.csv`` of the folds' ensemble (``gigamil eval`` of another cohort)."""
@@ -295,6 +299,19 @@ class PredictionsDir:
 
     def heatmap(self, slide_id: str) -> Path:
         return self.heatmaps / f"{slide_id}.png"
+
+    def geojson(self, slide_id: str) -> Path:
+        """Patches with attention and probabilities as measurements, for QuPath."""
+        return self.root / "geojson" / f"{slide_id}.geojson"
+
+    def top_patches(self, slide_id: str) -> Path:
+        """The montage of the highest- and lowest-attention patches."""
+        return self.root / "top_patches" / f"{slide_id}.png"
+
+    @property
+    def embeddings(self) -> Path:
+        """``embeddings.h5``: every slide's attention-pooled vector of each fold model."""
+        return self.root / "embeddings.h5"
 
     def slide_results(self) -> list[Path]:
         return sorted(self.slides.glob("*.json"))

@@ -549,3 +549,61 @@ def test_survival_and_several_targets_predict_export_and_eval(trained: dict[str,
     res = runner.invoke(app, ["eval", str(run), "--bootstrap", "10", "--json"])
     assert res.exit_code == 0, res.output
     assert (run / "eval" / "km_os.png").is_file() and (run / "km_os.png").is_file()
+
+
+def test_geojson_top_patches_and_slide_embeddings(trained: dict[str, Path], tmp_path: Path
+                                                  ) -> None:
+    import cv2
+    import h5py
+
+    from gigamil.mil.explain import read_patches, top_and_bottom
+    from gigamil.mil.infer_spec import InferenceSpec
+
+    one = tmp_path / "one"
+    one.mkdir()
+    shutil.copy(trained["slides"] / "s002.svs", one)
+    out = tmp_path / "p"
+    args = ["infer", str(one), "--run", str(trained["run"]), "--out", str(out),
+            "--ray-address", "none", "--geojson", "--top-patches", "3"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    data = np.load(out / "slides" / "s002.npz")
+    coords, attention = data["coords"], data["attention"]
+    doc = json.loads((out / "geojson" / "s002.geojson").read_text())
+    spec = InferenceSpec.from_run(trained["run"])
+    size0 = None
+    assert doc["type"] == "FeatureCollection" and len(doc["features"]) == len(coords)
+    for feat, (x, y), a, p in zip(doc["features"], coords, attention, data["probability"]):
+        props = feat["properties"]
+        assert props["objectType"] == "detection"
+        m = props["measurements"]
+        assert m["attention"] == pytest.approx(float(a), rel=1e-5)
+        assert m["P(normal)"] == pytest.approx(float(p[0]), rel=1e-5)
+        assert m["P(tumor)"] == pytest.approx(float(p[1]), rel=1e-5)
+        assert 0 <= m["attention rank"] <= 1
+        ring = np.array(feat["geometry"]["coordinates"][0])
+        assert tuple(ring[0]) == (x, y)  # level-0 pixels, as QuPath reads them
+        size0 = ring[2, 0] - x
+    assert size0 and size0 > 0
+    # the montage's first tile is the highest-attention patch, read from the slide
+    top, bottom = top_and_bottom(attention, 3)
+    assert attention[top[0]] == attention.max() and attention[bottom[0]] == attention.min()
+    sheet = cv2.imread(str(out / "top_patches" / "s002.png"))[..., ::-1]
+    first = read_patches(one / "s002.svs", coords[top[:1]], size0, 128, spec.extract)[0]
+    tile = sheet[30 + 18:30 + 18 + 128, 4:4 + 128]
+    assert np.abs(tile.astype(int) - first.astype(int)).mean() < 2
+    with h5py.File(out / "embeddings.h5") as f:  # each fold model's pooled slide vector
+        assert [s.decode() for s in f["slide_id"][:]] == ["s002"]
+        emb = f["embedding"][:]
+        assert emb.shape[:2] == (1, 2) and np.isfinite(emb).all()
+        np.testing.assert_array_equal(emb[0], data["slide_embedding"])
+    assert not (out / "heatmaps").exists()
+    res = runner.invoke(app, [*args, "--heatmaps"])  # a new output: the slide is redone
+    assert res.exit_code == 0, res.output
+    assert (out / "heatmaps" / "s002.png").exists()
+    for k in range(2):  # training saved the test folds' slide vectors too
+        ids = [r["slide_id"] for r in csv.DictReader(open(trained["run"] /
+                                                          f"predictions_fold{k}.csv"))]
+        with h5py.File(trained["run"] / f"embeddings_fold{k}.h5") as f:
+            assert [s.decode() for s in f["slide_id"][:]] == ids
+            assert f["embedding"].shape[0] == len(ids)

@@ -102,7 +102,7 @@ def todo(paths: Sequence[Path], out: str | os.PathLike[str],
     from gigamil.mil.infer_outputs import slide_done
 
     ids = spec.slide_id if spec is not None else (lambda p: slide_id(Path(p)))
-    return [p for p in paths if not slide_done(Path(out), ids(p))]
+    return [p for p in paths if not slide_done(Path(out), ids(p), spec)]
 
 
 def infer_slides_local(paths: Sequence[Path], spec: InferenceSpec, out: str | os.PathLike[str],

@@ -297,9 +297,11 @@ class FoldTrainer:
                         self.progress.step)
             self.stop.clear()
 
-    def evaluate(self, dataset: BagDataset) -> tuple[Predictions, dict[str, float]]:
+    def evaluate(self, dataset: BagDataset, embeddings: bool = False
+                 ) -> tuple[Predictions, dict[str, float]]:
         preds = predict(self.model, dataset, self.device, self.cfg.batch_size,
-                        self.cfg.precision, self.rank, self.world_size, self.cfg.workers)
+                        self.cfg.precision, self.rank, self.world_size, self.cfg.workers,
+                        embeddings)
         y = dataset.targets[preds.index]
         return preds, evaluate_targets(self.targets, y, preds.logits, self.progress.epoch)
 

@@ -77,6 +77,7 @@ class SlideScores:
     attention: np.ndarray  # (N,) mean attention
     patch_probs: np.ndarray | None = None  # (N, C) each patch as a bag of one
     targets: dict[str, dict[str, Any]] | None = None  # several targets: each one's cells
+    embedding: np.ndarray | None = None  # (folds, E) attention-pooled slide vectors (torch)
 
 
 def plan_inference(path: str | os.PathLike[str], extract: ExtractConfig,
@@ -132,6 +133,19 @@ def merge_rejected(counts: Sequence[Mapping[str, int]]) -> str:
     return rejection_summary(sum((Counter(c) for c in counts), Counter()))
 
 
+def _pooled(out: Any) -> np.ndarray | None:
+    """The bag's attention-pooled vector from a model's output, if it has one."""
+    return None if out.embedding is None else out.embedding[0].float().cpu().numpy()
+
+
+def _stack(vectors: Sequence[np.ndarray | None]) -> np.ndarray | None:
+    """(folds, E) from each fold model's vector; None unless every model gave one of one size."""
+    if not vectors or any(v is None for v in vectors) or len({v.shape for v in vectors
+                                                                 if v is not None}) != 1:
+        return None
+    return np.stack([v for v in vectors if v is not None]).astype(np.float32)
+
+
 class SlidePredictor:
     """Holds the encoder and the fold models: encodes patches, and scores bags."""
 
@@ -179,7 +193,7 @@ class SlidePredictor:
         bag = np.concatenate(feats) if len(feats) > 1 else feats[0]
         if not self.spec.single_classification:
             return self.target_scores(bag)
-        probs, attn, unc = [], [], []
+        probs, attn, unc, emb = [], [], [], []
         for m in self.models:
             if self.spec.engine == "onnx":
                 p, a = m(bag)
@@ -197,11 +211,13 @@ class SlidePredictor:
             probs.append(p[0].cpu().numpy())
             attn.append(a[0].float().cpu().numpy())
             unc.append(float(u[0]))
+            emb.append(_pooled(out))
         mean = np.mean(probs, 0)
         entropy = float(-(mean * np.log(np.clip(mean, 1e-12, None))).sum() / np.log(len(mean)))
         return SlideScores(mean, float(np.mean(unc)) if unc and len(unc) == 1 else entropy,
                            np.mean(attn, 0),
-                           self.patch_probabilities(bag) if self.spec.patch_probs else None)
+                           self.patch_probabilities(bag) if self.spec.patch_probs else None,
+                           embedding=_stack(emb))
 
     def target_scores(self, bag: np.ndarray) -> SlideScores:
         """Every target's scores (risk, value, probabilities), each fold model with its own
@@ -209,7 +225,7 @@ class SlidePredictor:
         from gigamil.mil.targets import layout_targets, target_from_dict
 
         per_fold: list[list[np.ndarray]] = []
-        attn = []
+        attn, emb = [], []
         targets = []
         for model, meta in self.models:
             targets = layout_targets([target_from_dict(d) for d in meta["targets"]])
@@ -219,6 +235,7 @@ class SlidePredictor:
             per_fold.append([t.scores(logits[:, t.outputs])[0] for t in targets])
             a = out.attention if out.attention.dim() == 2 else out.attention.mean(1)
             attn.append(a[0].float().cpu().numpy())
+            emb.append(_pooled(out))
         cells: dict[str, dict[str, Any]] = {}
         for i, t in enumerate(targets):
             mean = np.mean([f[i] for f in per_fold], 0)
@@ -227,7 +244,7 @@ class SlidePredictor:
                              if k not in {t.prefix + n for n in t.label_names}}
         first = next(iter(cells.values()))
         probs = np.array([float(v) for k, v in first.items() if "prob_" in k] or [np.nan])
-        return SlideScores(probs, float("nan"), np.mean(attn, 0), None, cells)
+        return SlideScores(probs, float("nan"), np.mean(attn, 0), None, cells, _stack(emb))
 
     def patch_probabilities(self, bag: np.ndarray, block: int = 4096) -> np.ndarray:
         """(N, C): every patch scored as a bag of one by each fold model, averaged."""

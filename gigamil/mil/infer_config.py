@@ -33,6 +33,13 @@ class InferConfig:
                      "one (also saved in the .npz).", flag="--heatmap-values")
     heatmap_class: str | None = option(None, "The class whose probability is mapped "
                                              "[default: the last].", flag="--heatmap-class")
+    geojson: bool = option(False, "Also write geojson/<slide_id>.geojson: every patch with "
+                           "its attention and per-class probability (as a bag of one) as "
+                           "measurements; QuPath opens it over the slide (File > Import "
+                           "objects).")
+    top_patches: int = option(0, "Also write top_patches/<slide_id>.png: the K patches with "
+                              "the highest and the K with the lowest attention, read from the "
+                              "slide (0 = none).", flag="--top-patches", min=0)
     pseudonymize: bool = option(False, "Salted-hash slide ids: no file name or path in any "
                                 "output; the mapping goes to --pseudonym-map only (mode 0600).")
     pseudonym_map: str | None = option(None, "The id → slide mapping of --pseudonymize "

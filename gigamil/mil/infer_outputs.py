@@ -21,14 +21,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from gigamil.io import atomic_path, write_csv, write_json
+from gigamil.io import atomic_path, write_csv, write_json, write_slide_vectors
 from gigamil.layout import PredictionsDir
 from gigamil.mil.infer_spec import InferenceSpec
 
 if TYPE_CHECKING:
     from gigamil.mil.infer import SlideScores
 
-__all__ = ["SlideFailure", "SlideOutcome", "slide_done", "headline", "prediction_row", "write_slide", "slide_heatmap", "write_outputs",
+__all__ = ["SlideFailure", "SlideOutcome", "slide_done", "headline", "prediction_row",
+           "write_slide", "slide_heatmap", "write_outputs", "write_embeddings",
            "PREDICTION_FIELDS", "FAILURE_FIELDS"]
 
 PREDICTION_FIELDS = ["slide_id", "pred", "uncertainty", "n_patches", "qc", "model", "seconds"]
@@ -75,9 +76,12 @@ def headline(row: dict[str, Any]) -> str:
     return ""
 
 
-def slide_done(out: Path, sid: str) -> bool:
-    """Whether the slide's result is already written under ``out``."""
-    return PredictionsDir(out).slide_json(sid).exists()
+def slide_done(out: Path, sid: str, spec: InferenceSpec | None = None) -> bool:
+    """Whether the slide's result is already written under ``out`` (with every extra
+    file ``spec`` asks for: heatmap, GeoJSON, top patches)."""
+    if not PredictionsDir(out).slide_json(sid).exists():
+        return False
+    return spec is None or all(p.exists() for p in spec.extra_outputs(out, sid))
 
 
 def prediction_row(spec: InferenceSpec, sid: str, scores: SlideScores, qc: str,
@@ -96,13 +100,16 @@ def prediction_row(spec: InferenceSpec, sid: str, scores: SlideScores, qc: str,
 def write_slide(spec: InferenceSpec, out: str | os.PathLike[str], path: str | os.PathLike[str],
                 row: dict[str, Any], coords: np.ndarray, scores: SlideScores,
                 patch_size_level0: float) -> dict[str, Any]:
-    """Write one slide's ``.npz`` (coords, attention, per-patch probabilities if computed),
-    heatmap, then its ``.json`` (last: the json marks the slide done), each atomically."""
+    """Write one slide's ``.npz`` (coords, attention, per-patch probabilities if computed,
+    each fold model's slide vector), heatmap, GeoJSON and top patches as asked, then its
+    ``.json`` (last: the json marks the slide done), each atomically."""
     preds = PredictionsDir(out)
     sid = row["slide_id"]
     arrays = {"coords": coords, "attention": scores.attention.astype(np.float32)}
     if scores.patch_probs is not None:
         arrays["probability"] = scores.patch_probs
+    if scores.embedding is not None:
+        arrays["slide_embedding"] = scores.embedding
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)  # type: ignore[arg-type]  # numpy's stub: **kwds
     with atomic_path(preds.slide_npz(sid)) as tmp:
@@ -113,6 +120,20 @@ def write_slide(spec: InferenceSpec, out: str | os.PathLike[str], path: str | os
         save_png(preds.heatmap(sid),
                  slide_heatmap(spec, path, coords, scores, patch_size_level0,
                                title=f"{sid}: {headline(row)}"))
+    if spec.geojson:
+        from gigamil.mil.explain import patch_measurements
+        from gigamil.wsi.qupath import write_geojson
+
+        write_geojson(preds.geojson(sid), patch_measurements(
+            coords, patch_size_level0, scores.attention,
+            scores.patch_probs if spec.single_classification else None, spec.classes))
+    if spec.top_patches:
+        from gigamil.mil.explain import top_patch_montage
+        from gigamil.wsi.preview import save_png
+
+        save_png(preds.top_patches(sid), top_patch_montage(
+            path, coords, patch_size_level0, spec.extract.patch_size, scores.attention,
+            spec.top_patches, spec.extract, title=f"{sid}: {headline(row)}"))
     write_json(preds.slide_json(sid), row)
     return row
 
@@ -127,13 +148,31 @@ def slide_heatmap(spec: InferenceSpec, path: str | os.PathLike[str], coords: np.
     with open_slide(path) as slide:
         thumb = slide.read_at_mpp(HEATMAP_MPP)
         scale = slide.mpp / HEATMAP_MPP
-    if spec.patch_probs and scores.patch_probs is not None:
+    if spec.heatmap_values == "probability" and scores.patch_probs is not None:
         k = spec.heatmap_class_index()
         return attention_heatmap(thumb, scale, coords, patch_size_level0,
                                  scores.patch_probs[:, k], title=title, rank_scale=False,
                                  label=f"P({spec.classes[k]}) per patch")
     return attention_heatmap(thumb, scale, coords, patch_size_level0, scores.attention,
                              title=title)
+
+
+def write_embeddings(preds: PredictionsDir, ids: Sequence[str], spec: InferenceSpec) -> None:
+    """``embeddings.h5``: ``slide_id`` (n,) and ``embedding`` (n, folds, E), every slide's
+    attention-pooled vector of each fold model, gathered from the ``.npz`` files (none
+    with the ONNX engine, whose graphs return logits and attention only)."""
+    ids_kept, vectors = [], []
+    for sid in ids:
+        with np.load(preds.slide_npz(sid)) as z:
+            if "slide_embedding" in z.files:
+                ids_kept.append(sid)
+                vectors.append(z["slide_embedding"])
+    if not vectors or len({v.shape for v in vectors}) != 1:
+        return
+    write_slide_vectors(preds.embeddings, ids_kept, np.stack(vectors), {
+        "model_id": spec.model_id(),
+        "folds": [Path(m).parent.name if m.endswith(".pt") else Path(m).stem
+                  for m in spec.model_files]})
 
 
 def write_outputs(out: str | os.PathLike[str], spec: InferenceSpec,
@@ -154,6 +193,7 @@ def write_outputs(out: str | os.PathLike[str], spec: InferenceSpec,
         fields = ["slide_id", *cells, *PREDICTION_FIELDS[3:]]
     write_csv(preds.predictions, rows, fields)
     write_csv(preds.failures, [f.row() for f in failures], FAILURE_FIELDS)
+    write_embeddings(preds, [str(r["slide_id"]) for r in rows], spec)
     config = dataclasses.asdict(spec) | {
         "run": Path(spec.run).name, "model_id": spec.model_id(),
         "model_files": [str(Path(m).relative_to(spec.run)) if Path(m).is_relative_to(spec.run)

@@ -80,6 +80,8 @@ class InferenceSpec:
     heatmaps: bool = False
     heatmap_values: str = "attention"  # or "probability": each patch scored as a bag of one
     heatmap_class: str | None = None  # the class whose probability is mapped [default: last]
+    geojson: bool = False  # patches with attention and probabilities, for QuPath
+    top_patches: int = 0  # montage of the K highest- and K lowest-attention patches
     model_name: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
     targets: list[dict[str, Any]] = field(default_factory=list)  # of the run (config.json)
@@ -125,6 +127,7 @@ class InferenceSpec:
                    engine=cfg.engine, device=cfg.device, batch_size=cfg.batch_size,
                    threads=cfg.threads, heatmaps=cfg.heatmaps,
                    heatmap_values=cfg.heatmap_values, heatmap_class=cfg.heatmap_class,
+                   geojson=cfg.geojson, top_patches=cfg.top_patches,
                    model_name=config["config"]["model"], pseudonymized=cfg.pseudonymize,
                    targets=targets)
         spec.heatmap_class_index()  # an unknown --heatmap-class fails here, early
@@ -138,8 +141,19 @@ class InferenceSpec:
 
     @property
     def patch_probs(self) -> bool:
-        """Whether per-patch probabilities are computed (and saved in the .npz)."""
-        return self.heatmap_values == "probability"
+        """Whether per-patch probabilities are computed (and saved in the .npz): for
+        probability maps, and for the QuPath measurements of a classification run."""
+        return self.heatmap_values == "probability" or (self.geojson
+                                                        and self.single_classification)
+
+    def extra_outputs(self, out: str | os.PathLike[str], sid: str) -> list[Path]:
+        """The per-slide files asked for besides the ``.json`` and ``.npz``."""
+        from gigamil.layout import PredictionsDir
+
+        preds = PredictionsDir(out)
+        return [p for p, on in ((preds.heatmap(sid), self.heatmaps),
+                                (preds.geojson(sid), self.geojson),
+                                (preds.top_patches(sid), self.top_patches > 0)) if on]
 
     def heatmap_class_index(self) -> int:
         if self.heatmap_class is None:

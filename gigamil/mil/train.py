@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from gigamil.errors import GigamilError, UsageError
-from gigamil.io import write_csv, write_json
+from gigamil.io import write_csv, write_json, write_slide_vectors
 from gigamil.layout import RunDir
 from gigamil.mil.fold import Checkpointer, FoldTrainer, StopRequest
 from gigamil.mil.labels import match_features, read_labels
@@ -140,7 +140,7 @@ def train(cfg: TrainConfig, checkpoints: Callable[[int], Checkpointer],
                                   "n": {"train": len(fold.train), "val": len(fold.val),
                                         "test": len(fold.test)}}
         if trainer.test_set is not None:
-            preds, _ = trainer.evaluate(trainer.test_set)
+            preds, _ = trainer.evaluate(trainer.test_set, embeddings=True)
             y = trainer.test_set.targets[preds.index]
             data = [(y[:, t.columns], t.scores(preds.logits[:, t.outputs]))
                     for t in trainer.targets]
@@ -153,6 +153,9 @@ def train(cfg: TrainConfig, checkpoints: Callable[[int], Checkpointer],
                           prediction_rows(table, trainer.targets, ids, preds.logits,
                                           preds.n_instances, fold.index, cfg.model),
                           prediction_fields(trainer.targets))
+                if preds.embedding is not None:
+                    write_slide_vectors(RunDir(out).embeddings(fold.index), ids,
+                                        preds.embedding, {"model": cfg.model, "fold": fold.index})
         results[fold.index] = result
         if main:
             write_json(ckpt.directory / "result.json", result)
