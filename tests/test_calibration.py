@@ -39,6 +39,16 @@ def _nll(logits: np.ndarray, y: np.ndarray, t: float) -> float:
     return float(-np.log(p[np.arange(len(y)), y]).mean())
 
 
+def test_undo_temperature_recovers_the_raw_probabilities() -> None:
+    from gigamil.mil.calibration import undo_temperature
+
+    z = np.random.default_rng(0).normal(size=(50, 4)) * 4
+    for t in (0.3, 1.7, 5.0):
+        after = np.array([[float(f"{v:.8g}") for v in row] for row in apply_temperature(z, t)])
+        np.testing.assert_allclose(undo_temperature(after, t), apply_temperature(z, 1.0),
+                                   atol=1e-6)
+
+
 @pytest.mark.parametrize(("c", "scale", "seed"), [(2, 3.0, 0), (4, 3.0, 1), (3, 0.5, 2)])
 def test_fit_temperature_recovers_planted_temperature(c: int, scale: float, seed: int) -> None:
     logits, y = _planted(4000, c, scale, seed)
@@ -244,7 +254,10 @@ def test_temperature_is_fitted_on_validation_and_applied_everywhere(tmp_path: Pa
     table, paths = match_features(read_labels(bags / "labels.csv", targets_of_run(config)),
                                   str(bags))
     splits = list(csv.DictReader(open(out / "splits.csv")))
-    temps = []
+    temps: list[float] = []
+    pooled_y: list[np.ndarray] = []
+    pooled_raw: list[np.ndarray] = []
+    pooled_cal: list[np.ndarray] = []
     for k in range(3):
         state = torch.load(out / f"checkpoints/fold{k}/best.pt", weights_only=True)
         model, meta = load_model(state)
@@ -274,6 +287,9 @@ def test_temperature_is_fitted_on_validation_and_applied_everywhere(tmp_path: Pa
             assert cal[key] == pytest.approx(expected_calibration_error(
                 y_test, apply_temperature(test_z, temp))[0], abs=1e-6)
         assert (out / f"reliability_fold{k}.png").exists()
+        pooled_y.append(y_test)
+        pooled_raw.append(apply_temperature(test_z, 1.0))
+        pooled_cal.append(apply_temperature(test_z, t))
         if k == 0:  # the ONNX engine divides by the same temperature
             export_run(out, 0, tmp_path / "f0.onnx")
             onnx = OnnxMIL(tmp_path / "f0.onnx")
@@ -282,11 +298,25 @@ def test_temperature_is_fitted_on_validation_and_applied_everywhere(tmp_path: Pa
             np.testing.assert_allclose(probs, apply_temperature(test_z[:1], t)[0], atol=1e-5)
     assert any(abs(t - 1.0) > 0.05 for t in temps), temps  # overconfident: T moved off 1
     pooled = summary["pooled"]["calibration"]["label"]
-    assert 0 <= pooled["ece_after"] <= 1 and 0 <= pooled["ece_before"] <= 1
+    y_all = np.concatenate(pooled_y)
+    assert pooled["ece_before"] == pytest.approx(expected_calibration_error(
+        y_all, np.concatenate(pooled_raw))[0], abs=1e-6)
+    assert pooled["ece_after"] == pytest.approx(expected_calibration_error(
+        y_all, np.concatenate(pooled_cal))[0], abs=1e-6)
+    assert pooled["ece_after"] < pooled["ece_before"]  # overconfident: scaling helps
     assert (out / "reliability.png").exists()
     report = evaluate_run(out, features=str(bags), labels=str(bags / "labels.csv"),
                           out=tmp_path / "eval", n_boot=10)
     for k in range(3):
         assert report["folds"][str(k)]["calibration"]["label"]["temperature"] == \
             pytest.approx(temps[k])
+        model, _ = load_model(torch.load(out / f"checkpoints/fold{k}/best.pt",
+                                         weights_only=True))
+        ids = [r["slide_id"] for r in csv.DictReader(open(tmp_path / "eval" /
+                                                          f"predictions_fold{k}.csv"))]
+        z = predict(model, BagDataset([paths[i] for i in ids], table.y(ids)),
+                    torch.device("cpu"), 4).logits
+        got = np.array([[float(r["prob_normal"]), float(r["prob_tumor"])] for r in
+                        csv.DictReader(open(tmp_path / "eval" / f"predictions_fold{k}.csv"))])
+        np.testing.assert_allclose(got, apply_temperature(z, temps[k]), atol=1e-6)
     assert set(report["pooled"]["calibration"]["label"]) == {"ece_before", "ece_after"}

@@ -14,7 +14,7 @@ from gigamil.cli.cluster import run_stage_here_or_submit
 from gigamil.cluster.executor import ClusterOptions
 from gigamil.cluster.stages import EmbedStage
 from gigamil.errors import UsageError
-from gigamil.mil.embed_config import EmbedConfig, Precision
+from gigamil.mil.embed_config import EmbedConfig, Precision, Scales
 from gigamil.wsi.extract_config import ExtractConfig, StainMethod
 
 #: The defaults of every embedding option: read from the config, never restated here.
@@ -46,6 +46,10 @@ def embed(
         help="Normalize stain, fitted once per slide.")] = E.stain_norm,
     stain_reference: Annotated[Path | None, typer.Option(
         exists=True, dir_okay=False, help="Reference image for --stain-norm.")] = None,
+    scales: Annotated[Scales, typer.Option(
+        help="Of a multi-scale store (extract --mpp 0.5,2.0): primary embeds the first scale; "
+        "all embeds every scale, with each primary patch's parent in each coarser scale "
+        "(what hier_abmil trains on).")] = E.scales,
     from_slides: Annotated[bool, typer.Option(
         help="DATA holds slides: cut patches on the fly (tissue, grid, QC), store none.")] = False,
     mpp: opt.Mpp = opt.DEFAULT_MPP,
@@ -73,13 +77,16 @@ def embed(
                       encoder=encoder, weights=str(weights) if weights else None,
                       batch_size=batch_size, workers=workers, precision=precision,
                       device=device, shard=opt.parse_shard(shard), compile=compile_model,
-                      overwrite=overwrite, stain_norm=stain_norm,
+                      overwrite=overwrite, stain_norm=stain_norm, scales=scales,
                       stain_reference=str(stain_reference) if stain_reference else None)
     from_slides_cfg = None
     if from_slides:
         mpps = opt.parse_mpps(mpp)
         if len(mpps) != 1:
             raise UsageError("--from-slides embeds one scale", "give one --mpp, e.g. 0.5")
+        if scales != "primary":
+            raise UsageError("--from-slides embeds one scale",
+                             "extract a multi-scale store first, then embed it with --scales all")
         from_slides_cfg = ExtractConfig(
             mpp=mpps[0], patch_size=patch_size, min_tissue=min_tissue, backend=backend,
             mpp_override=mpp_override, stain_norm=stain_norm, stain_reference=cfg.stain_reference,

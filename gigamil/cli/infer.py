@@ -87,7 +87,8 @@ def export(
 
 
 @cli_errors
-@opt.from_config(InferConfig, "settings", exclude=("engine", "heatmaps"))
+@opt.from_config(InferConfig, "settings",
+                 exclude=("engine", "heatmaps", "geojson", "top_patches"))
 def heatmap(
     slide: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="A slide.")],
     run: RunDir,

@@ -23,7 +23,8 @@ from torch.utils.data import Dataset, Sampler
 from gigamil.errors import UsageError
 from gigamil.wsi.features import bag_header, read_bag
 
-__all__ = ["BagDataset", "BagBatch", "collate_bags", "BagBatchSampler"]
+__all__ = ["BagDataset", "BagBatch", "collate_bags", "BagBatchSampler", "parent_rows",
+           "bag_dim"]
 
 
 @dataclass
@@ -68,9 +69,10 @@ class BagDataset(Dataset):
     def __init__(self, paths: Sequence[str | os.PathLike[str]],
                  targets: Sequence[int] | np.ndarray, max_instances: int | None = None,
                  seed: int = 0, preload: bool = False,
-                 preload_device: torch.device | str = "cpu") -> None:
+                 preload_device: torch.device | str = "cpu", layout: str = "instances") -> None:
         if len(paths) != len(targets):
             raise ValueError("paths and targets differ in length")
+        self.layout = layout  # "parent": rows [fine | coarse parent] (see parent_rows)
         self.paths = [Path(p) for p in paths]
         y = np.asarray(targets, np.float64)
         self.targets = y.reshape(len(y), -1) if y.size else y.reshape(len(paths), 1)
@@ -101,7 +103,12 @@ class BagDataset(Dataset):
         return out
 
     def _read(self, i: int) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(read_bag(self.paths[i]).features, np.float32))
+        bag = read_bag(self.paths[i])
+        feats = bag.features
+        if self.layout == "parent":
+            feats = parent_rows(self.paths[i], feats, float(bag.attrs.get("mpp", 0.0)))
+        return torch.from_numpy(np.ascontiguousarray(feats, np.float32))
+
 
     def __getitem__(self, item: tuple[int, int] | int) -> tuple[torch.Tensor, np.ndarray, int]:
         i, epoch = item if isinstance(item, tuple) else (item, -1)
@@ -111,6 +118,40 @@ class BagDataset(Dataset):
             keep = np.sort(rng.choice(len(feats), self.max_instances, replace=False))
             feats = feats[torch.from_numpy(keep).to(feats.device)]
         return feats, self.targets[i], i
+
+
+def parent_rows(path: Path, fine: np.ndarray, mpp: float) -> np.ndarray:
+    """(N, 2D) rows ``[fine feature | its parent's feature in the coarsest scale]`` of a
+    file embedded with ``--scales all`` (``mpp``: its primary scale); a patch whose parent
+    was not kept repeats its own feature (a region of one)."""
+    from gigamil.wsi.features import read_scales
+
+    coarser = [sc for sc in read_scales(path) if sc.mpp > mpp]
+    if not coarser:
+        raise UsageError(f"{path.name} holds one scale: the model needs each patch's parent "
+                         "in a coarser scale",
+                         "extract with several --mpp (e.g. 0.5,2.0), then embed --scales all")
+    sc = coarser[-1]
+    parent = np.where(sc.parent >= 0, sc.parent, 0)
+    coarse = sc.features[parent] if len(sc.features) else np.zeros_like(fine)
+    coarse = np.where((sc.parent >= 0)[:, None], coarse, fine)
+    return np.concatenate([fine, coarse], axis=1)
+
+
+def bag_dim(path: Path, layout: str = "instances") -> int:
+    """The width of a bag's instance rows: the feature dimension (twice it for ``parent``),
+    from the dataset shape (no data is read)."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        key = "features" if "features" in f else "feats"
+        dim = int(f[key].shape[-1])
+        if layout == "parent" and "scales" not in f:
+            raise UsageError(f"{path.name} holds one scale: the model needs each patch's "
+                             "parent in a coarser scale",
+                             "extract with several --mpp (e.g. 0.5,2.0), then embed "
+                             "--scales all")
+    return 2 * dim if layout == "parent" else dim
 
 
 def collate_bags(items: Sequence[tuple[torch.Tensor, np.ndarray, int]]) -> BagBatch:

@@ -30,7 +30,7 @@ from gigamil.memory import retain_freed_memory
 from gigamil.mil.embed_config import EMBED_FIELDS, EmbedConfig, EmbedResult
 from gigamil.mil.encoders import Encoder, create_encoder
 from gigamil.versions import gigamil_version, package_versions
-from gigamil.wsi.features import bag_header, trident_attrs, write_bag
+from gigamil.wsi.features import ScaleBag, bag_header, parent_index, trident_attrs, write_bag
 from gigamil.wsi.store import PatchStore
 
 __all__ = ["embed_stores", "select_share", "forward_patches"]
@@ -99,6 +99,8 @@ def _is_done(h5: Path, store: PatchStore, encoder: Encoder, cfg: EmbedConfig) ->
             and (a.get("stain_norm") or "") == (cfg.stain_norm or "")
             and a.get("store_count") == len(store)
             and a.get("store_mtime") == int(store.path.stat().st_mtime)
+            and [float(m) for m in a.get("scales_embedded", [])]
+            == (store.scales[1:] if cfg.scales == "all" else [])
             and n == len(store) - int(a.get("n_bad", 0)))
 
 
@@ -167,21 +169,39 @@ def embed_stores(
 
 
 def _write(path: Path, feats: np.ndarray, coords: np.ndarray, store: PatchStore,
-           encoder: Encoder, n_bad: int, stain_norm: str | None) -> None:
+           encoder: Encoder, n_bad: int, stain_norm: str | None,
+           scales: list[ScaleBag] | None = None) -> None:
     attrs = {**trident_attrs(store.meta), "encoder": encoder.spec.name, "stain_norm": stain_norm or "",
              "store_mtime": int(store.path.stat().st_mtime),
              "encoder_weights": "file" if encoder.weights_sha256 else "random-init",
              "encoder_arch": encoder.spec.arch, "encoder_sha256": encoder.weights_sha256 or "",
-             "feature_dim": encoder.feature_dim, "store_count": len(store), "n_bad": n_bad}
-    write_bag(path, feats, coords, attrs)
+             "feature_dim": encoder.feature_dim, "store_count": len(store), "n_bad": n_bad,
+             "scales_embedded": [float(sc.mpp) for sc in scales or []]}
+    write_bag(path, feats, coords, attrs, scales)
+
+
+def _entries(stores: list[PatchStore], cfg: EmbedConfig) -> tuple[list[PatchStore], list[int]]:
+    """What the loader streams: each slide's primary store, then (``--scales all``) a view
+    of each of its other scales; and the slide each entry belongs to."""
+    entries, owner = [], []
+    for j, store in enumerate(stores):
+        entries.append(store)
+        owner.append(j)
+        if cfg.scales == "all":
+            for mpp in store.scales[1:]:
+                entries.append(PatchStore(store.path, mpp=mpp))
+                owner.append(j)
+    return entries, owner
 
 
 def _run(stores: list[PatchStore], normalizers: list[Any] | None, encoder: Encoder,
          cfg: EmbedConfig, device: torch.device, features: FeatureDir,
          record: Callable[[EmbedResult], None], on_batch: Callable[[int], None] | None) -> None:
-    counts = [len(s) for s in stores]
+    entries, owner = _entries(stores, cfg)
+    counts = [len(e) for e in entries]
     loader = DataLoader(
-        _Patches(stores, normalizers), batch_size=cfg.batch_size, shuffle=False,
+        _Patches(entries, [normalizers[j] for j in owner] if normalizers else None),
+        batch_size=cfg.batch_size, shuffle=False,
         num_workers=cfg.workers, pin_memory=device.type == "cuda",
         persistent_workers=cfg.workers > 0, prefetch_factor=4 if cfg.workers > 0 else None,
         multiprocessing_context="spawn" if cfg.workers > 0 else None,
@@ -190,29 +210,32 @@ def _run(stores: list[PatchStore], normalizers: list[Any] | None, encoder: Encod
     if cfg.compile:
         model = torch.compile(model)
     dtype = cfg.autocast_dtype(device)
+    slides = _SlideBags(stores, entries, owner, encoder, features, record, cfg.stain_norm)
+    for k, n in enumerate(counts):
+        if n == 0:  # an empty extra scale: done before it starts
+            slides.entry_done(k, [], [], 0)
     feats: dict[int, list[np.ndarray]] = {}
-    seen = [0] * len(stores)
-    bad = [0] * len(stores)
     ok_rows: dict[int, list[np.ndarray]] = {}
-    started: dict[int, float] = {}
+    seen = [0] * len(entries)
+    bad = [0] * len(entries)
     with torch.inference_mode():
-        for patches, ok, slide_idx, patch_idx in loader:
+        for patches, ok, entry_idx, patch_idx in loader:
             x = encoder.preprocess(patches.to(device, non_blocking=True))
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 out = model(x).float().cpu().numpy()
             ok = ok.numpy().astype(bool)
-            s_idx, p_idx = slide_idx.numpy(), patch_idx.numpy()
-            for k in np.unique(s_idx):
-                started.setdefault(int(k), time.perf_counter())
-                sel = s_idx == k
+            e_idx, p_idx = entry_idx.numpy(), patch_idx.numpy()
+            for k in np.unique(e_idx):
+                k = int(k)
+                slides.start(owner[k])
+                sel = e_idx == k
                 good = sel & ok
-                feats.setdefault(int(k), []).append(out[good])
-                ok_rows.setdefault(int(k), []).append(p_idx[good])
+                feats.setdefault(k, []).append(out[good])
+                ok_rows.setdefault(k, []).append(p_idx[good])
                 seen[k] += int(sel.sum())
                 bad[k] += int((sel & ~ok).sum())
-                if seen[k] == counts[k]:  # the slide is complete: write it now
-                    _finish(int(k), stores, encoder, feats, ok_rows, bad, started, features, record,
-                            cfg.stain_norm)
+                if seen[k] == counts[k]:  # the entry is complete (and maybe its slide)
+                    slides.entry_done(k, feats.pop(k), ok_rows.pop(k), bad[k])
             if on_batch is not None:
                 on_batch(len(p_idx))
 
@@ -227,27 +250,69 @@ def _fit_stain(store: PatchStore, cfg: EmbedConfig) -> Any:
     return norm
 
 
-def _finish(k: int, stores: list[PatchStore], encoder: Encoder, feats: dict, rows: dict,
-            bad: list[int], started: dict, features: FeatureDir, record: Callable,
-            stain_norm: str | None) -> None:
-    store = stores[k]
-    sid = store.path.stem
-    f = np.concatenate(feats.pop(k)) if k in feats else np.zeros((0, encoder.feature_dim))
-    idx = np.concatenate(rows.pop(k)) if k in rows else np.zeros(0, np.int64)
-    res = EmbedResult(sid, "ok", len(f), bad[k])
-    try:
-        if not np.isfinite(f).all():
-            raise StoreError(f"{sid}: the encoder produced NaN/inf features",
-                             "check the weights, or use --precision fp32")
-        _write(features.h5(sid), f, store.coords[idx], store, encoder, bad[k], stain_norm)
-        if bad[k]:
-            res.error = f"{bad[k]} corrupt patch(es) skipped"
-            log.warning("%s: %d corrupt patches skipped", sid, bad[k])
-    except Exception as exc:
-        res.status, res.error = "failed", str(exc)
-    res.seconds = time.perf_counter() - started[k]
-    store.close()
-    record(res)
+class _SlideBags:
+    """Collects each slide's entries (its scales) as they complete; writes the slide's
+    bag as soon as the last one is done."""
+
+    def __init__(self, stores: list[PatchStore], entries: list[PatchStore], owner: list[int],
+                 encoder: Encoder, features: FeatureDir, record: Callable[[EmbedResult], None],
+                 stain_norm: str | None) -> None:
+        self.stores, self.entries, self.owner = stores, entries, owner
+        self.encoder, self.features, self.record = encoder, features, record
+        self.stain_norm = stain_norm
+        self.done: dict[int, tuple[np.ndarray, np.ndarray, int]] = {}
+        self.started: dict[int, float] = {}
+
+    def start(self, j: int) -> None:
+        self.started.setdefault(j, time.perf_counter())
+
+    def entry_done(self, k: int, feats: list[np.ndarray], rows: list[np.ndarray],
+                   bad: int) -> None:
+        dim = self.encoder.feature_dim
+        self.done[k] = (np.concatenate(feats) if feats else np.zeros((0, dim), np.float32),
+                        np.concatenate(rows) if rows else np.zeros(0, np.int64), bad)
+        j = self.owner[k]
+        mine = [i for i, o in enumerate(self.owner) if o == j]
+        if all(i in self.done for i in mine):
+            self._write(j, [self.done.pop(i) for i in mine], [self.entries[i] for i in mine])
+
+    def _write(self, j: int, parts: list[tuple[np.ndarray, np.ndarray, int]],
+               views: list[PatchStore]) -> None:
+        store = self.stores[j]
+        sid = store.path.stem
+        (f, idx, bad), extra = parts[0], parts[1:]
+        res = EmbedResult(sid, "ok", len(f), sum(p[2] for p in parts))
+        try:
+            if not all(np.isfinite(p[0]).all() for p in parts):
+                raise StoreError(f"{sid}: the encoder produced NaN/inf features",
+                                 "check the weights, or use --precision fp32")
+            coords = store.coords[idx]
+            scales = [_scale_bag(store, view, coords, ef, eidx)
+                      for view, (ef, eidx, _) in zip(views[1:], extra)]
+            _write(self.features.h5(sid), f, coords, store, self.encoder, bad, self.stain_norm,
+                   scales)
+            if res.n_bad:
+                res.error = f"{res.n_bad} corrupt patch(es) skipped"
+                log.warning("%s: %d corrupt patches skipped", sid, res.n_bad)
+        except Exception as exc:
+            res.status, res.error = "failed", str(exc)
+        res.seconds = time.perf_counter() - self.started.get(j, time.perf_counter())
+        for view in views:
+            view.close()
+        self.record(res)
+
+
+def _scale_bag(store: PatchStore, view: PatchStore, coords: np.ndarray, feats: np.ndarray,
+               rows: np.ndarray) -> ScaleBag:
+    """An extra scale's features, and each primary patch's parent among its patches
+    (-1 when the scale is not coarser than the primary one)."""
+    meta = store.meta
+    mpp = float(view.mpp or 0.0)
+    size0 = float(meta["patch_size"]) * mpp / float(meta["level0_mpp"])
+    scale_coords = view.coords[rows]
+    parent = (parent_index(coords, float(meta["patch_size_level0"]), scale_coords, size0)
+              if mpp > float(store.mpp or 0.0) else np.full(len(coords), -1, np.int64))
+    return ScaleBag(mpp, feats, scale_coords, size0, parent)
 
 
 def forward_patches(encoder: Encoder, patches: Sequence[np.ndarray] | np.ndarray,

@@ -8,16 +8,19 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from gigamil.errors import UsageError
-from gigamil.mil.train_config import autocast_dtype
+from gigamil.mil.train_config import autocast_dtype, check_choice
 from gigamil.wsi.extract_config import StainMethod
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Precision", "EmbedConfig", "EmbedResult", "EMBED_FIELDS"]
+__all__ = ["Precision", "Scales", "EmbedConfig", "EmbedResult", "EMBED_FIELDS"]
 
 #: ``auto``: bf16 on a GPU, fp32 on the CPU.
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
+#: ``primary``: the store's first scale; ``all``: every scale, with the primary patches'
+#: parents in each coarser one (for hierarchical models such as ``hier_abmil``).
+Scales = Literal["primary", "all"]
 EMBED_FIELDS = ["slide_id", "status", "n_patches", "n_bad", "seconds", "error"]
 
 
@@ -36,6 +39,7 @@ class EmbedConfig:
     overwrite: bool = False
     stain_norm: StainMethod | None = None  # fitted per slide on a sample of its patches
     stain_reference: str | None = None
+    scales: Scales = "primary"  # of a multi-scale store
     rank: int = 0  # this process's place in a multi-process job (set by the caller,
     world_size: int = 1  # from torchrun/SLURM via gigamil.cluster.distributed)
     local_rank: int = 0
@@ -43,6 +47,7 @@ class EmbedConfig:
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise UsageError("--batch-size must be at least 1")
+        check_choice("--scales", self.scales, Scales)
         if self.shard is not None and not 0 <= self.shard[0] < self.shard[1]:
             raise UsageError(f"--shard {self.shard[0]}/{self.shard[1]} is out of range",
                              "use k/n with 0 ≤ k < n (SLURM_ARRAY_TASK_ID/n), e.g. --shard 3/16")

@@ -19,6 +19,7 @@ from gigamil.io import write_csv, write_json
 from gigamil.layout import RunDir
 from gigamil.mil.bags import BagDataset
 from gigamil.mil.labels import match_features, read_labels
+from gigamil.mil.models import bag_layout
 from gigamil.mil.predict import load_model, predict
 from gigamil.mil.run_outputs import (
     calibration_report,
@@ -82,7 +83,8 @@ def evaluate_run(run: str | os.PathLike[str], features: str | os.PathLike[str] |
     table = read_labels(labels, [target_from_dict(t.to_dict()) for t in targets])
     table, paths = match_features(table, features)
     ids = [s.slide_id for s in table.slides]
-    dataset = BagDataset([paths[i] for i in ids], table.y(ids))
+    dataset = BagDataset([paths[i] for i in ids], table.y(ids),
+                         layout=bag_layout(config["config"]["model"]))
     eval_dir = RunDir(out) if out else RunDir(layout.eval_dir(Path(features).name))
     y = dataset.targets
     models = layout.fold_models()
@@ -112,7 +114,9 @@ def evaluate_run(run: str | os.PathLike[str], features: str | os.PathLike[str] |
     before = [(y[:, t.columns], np.mean(raw[i], axis=0)) for i, t in enumerate(targets)]
     report["pooled"] = summarize(targets, ensemble, n_boot, seed)
     report["pooled"]["what"] = f"mean score of {len(models)} fold models"
-    calibrated = [i for i, t in enumerate(targets) if isinstance(t, Classification)]
+    fitted = {name for part in report["folds"].values()  # targets some fold calibrated
+              for name, c in part.get("calibration", {}).items() if c.get("fitted_on")}
+    calibrated = [i for i, t in enumerate(targets) if t.name in fitted]
     if calibrated:
         report["pooled"]["calibration"] = {
             targets[i].name: {"ece_before": ece_of(*before[i]), "ece_after": ece_of(*ensemble[i])}

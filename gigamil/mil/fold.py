@@ -27,6 +27,7 @@ from gigamil.errors import TrainingInterrupted, UsageError
 from gigamil.mil.bags import BagBatch, BagBatchSampler, BagDataset, collate_bags
 from gigamil.mil.fold_state import Checkpointer, FoldProgress, StopRequest
 from gigamil.mil.labels import LabelTable
+from gigamil.mil.models import bag_layout
 from gigamil.mil.predict import Predictions, build_model, predict, takes_label
 from gigamil.mil.splits import Fold
 from gigamil.mil.standardize import Standardized, fit_standardization
@@ -84,7 +85,7 @@ class FoldTrainer:
             return BagDataset([paths[i] for i in ids], table.y(ids),
                               max_instances=cfg.max_instances if train else None,
                               seed=cfg.seed * 1000 + fold.index, preload=cfg.preload,
-                              preload_device=device)
+                              preload_device=device, layout=bag_layout(cfg.model))
 
         self.train_set = dataset(fold.train, True)
         self.val_set = dataset(fold.val, False) if fold.val else None

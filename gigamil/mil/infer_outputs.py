@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from gigamil.errors import SlideError
 from gigamil.io import atomic_path, write_csv, write_json, write_slide_vectors
 from gigamil.layout import PredictionsDir
 from gigamil.mil.infer_spec import InferenceSpec
@@ -31,6 +33,8 @@ if TYPE_CHECKING:
 __all__ = ["SlideFailure", "SlideOutcome", "slide_done", "headline", "prediction_row",
            "write_slide", "slide_heatmap", "write_outputs", "write_embeddings",
            "PREDICTION_FIELDS", "FAILURE_FIELDS"]
+
+log = logging.getLogger(__name__)
 
 PREDICTION_FIELDS = ["slide_id", "pred", "uncertainty", "n_patches", "qc", "model", "seconds"]
 FAILURE_FIELDS = ["slide_id", "file", "error"]
@@ -131,9 +135,12 @@ def write_slide(spec: InferenceSpec, out: str | os.PathLike[str], path: str | os
         from gigamil.mil.explain import top_patch_montage
         from gigamil.wsi.preview import save_png
 
-        save_png(preds.top_patches(sid), top_patch_montage(
-            path, coords, patch_size_level0, spec.extract.patch_size, scores.attention,
-            spec.top_patches, spec.extract, title=f"{sid}: {headline(row)}"))
+        try:  # a picture that cannot be read is reported; the prediction stands
+            save_png(preds.top_patches(sid), top_patch_montage(
+                path, coords, patch_size_level0, spec.extract.patch_size, scores.attention,
+                spec.top_patches, spec.extract, title=f"{sid}: {headline(row)}"))
+        except SlideError as exc:
+            log.warning("%s: no top-patch montage (%s)", sid, exc)
     write_json(preds.slide_json(sid), row)
     return row
 
@@ -163,11 +170,18 @@ def write_embeddings(preds: PredictionsDir, ids: Sequence[str], spec: InferenceS
     with the ONNX engine, whose graphs return logits and attention only)."""
     ids_kept, vectors = [], []
     for sid in ids:
+        if not preds.slide_npz(sid).exists():
+            continue
         with np.load(preds.slide_npz(sid)) as z:
             if "slide_embedding" in z.files:
                 ids_kept.append(sid)
                 vectors.append(z["slide_embedding"])
+    if len(vectors) < len(ids):
+        log.warning("%d of %d slides have no slide embedding (ONNX engine, or predicted by an "
+                    "older version: rerun them with --engine torch into a fresh --out)",
+                    len(ids) - len(vectors), len(ids))
     if not vectors or len({v.shape for v in vectors}) != 1:
+        preds.embeddings.unlink(missing_ok=True)  # never a stale file of other models
         return
     write_slide_vectors(preds.embeddings, ids_kept, np.stack(vectors), {
         "model_id": spec.model_id(),

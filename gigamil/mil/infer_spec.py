@@ -116,6 +116,13 @@ class InferenceSpec:
         if not single and cfg.heatmap_values == "probability":
             raise UsageError("--heatmap-values probability maps one class's probability",
                              "use --heatmap-values attention for this run")
+        from gigamil.mil.models import bag_layout
+
+        if bag_layout(config["config"]["model"]) != "instances":
+            raise UsageError(f"infer embeds new slides at one scale; {config['config']['model']} "
+                             "reads several",
+                             "extract and embed the new slides with --scales all, then run "
+                             "`gigamil eval RUN --features F --labels L`")
         models = layout.fold_models()
         if cfg.folds == "best":
             models = [models[best_fold(models, config["config"].get("monitor", "loss"))]]

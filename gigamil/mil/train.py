@@ -25,8 +25,10 @@ import torch.distributed as dist
 from gigamil.errors import GigamilError, UsageError
 from gigamil.io import write_csv, write_json, write_slide_vectors
 from gigamil.layout import RunDir
+from gigamil.mil.bags import bag_dim
 from gigamil.mil.fold import Checkpointer, FoldTrainer, StopRequest
 from gigamil.mil.labels import match_features, read_labels
+from gigamil.mil.models import bag_layout
 from gigamil.mil.run_outputs import (
     bootstrap_targets,
     calibration_report,
@@ -56,11 +58,7 @@ BEFORE_TARGETS: dict[str, Any] = {
 
 def feature_dim(path: Path) -> int:
     """The feature dimension of a bag file (from its dataset shape; no data is read)."""
-    import h5py
-
-    with h5py.File(path, "r") as f:
-        key = "features" if "features" in f else "feats"
-        return int(f[key].shape[-1])
+    return bag_dim(path)
 
 
 def _barrier(world_size: int) -> None:
@@ -100,7 +98,7 @@ def train(cfg: TrainConfig, checkpoints: Callable[[int], Checkpointer],
     table, paths = match_features(table, cfg.features)
     targets = table.targets
     folds = make_folds(table, cfg.folds, cfg.seed, cfg.val_frac, cfg.cv)
-    in_dim = feature_dim(next(iter(paths.values())))
+    in_dim = bag_dim(next(iter(paths.values())), bag_layout(cfg.model))
     classes = list(getattr(targets[0], "classes", []))
     meta = {"classes": classes, "targets": [t.to_dict() for t in targets], "in_dim": in_dim,
             "n_slides": len(table), "folds": len(folds)}

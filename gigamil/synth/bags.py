@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from gigamil.io import write_csv
-from gigamil.wsi.features import write_bag
+from gigamil.wsi.features import ScaleBag, write_bag
 
-__all__ = ["make_feature_bags", "make_outcome_bags"]
+__all__ = ["make_feature_bags", "make_outcome_bags", "make_multiscale_bags"]
 
 
 def make_feature_bags(out: str | os.PathLike[str], n_slides: int = 40, dim: int = 64,
@@ -106,4 +106,58 @@ def make_outcome_bags(out: str | os.PathLike[str], n_slides: int = 60, dim: int 
             "braf": "" if rng.random() < missing else braf,
             **{f"frac{k}": f"{fracs[i, k]:.5f}" for k in range(4)}})
     write_csv(out / "labels.csv", rows, list(rows[0]))
+    return paths
+
+
+def make_multiscale_bags(out: str | os.PathLike[str], n_slides: int = 60, dim: int = 16,
+                         regions: tuple[int, int] = (8, 16), per_region: int = 16,
+                         signal: float = 1.0, seed: int = 0) -> list[Path]:
+    """Two-scale bags (fine patches at 0.5 µm/px nested 4 × 4 in coarse regions at 2.0)
+    whose label lives only in the fine detail of small regions, and ``labels.csv``.
+
+    A third of the regions are of a "tumour" type (a direction in their coarse
+    feature). In every slide, two to three small regions hold a focus: 4 to 8 fine
+    patches shifted along a fine direction. In a ``tumor`` slide the foci lie in
+    tumour regions, in a ``normal`` slide outside them; so the fine patches alone look
+    alike in both classes (the same foci), the coarse features alone too (the same
+    regions), and only a focus seen together with its region tells them apart.
+    """
+    out = Path(out)
+    rng = np.random.default_rng(seed)
+    d_fine, d_coarse = rng.normal(size=(2, dim))
+    d_fine /= np.linalg.norm(d_fine)
+    d_coarse /= np.linalg.norm(d_coarse)
+    side0 = 256.0  # fine patch side in level-0 px (0.5 µm/px at level 0 = 0.5 µm/px)
+    rows, paths = [], []
+    for i in range(n_slides):
+        target = i % 2
+        n_regions = int(rng.integers(regions[0], regions[1] + 1))
+        tumour = rng.permutation(n_regions) < max(2, n_regions // 3)
+        pool = np.flatnonzero(tumour if target else ~tumour)
+        foci = rng.choice(pool, min(len(pool), int(rng.integers(2, 4))), replace=False)
+        coarse = rng.normal(size=(n_regions, dim)).astype(np.float32)
+        coarse[tumour] += 3 * signal * d_coarse
+        fine, fine_xy, parent = [], [], []
+        for r in range(n_regions):
+            rx, ry = (r % 8) * 4, (r // 8) * 4  # the region's fine-lattice origin
+            f = rng.normal(size=(per_region, dim)).astype(np.float32)
+            if r in foci:
+                f[rng.choice(per_region, int(rng.integers(4, 9)), replace=False)] += \
+                    3 * signal * d_fine
+            fine.append(f)
+            cells = np.arange(per_region)
+            fine_xy.append(np.stack([rx + cells % 4, ry + cells // 4], 1) * side0)
+            parent.append(np.full(per_region, r))
+        coords = np.concatenate(fine_xy).astype(np.int64)
+        region_xy = np.stack([(np.arange(n_regions) % 8) * 4,
+                              (np.arange(n_regions) // 8) * 4], 1) * side0
+        sid = f"m{i:03d}"
+        paths.append(write_bag(
+            out / f"{sid}.h5", np.concatenate(fine), coords,
+            {"mpp": 0.5, "patch_size": 256, "encoder": "synthetic"},
+            [ScaleBag(2.0, coarse, region_xy.astype(np.int64), 4 * side0,
+                      np.concatenate(parent).astype(np.int64))]))
+        rows.append({"slide_id": sid, "label": ["normal", "tumor"][target],
+                     "patient_id": f"p{i:03d}"})
+    write_csv(out / "labels.csv", rows, ["slide_id", "label", "patient_id"])
     return paths

@@ -9,6 +9,11 @@ Layout written (schema version 1):
   ``level0_height``) and gigamil's (``mpp``, ``patch_size_um``, ``encoder``,
   ``encoder_sha256``, ``schema_version``).
 
+A multi-scale store embedded with ``--scales all`` adds a group ``scales/<mpp>`` per
+extra scale: ``features`` (R, D), ``coords`` (R, 2) and ``parent`` (N,), the row of
+the patch of that scale covering each primary patch (-1: not kept); attributes
+``mpp`` and ``patch_size_level0``.
+
 Files are written to a temporary name, flushed and renamed. :func:`read_bag`
 also reads CLAM files (``features`` + ``coords`` with ``patch_level``) and STAMP
 files (``feats`` + ``coords``).
@@ -26,8 +31,8 @@ import numpy as np
 from gigamil.errors import StoreError
 from gigamil.io import atomic_path
 
-__all__ = ["FeatureBag", "write_bag", "read_bag", "bag_header", "trident_attrs",
-           "FEATURE_SCHEMA_VERSION"]
+__all__ = ["FeatureBag", "ScaleBag", "write_bag", "read_bag", "read_scales", "parent_index",
+           "bag_header", "trident_attrs", "FEATURE_SCHEMA_VERSION"]
 
 FEATURE_SCHEMA_VERSION = 1
 _ROW_BLOCK = 1024
@@ -46,9 +51,23 @@ class FeatureBag:
         return len(self.features)
 
 
+@dataclass
+class ScaleBag:
+    """The features of one extra scale of a multi-scale store, and how the primary
+    patches nest in it: ``parent[i]`` is the row of the patch covering primary patch
+    ``i`` (-1 when that patch was not kept)."""
+
+    mpp: float
+    features: np.ndarray  # (R, D)
+    coords: np.ndarray  # (R, 2) level-0 top-left
+    size_level0: float
+    parent: np.ndarray  # (N,) int64 into this scale's rows, -1: none
+
+
 def write_bag(path: str | os.PathLike[str], features: np.ndarray, coords: np.ndarray,
-              attrs: dict[str, Any]) -> Path:
-    """Write a feature file atomically; ``attrs`` go on ``coords`` (TRIDENT's convention)."""
+              attrs: dict[str, Any], scales: list[ScaleBag] | None = None) -> Path:
+    """Write a feature file atomically; ``attrs`` go on ``coords`` (TRIDENT's convention);
+    each of ``scales`` goes to the group ``scales/<mpp>`` (readers of one scale ignore it)."""
     import h5py
 
     features = np.ascontiguousarray(features, np.float32)
@@ -67,7 +86,47 @@ def write_bag(path: str | os.PathLike[str], features: np.ndarray, coords: np.nda
             for key, value in {**attrs, "schema_version": FEATURE_SCHEMA_VERSION}.items():
                 if value is not None:
                     ds.attrs[key] = value
+            for sc in scales or []:
+                sf = np.ascontiguousarray(sc.features, np.float32)
+                if not np.isfinite(sf).all():
+                    raise StoreError("features contain NaN or infinity",
+                                     "check the encoder and its weights")
+                if len(sc.parent) != len(features):
+                    raise StoreError(f"{len(sc.parent)} parents for {len(features)} patches")
+                g = f.create_group(f"scales/{sc.mpp:g}")
+                g.create_dataset("features", data=sf.reshape(-1, features.shape[1]))
+                g.create_dataset("coords", data=np.asarray(sc.coords, np.int64).reshape(-1, 2))
+                g.create_dataset("parent", data=np.asarray(sc.parent, np.int64))
+                g.attrs["mpp"] = float(sc.mpp)
+                g.attrs["patch_size_level0"] = float(sc.size_level0)
     return path
+
+
+def read_scales(path: str | os.PathLike[str]) -> list[ScaleBag]:
+    """The extra scales of a feature file, finest first (none for a one-scale file)."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        if "scales" not in f:
+            return []
+        out = [ScaleBag(float(g.attrs["mpp"]), g["features"][:], g["coords"][:],
+                        float(g.attrs["patch_size_level0"]), g["parent"][:])
+               for g in f["scales"].values()]
+    return sorted(out, key=lambda sc: sc.mpp)
+
+
+def parent_index(fine: np.ndarray, fine_size0: float, coarse: np.ndarray,
+                 coarse_size0: float) -> np.ndarray:
+    """For each fine patch (level-0 top-left ``fine`` (N, 2), side ``fine_size0``), the
+    row of the coarse patch whose square holds its centre, -1 where none was kept. Grids
+    of every scale start at level-0 (0, 0) with a stride of their side, so a coarse
+    patch's lattice position is its top-left divided by its side."""
+    fine = np.asarray(fine, np.float64).reshape(-1, 2)
+    coarse = np.asarray(coarse, np.int64).reshape(-1, 2)
+    lattice = {(int(round(x / coarse_size0)), int(round(y / coarse_size0))): i
+               for i, (x, y) in enumerate(coarse)}
+    cell = np.floor((fine + fine_size0 / 2) / coarse_size0).astype(np.int64)
+    return np.array([lattice.get((int(cx), int(cy)), -1) for cx, cy in cell], np.int64)
 
 
 def bag_header(path: str | os.PathLike[str]) -> tuple[dict[str, Any], int] | None:

@@ -8,8 +8,14 @@ Every model takes padded batches with a mask (no batch-size-1 restriction) and
 returns :class:`MILOutput`. Model files hold no distributed or I/O code.
 """
 
-from gigamil.mil.models import abmil, clam, pooling, transmil  # noqa: F401  (registers them)
-from gigamil.mil.models.base import MODELS, MILOutput, create_model, list_models
+from gigamil.mil.models import (  # noqa: F401  (registers them)
+    abmil,
+    clam,
+    hier_abmil,
+    pooling,
+    transmil,
+)
+from gigamil.mil.models.base import MODELS, MILOutput, bag_layout, create_model, list_models
 from gigamil.mil.models.evidential import dirichlet, evidential_loss
 
-__all__ = ["MODELS", "MILOutput", "create_model", "list_models", "dirichlet", "evidential_loss"]
+__all__ = ["MODELS", "MILOutput", "bag_layout", "create_model", "list_models", "dirichlet", "evidential_loss"]

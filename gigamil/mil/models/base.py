@@ -10,7 +10,7 @@ from torch import nn
 
 from gigamil.registry import Registry
 
-__all__ = ["MODELS", "MILOutput", "create_model", "list_models", "masked_softmax", "apply_valid"]
+__all__ = ["MODELS", "MILOutput", "bag_layout", "create_model", "list_models", "masked_softmax", "apply_valid"]
 
 MODELS: Registry[nn.Module] = Registry("MIL model")
 
@@ -28,6 +28,12 @@ class MILOutput:
 def create_model(name: str, **kwargs: object) -> nn.Module:
     """Build a registered model: ``create_model("abmil", in_dim=1024, n_classes=2)``."""
     return MODELS.create(name, **kwargs)
+
+
+def bag_layout(name: str) -> str:
+    """What a model's instance rows hold: ``instances`` (one patch's feature), or
+    ``parent`` (``[fine | coarse parent]``, from features embedded with ``--scales all``)."""
+    return str(getattr(MODELS.get(name), "bag_layout", "instances"))
 
 
 def list_models() -> list[str]:

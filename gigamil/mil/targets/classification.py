@@ -116,12 +116,12 @@ class Classification(Target):
         evidential head (Dirichlet evidence, not logits) stays as it is."""
         from gigamil.mil.calibration import MIN_CALIBRATION_SLIDES, fit_temperature
 
-        keep = labelled(y)
+        out = np.asarray(out, np.float64)
+        keep = labelled(y) & np.isfinite(out).all(1)  # (an overflowed bag is left out)
         if self.evidential or keep.sum() < MIN_CALIBRATION_SLIDES:
             self.temperature, self.calibrated_on = 1.0, 0
             return
-        self.temperature = fit_temperature(np.asarray(out, np.float64)[keep],
-                                           y[keep, 0].astype(np.int64))
+        self.temperature = fit_temperature(out[keep], y[keep, 0].astype(np.int64))
         self.calibrated_on = int(keep.sum())
 
     def uncalibrated(self) -> Classification:
