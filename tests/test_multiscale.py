@@ -55,6 +55,7 @@ def test_parent_index_finds_the_covering_coarse_patch() -> None:
     np.testing.assert_array_equal(parent_index(fine, 256.0, coarse, 1024.0), [0, 0, 1, 2, -1])
 
 
+@pytest.mark.slow
 def test_hier_abmil_finds_what_single_scale_abmil_cannot(tmp_path: Path) -> None:
     """The label lives only in fine foci seen with their region: abmil on the fine patches
     scores chance on the same folds, hier_abmil near perfect."""
