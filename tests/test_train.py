@@ -308,3 +308,29 @@ def test_stop_request_then_resume_in_process(split_bags: Path, tmp_path: Path, d
             assert torch.equal(wa[k], wb[k]), k
         else:  # GPU kernels may reorder sums
             torch.testing.assert_close(wa[k], wb[k], rtol=1e-3, atol=1e-4)
+
+
+def test_an_undefined_validation_monitor_still_leaves_a_model(split_bags: Path,
+                                                              tmp_path: Path) -> None:
+    """Bug: with a one-class validation split the AUROC monitor is NaN every epoch, no
+    epoch 'improved', no best.pt was written and the fold failed after training."""
+    import shutil
+
+    feats = tmp_path / "bags"
+    shutil.copytree(split_bags, feats)
+    rows = list(csv.DictReader(open(feats / "labels.csv")))
+    for r in rows:  # validation: normal slides only
+        if r["split"] == "val" and r["label"] == "tumor":
+            r["split"] = "train"
+        elif r["split"] == "train" and r["label"] == "normal" and \
+                sum(x["split"] == "val" for x in rows) < 4:
+            r["split"] = "val"
+    with open(feats / "labels.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    assert {r["label"] for r in rows if r["split"] == "val"} == {"normal"}
+    summary = run_training(_cfg(feats, tmp_path / "run", monitor="auroc", epochs=3,
+                                batch_size=4))
+    assert summary["complete"] and summary["folds"]["0"]["best_epoch"] == 2
+    assert (tmp_path / "run" / "checkpoints/fold0/best.pt").exists()

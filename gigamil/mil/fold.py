@@ -327,9 +327,16 @@ class FoldTrainer:
             else:
                 value = float(p.epoch)  # no validation set: the latest epoch is the best
             p.history.append(row)
-            improved = not math.isnan(value) and value > p.best
+            # a monitor that is undefined (AUROC of a one-class validation split) keeps the
+            # latest epoch as the best until it has a value: never a fold without a model
+            undefined = math.isnan(value) and p.best == -math.inf
+            if undefined and p.best_epoch == -1:
+                log.warning("fold %d: validation %s is undefined; keeping the latest epoch",
+                            self.fold.index, cfg.monitor)
+            improved = undefined or (not math.isnan(value) and value > p.best)
             if improved:
-                p.best, p.best_epoch, p.bad_epochs = value, p.epoch, 0
+                p.best = -math.inf if undefined else value
+                p.best_epoch, p.bad_epochs = p.epoch, 0
             else:
                 p.bad_epochs += 1
             if improved:
