@@ -309,3 +309,91 @@ def test_a_run_from_before_targets_resumes_with_its_own_settings(tmp_path: Path)
     with pytest.raises(Usage, match=r"other settings \(calibrate, standardize\)"):
         _prepare_run(TrainConfig(features="f", labels="l", out=str(out)), out, True, {})
     _prepare_run(old_cfg, out, True, {})  # the old settings: accepted
+
+
+# -- kill -9 and resume, in a real process ------------------------------------------------------
+
+#: Both sides of a bitwise comparison run with the same thread count (float32 sums depend on it).
+_FIXED_THREADS_ENV = {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
+
+
+@pytest.fixture(scope="module")
+def heavy_outcome_bags(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Outcome bags large enough that a training step is not instant (for kill tests)."""
+    out = tmp_path_factory.mktemp("heavy_outcomes")
+    make_outcome_bags(out, n_slides=24, dim=64, bag_size=(800, 1200), signal=1.5, seed=4)
+    return out
+
+
+def _kill_cmd(feats: Path, out: Path, *extra: str) -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "gigamil", "train", "--features", str(feats), "--labels",
+            str(feats / "labels.csv"), "--out", str(out), "--folds", "2", "--epochs", "3",
+            "--batch-size", "2", "--lr", "1e-3", "--checkpoint-every", "1", "--bootstrap", "20",
+            "--early-stop", "0", "--max-instances", "512", "--val-frac", "0.3",
+            "-o", "hidden=128", *extra]  # 12 steps per fold
+
+
+def _final_step_weights(out: Path, fold: int) -> dict[str, torch.Tensor]:
+    ckpt = sorted((out / f"checkpoints/fold{fold}").glob("step_*.pt"))[-1]
+    return torch.load(ckpt, weights_only=True)["model"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("extra", "kill_fold", "kill_step"), [
+    (("--task", "survival", "--survival-loss", "cox"), 0, 5),
+    (("--target", "msi,cms,braf,score:regression", "--target-weights", "1,1,1,0.5"), 1, 4),
+], ids=["survival-cox", "multi-target"])
+def test_kill9_then_resume_is_bitwise_equal(heavy_outcome_bags: Path, tmp_path: Path,
+                                            extra: tuple[str, ...], kill_fold: int,
+                                            kill_step: int) -> None:
+    """SIGKILL mid-fold (no chance to checkpoint), then ``--resume auto``: the final and the
+    best weights, predictions and metrics are those of an uninterrupted run, bit for bit."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    env = {**os.environ, **_FIXED_THREADS_ENV}
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    res = subprocess.run(_kill_cmd(heavy_outcome_bags, ref, *extra), capture_output=True,
+                         text=True, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    n_steps = max(int(p.stem[5:]) for p in (ref / "checkpoints/fold0").glob("step_*.pt"))
+    assert kill_step < n_steps - 2, n_steps  # the kill lands before the fold's last steps
+
+    proc = subprocess.Popen(_kill_cmd(heavy_outcome_bags, out, *extra),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    target = out / f"checkpoints/fold{kill_fold}" / f"step_{kill_step:08d}.json"
+    t0 = time.time()
+    while not target.exists():
+        assert proc.poll() is None, f"training ended before fold {kill_fold} step {kill_step}"
+        assert time.time() - t0 < 120
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "summary.json").exists()
+    last = max(int(p.stem[5:]) for p in (out / f"checkpoints/fold{kill_fold}").glob("step_*.pt"))
+    assert last < n_steps  # killed mid-fold, not after it
+
+    res = subprocess.run(_kill_cmd(heavy_outcome_bags, out, *extra, "--resume", "auto"),
+                         capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"fold {kill_fold} resumes from step_" in " ".join(res.stderr.split()), res.stderr
+
+    for name in ("metrics.csv", "predictions_fold0.csv", "predictions_fold1.csv", "splits.csv"):
+        assert (ref / name).read_bytes() == (out / name).read_bytes(), name
+    assert (json.loads((ref / "summary.json").read_text())
+            == json.loads((out / "summary.json").read_text()))
+    for fold in (0, 1):
+        ba, bb = (torch.load(d / f"checkpoints/fold{fold}/best.pt", weights_only=True)
+                  for d in (ref, out))
+        assert ba["meta"]["targets"] == bb["meta"]["targets"]
+        for which, wa, wb in (("best", ba["model"], bb["model"]),
+                              ("final", _final_step_weights(ref, fold),
+                               _final_step_weights(out, fold))):
+            assert wa.keys() == wb.keys()
+            for k in wa:
+                assert torch.equal(wa[k], wb[k]), (fold, which, k)

@@ -225,17 +225,25 @@ class SlidePredictor:
         from gigamil.mil.targets import layout_targets, target_from_dict
 
         per_fold: list[list[np.ndarray]] = []
-        attn, emb = [], []
+        attn: list[np.ndarray] = []
+        emb: list[np.ndarray | None] = []
         targets = []
-        for model, meta in self.models:
+        for m in self.models:
+            if self.spec.engine == "onnx":  # onnxruntime: the heads' logits, no slide vector
+                z, a_np = m.run(bag)
+                meta, logits = m.meta, z[None].astype(np.float64)
+                attn.append(a_np)
+                emb.append(None)
+            else:
+                model, meta = m
+                with torch.no_grad():
+                    out = model(torch.from_numpy(bag).to(self.device)[None])
+                logits = out.logits.float().cpu().numpy()
+                a = out.attention if out.attention.dim() == 2 else out.attention.mean(1)
+                attn.append(a[0].float().cpu().numpy())
+                emb.append(_pooled(out))
             targets = layout_targets([target_from_dict(d) for d in meta["targets"]])
-            with torch.no_grad():
-                out = model(torch.from_numpy(bag).to(self.device)[None])
-            logits = out.logits.float().cpu().numpy()
             per_fold.append([t.scores(logits[:, t.outputs])[0] for t in targets])
-            a = out.attention if out.attention.dim() == 2 else out.attention.mean(1)
-            attn.append(a[0].float().cpu().numpy())
-            emb.append(_pooled(out))
         cells: dict[str, dict[str, Any]] = {}
         for i, t in enumerate(targets):
             mean = np.mean([f[i] for f in per_fold], 0)

@@ -110,9 +110,6 @@ class InferenceSpec:
         embed = _embed_config(features)
         targets = list(config.get("targets") or [])
         single = len(targets) <= 1 and all(t["kind"] == "classification" for t in targets)
-        if not single and cfg.engine == "onnx":
-            raise UsageError("--engine onnx predicts classification runs only",
-                             "use --engine torch for survival, regression or several targets")
         if not single and cfg.heatmap_values == "probability":
             raise UsageError("--heatmap-values probability maps one class's probability",
                              "use --heatmap-values attention for this run")
