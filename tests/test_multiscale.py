@@ -122,3 +122,16 @@ def test_embed_scales_all_train_hier_and_eval(tmp_path: Path) -> None:
         run_training(TrainConfig(features=str(feats), labels=str(labels),
                                  out=str(tmp_path / "run2"), model="hier_abmil", folds=2,
                                  epochs=1))
+
+
+def test_hier_abmil_is_refused_by_the_onnx_export(tmp_path: Path) -> None:
+    from gigamil.mil.export import export_onnx
+
+    torch.manual_seed(0)
+    model = create_model("hier_abmil", in_dim=24, n_classes=2)
+    state = {"model": model.state_dict(), "epoch": 0,
+             "meta": {"model": "hier_abmil", "model_options": {}, "in_dim": 24,
+                      "classes": ["a", "b"], "evidential": False, "fold": 0}}
+    with pytest.raises(UsageError, match="does not export with a dynamic bag length"):
+        export_onnx(state, tmp_path / "h.onnx")
+    assert not (tmp_path / "h.onnx").exists()
