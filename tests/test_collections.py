@@ -21,7 +21,7 @@ from gigamil.cluster.stages import extract_slides
 from gigamil.synth.dicom import FAKE_PHI, write_dicom_series
 from gigamil.synth.model import SynthConfig
 from gigamil.synth.slides import write_synthetic_slide
-from gigamil.wsi.discovery import find_slides
+from gigamil.wsi.discovery import Pseudonyms, find_slides
 from gigamil.wsi.extract_config import ExtractConfig
 from gigamil.wsi.reader import open_slide
 from gigamil.wsi.store import PatchStore
@@ -356,6 +356,12 @@ def test_a_series_folder_does_not_hide_other_slides_and_two_series_are_reported(
         shutil.copy(f, two / f"b_{f.name}")
     found = find_slides([tmp_path / "two"])
     assert not found.slides and "holds 2 DICOM series" in found.failed[0].error
+    # review finding: under --pseudonymize the failure row named the folder
+    secret = tmp_path / "DOE-JANE-1961"
+    shutil.move(two, secret)
+    found = find_slides([tmp_path], pseudonyms=Pseudonyms(tmp_path / "map.json"))
+    row = next(r for r in found.failed if "holds 2 DICOM series" in r.error)
+    assert "DOE-JANE" not in f"{row.slide_id} {row.file} {row.error}", row
 
 
 def test_pseudonymized_notes_and_errors_name_no_file_or_roi(cohort: Path, tmp_path: Path

@@ -119,9 +119,10 @@ def _series_uids(folder: Path) -> set[str]:
 
 
 def _walk(folder: Path, recursive: bool, root: bool = True,
-          failed: list[SlideResult] | None = None) -> Iterator[Path]:
+          failed: list[SlideResult] | None = None,
+          pseudonyms: Pseudonyms | None = None) -> Iterator[Path]:
     """Slides under ``folder``, in sorted order; folders holding several DICOM series
-    go to ``failed``."""
+    go to ``failed`` (named by their pseudonym with ``pseudonyms``)."""
     try:
         entries = sorted(folder.iterdir())
     except OSError as exc:
@@ -136,16 +137,17 @@ def _walk(folder: Path, recursive: bool, root: bool = True,
         if n == 1:
             yield folder
         elif n > 1 and failed is not None:
+            pid = None if pseudonyms is None else pseudonyms.id_for(folder)
             failed.append(SlideResult(
-                slide_id(folder), folder.name, "failed",
-                error=f"folder {folder.name} holds {n} DICOM series — give each series "
-                      "its own folder (a series folder is one slide)"))
+                pid or slide_id(folder), pid or folder.name, "failed",
+                error=f"folder {pid or folder.name} holds {n} DICOM series — give each "
+                      "series its own folder (a series folder is one slide)"))
     mirax = {f.stem for f in files if f.suffix.lower() == ".mrxs"}
     yield from (f for f in files if _is_slide_file(f))
     for d in entries:
         if d.is_dir() and d.name not in mirax:
             if recursive:
-                yield from _walk(d, recursive, False, failed)
+                yield from _walk(d, recursive, False, failed, pseudonyms)
             elif _dicom_series(d) == 1:  # a series folder directly inside an input counts
                 yield d
 
@@ -204,7 +206,8 @@ def find_slides(inputs: Sequence[str | os.PathLike[str]], recursive: bool = True
                     continue
                 candidates.append((_slide_of(q), sid, p.name))
         elif p.is_dir():
-            candidates.extend((q, None, p.name) for q in _walk(p, recursive, True, found.failed))
+            candidates.extend((q, None, p.name)
+                              for q in _walk(p, recursive, True, found.failed, pseudonyms))
         elif p.exists():
             candidates.append((_slide_of(p), None, p.name))
         else:
