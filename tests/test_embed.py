@@ -289,3 +289,30 @@ def test_from_slides_leaves_out_unreadable_patches(cohort: Path, tmp_path: Path)
     assert len(bag.coords) == stored.n_patches
     with PatchStore(tmp_path / "a" / "patches" / "s003.lmdb") as store:
         np.testing.assert_array_equal(bag.coords, store.coords)
+
+
+def test_from_slides_manifest_on_every_share_with_failures_once(cohort: Path,
+                                                                tmp_path: Path) -> None:
+    """Review findings: an input list's unusable rows were repeated in every rank's
+    manifest, and a share with nothing to embed (or only skips) wrote no manifest."""
+    import csv
+
+    from gigamil.mil.embed_slides import embed_slides
+
+    listing = tmp_path / "slides.txt"
+    listing.write_text(f"{cohort / 's000.svs'}\nmissing.svs\n")
+    ecfg = ExtractConfig(mpp=2.0, patch_size=64)
+    out = tmp_path / "o"
+    feats = out / "features" / "tiny-cnn"
+    for rank in (0, 1):
+        cfg = EmbedConfig(encoder="tiny-cnn", device="cpu", workers=0, rank=rank, world_size=2)
+        embed_slides([listing], out, cfg, ecfg)
+    rows = {rank: list(csv.DictReader(open(feats / f"embed.rank{rank}.csv")))
+            for rank in (0, 1)}
+    failed = [r for part in rows.values() for r in part if r["status"] == "failed"]
+    assert len(failed) == 1 and "does not exist" in failed[0]["error"]
+    assert [r["status"] for r in rows[0]] == ["failed", "ok"] and rows[1] == []
+    cfg = EmbedConfig(encoder="tiny-cnn", device="cpu", workers=0, rank=0, world_size=2)
+    embed_slides([listing], out, cfg, ecfg)  # a rerun: the manifest lists the skip
+    again = list(csv.DictReader(open(feats / "embed.rank0.csv")))
+    assert [r["status"] for r in again] == ["failed", "skipped"]

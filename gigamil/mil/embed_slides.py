@@ -50,9 +50,17 @@ def embed_slides(
     features.root.mkdir(parents=True, exist_ok=True)
     dtype = cfg.autocast_dtype(device)
     results: list[EmbedResult] = []
+
+    def record(res: EmbedResult) -> None:
+        results.append(res)
+        write_csv(features.manifest(cfg.manifest_part), [r.row() for r in results], EMBED_FIELDS)
+        if on_result is not None:
+            on_result(res)
+
     sources, unusable = slide_sources(inputs, out_dir, cfg, extract)
-    for r in unusable:
-        results.append(EmbedResult(r.slide_id, "failed", error=r.error))
+    if cfg.rank == 0 and (cfg.shard is None or cfg.shard[0] == 0):  # once, not per share
+        for r in unusable:
+            record(EmbedResult(r.slide_id, "failed", error=r.error))
     for source in select_share(sources, cfg.shard, cfg.rank, cfg.world_size,
                                key=lambda s: str(s.path)):
         path, sid = source.path, source.slide_id
@@ -69,7 +77,7 @@ def embed_slides(
                         and a.get("source_size") == size
                         and a.get("extract_params") == repr(extract.output_params())):
                     res.status, res.n_patches = "skipped", n
-                    results.append(res)
+                    record(res)
                     continue
             f, coords, attrs = slide_features(path, encoder, extract, device, dtype,
                                               cfg.batch_size, max(1, cfg.workers), on_batch,
@@ -82,10 +90,9 @@ def embed_slides(
                 for w in sorted({str(path), path.name, path.stem}, key=len, reverse=True):
                     res.error = res.error.replace(w, sid)
         res.seconds = time.perf_counter() - t0
-        results.append(res)
-        write_csv(features.manifest(cfg.manifest_part), [r.row() for r in results], EMBED_FIELDS)
-        if on_result is not None:
-            on_result(res)
+        record(res)
+    if not results:  # nothing in this share: still a manifest, so the job's outcome is on disk
+        write_csv(features.manifest(cfg.manifest_part), [], EMBED_FIELDS)
     return results
 
 
