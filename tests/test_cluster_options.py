@@ -151,3 +151,14 @@ def test_stores_from_before_tissue_params_stay_current() -> None:
     tuned = ExtractConfig(tissue_params={"min_saturation": 30}).output_params()
     assert tuned["tissue_params"] == {"min_saturation": 30}
     assert tuned != ExtractConfig().output_params()
+
+
+def test_slurm_limit_parsing() -> None:
+    from gigamil.cluster.slurm_limits import _gpus, parse_mem_mb, parse_minutes
+
+    assert parse_minutes("infinite") is None and parse_minutes("UNLIMITED") is None
+    assert parse_minutes("30") == 30 and parse_minutes("30:00") == 30
+    assert parse_minutes("2:00:00") == 120 and parse_minutes("1-00:00:01") == 1441
+    assert parse_mem_mb("16G") == 16384 and parse_mem_mb("500") == 500
+    assert parse_mem_mb("1T") == 1024 * 1024 and parse_mem_mb("lots") is None
+    assert _gpus("gpu:4") == 4 and _gpus("gpu:a100:8(S:0-1)") == 8 and _gpus("(null)") == 0

@@ -185,3 +185,50 @@ def test_a_rendered_template_job_runs(slurm_cluster: str, tmp_path: Path) -> Non
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert sorted(p.name for p in (out / "patches").glob("*.lmdb")) == ["s000.lmdb", "s001.lmdb"]
+
+
+def test_a_job_that_could_never_start_is_refused_at_submission(slurm_cluster: str,
+                                                               tmp_path: Path) -> None:
+    """Found as a new user: the default --cpus-per-task 8 on a 2-CPU partition pended for
+    ever (reason PartitionConfig) and said nothing."""
+    slides = tmp_path / "slides"
+    make_cohort(slides, n=1, width=2048, height=2048, seed=7, workers=1)
+    cpus = os.cpu_count() or 1
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["extract", str(slides), "--out", str(out), "--executor", "slurm",
+                              "--cpus-per-task", str(cpus + 6), "--mem", "100T",
+                              "--time", "00:05:00", "--wait"])
+    flat = " ".join(res.output.split())
+    assert res.exit_code == 2 and "could never start" in flat, res.output
+    assert f"no node of partition debug has more than {cpus}" in flat
+    assert "--mem" in flat and not (out / "jobs").exists()  # nothing was submitted
+
+
+def test_wait_ends_when_the_jobs_are_cancelled_and_jobs_shows_why_they_pend(
+        slurm_cluster: str, tmp_path: Path) -> None:
+    """Found as a new user: after `scancel` of a pending array, `extract --wait` waited on
+    (accounting is off on the test cluster, as on many)."""
+    slides = tmp_path / "slides"
+    make_cohort(slides, n=1, width=2048, height=2048, seed=7, workers=1)
+    cpus = os.cpu_count() or 1
+    blocker = subprocess.run(["sbatch", "--parsable", "-c", str(cpus), "--wrap", "sleep 300"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "gigamil", "extract", str(slides), "--out", str(out),
+           "--mpp", "1.0", "--patch-size", "128", *SLURM_ARGS]
+    waiter = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 60
+        while not (out / "jobs" / "jobs.json").exists() and time.time() < deadline:
+            time.sleep(0.5)
+        job_id = json.loads((out / "jobs" / "jobs.json").read_text())[0]["job_id"]
+        time.sleep(3)  # the controller gives the pending job its reason
+        res = runner.invoke(app, ["jobs", str(out)])
+        assert "pending" in res.output and "Resources" in " ".join(res.output.split()), \
+            res.output
+        subprocess.run(["scancel", job_id.split("_")[0]], check=True)
+        output, _ = waiter.communicate(timeout=60)  # --wait ends
+        assert waiter.returncode != 0 and "CANCELLED" in output, output
+    finally:
+        waiter.kill()
+        subprocess.run(["scancel", blocker])

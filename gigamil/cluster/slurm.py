@@ -48,6 +48,9 @@ def make_executor(opts: ClusterOptions, folder: Path, name: str) -> Any:
     if shutil.which("sbatch") is None:
         raise UsageError("--executor slurm needs sbatch on the PATH",
                          "run this on a cluster login node, or use --executor local")
+    from gigamil.cluster.slurm_limits import check_request
+
+    check_request(opts)  # a job that could never start is refused here, not left pending
     executor = submitit.AutoExecutor(folder=str(folder / "%j"), cluster="slurm")
     params: dict[str, Any] = {
         "name": name, "timeout_min": opts.time_minutes(), "nodes": opts.nodes,
@@ -169,6 +172,8 @@ def job_report(out: str | os.PathLike[str]) -> list[JobStatus]:
             state = "unknown"
         if state == "failed" and not message and info:
             message = f"{info.get('JobState')} exit {info.get('ExitCode', '?')}"
+        if state == "pending" and info.get("Reason", "None") != "None":
+            message = f"pending: {info['Reason']}"  # Resources, Priority, PartitionConfig…
         rows.append(JobStatus(
             job_id=job_id, kind=entry["kind"], state=state,
             restarts=int(info.get("Restarts", 0) or 0), message=message,
@@ -243,18 +248,49 @@ def _error_line(text: str) -> str:
     return found[-1] if found else (lines[-1] if lines else "failed")
 
 
+def _ended_without_result(job: Any, seen: dict[str, int]) -> str | None:
+    """Why a job that submitit does not call done will never be (cancelled, failed, or
+    gone from the queue without a result), once seen twice in a row; else None. Reads
+    ``scontrol``, so it works where SLURM accounting (sacct) is off."""
+    job_id = str(job.job_id)
+    info = _scontrol(job_id)
+    state = info.get("JobState", "")
+    if not info:
+        reason = "vanished from the queue without a result"
+    elif _STATES.get(state) in ("failed", "done"):
+        reason = f"{state} ({info.get('Reason', 'None')}, exit {info.get('ExitCode', '?')})"
+    else:
+        seen.pop(job_id, None)
+        return None
+    seen[job_id] = seen.get(job_id, 0) + 1
+    return reason if seen[job_id] >= 2 else None  # the result pickle may still be on its way
+
+
 def wait_jobs(jobs: Sequence[Any], on_poll: Callable[[list[str]], None] | None = None,
               poll: float = 2.0) -> list[Any]:
-    """Block until every job is finished; the results (a failed job raises GigamilError)."""
+    """Block until every job is finished, cancelled, failed or gone; the results (a job
+    that failed or ended without a result raises GigamilError naming each one's state)."""
+    seen: dict[str, int] = {}
+    ended: dict[str, str] = {}
     while True:
         done = [job.done() for job in jobs]
+        for job, d in zip(jobs, done):
+            if not d and str(job.job_id) not in ended:
+                why = _ended_without_result(job, seen)
+                if why:
+                    ended[str(job.job_id)] = why
         if on_poll is not None:
-            on_poll([("done" if d else "waiting") for d in done])
-        if all(done):
+            on_poll([("done" if d else "ended" if str(j.job_id) in ended else "waiting")
+                     for j, d in zip(jobs, done)])
+        if all(d or str(j.job_id) in ended for j, d in zip(jobs, done)):
             break
         time.sleep(poll)
     results, failures = [], []
     for job in jobs:
+        if str(job.job_id) in ended and not job.done():
+            failures.append(f"job {job.job_id}: {ended[str(job.job_id)]} "
+                            f"(log: {job.paths.stderr})")
+            continue
         try:
             results.append(job.results()[0])  # task 0 (rank 0) answers for the job
         except Exception as exc:  # noqa: BLE001 - submitit re-raises the job's error
