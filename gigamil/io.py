@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import IO, Any
 
 __all__ = ["atomic_path", "atomic_open", "write_json", "write_csv", "write_slide_vectors",
-           "fsync_dir"]
+           "fsync_dir", "work_lock"]
 
 
 def fsync_dir(directory: str | os.PathLike[str]) -> None:
@@ -102,3 +102,39 @@ def write_slide_vectors(target: str | os.PathLike[str], slide_ids: Sequence[str]
         f.create_dataset("embedding", data=np.asarray(vectors, np.float32), compression="gzip")
         for k, v in (attrs or {}).items():
             f.attrs[k] = v
+
+
+@contextlib.contextmanager
+def work_lock(target: str | os.PathLike[str]) -> Iterator[bool]:
+    """Claim the work of writing ``target`` against other processes (and threads): yields
+    True when this caller holds it, False when someone else does right now.
+
+    An ``flock`` on ``<target>.lock``: the kernel releases it when its holder exits, however
+    it dies, so a lock file left by a killed job never blocks a rerun. The file is removed
+    by the holder when done; a claim on a file already replaced is retried on the new one.
+    """
+    import fcntl
+
+    path = Path(str(target) + ".lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            yield False
+            return
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # its holder removed that file after we opened it: claim the new one
+    try:
+        yield True
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        os.close(fd)

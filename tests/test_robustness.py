@@ -129,3 +129,53 @@ def test_a_worker_that_dies_fails_only_its_slide(cohort: Path, tmp_path: Path,
     assert by["s001.svs"].status == "failed" and "died" in by["s001.svs"].error
     assert [by[f"s00{i}.svs"].status for i in (0, 2, 3)] == ["ok", "ok", "ok"]
     assert len(results) == 4
+
+
+def test_two_runs_at_once_on_one_output_write_each_slide_once(cohort: Path,
+                                                              tmp_path: Path) -> None:
+    """Two extractions of the same slides into the same --out at the same time (a job
+    submitted twice): every slide is extracted by exactly one of them."""
+    import threading
+
+    cfg = ExtractConfig(mpp=1.0, patch_size=64, encoding="raw")
+    results: dict[str, list] = {}
+    start = threading.Barrier(2)
+
+    def run(name: str) -> None:
+        start.wait()
+        results[name] = extract_slides([cohort], tmp_path, cfg, workers=0)
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    by_slide: dict[str, list[str]] = {}
+    for res in (*results["a"], *results["b"]):
+        by_slide.setdefault(res.slide_id, []).append(res.status)
+    assert sorted(by_slide) == [f"s{i:03d}" for i in range(4)]
+    for sid, statuses in by_slide.items():
+        assert sorted(statuses) == ["ok", "skipped"], (sid, statuses)
+    claims = [p for p in (tmp_path / "patches").glob("*.lock") if not p.name.startswith(".")]
+    assert not claims  # released and removed
+    for sid in by_slide:
+        with PatchStore(tmp_path / "patches" / f"{sid}.lmdb") as store:
+            assert len(store) > 0
+
+
+def test_a_claim_left_by_a_killed_process_never_blocks_a_rerun(tmp_path: Path) -> None:
+    from gigamil.io import work_lock
+
+    target = tmp_path / "s.lmdb"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import time, sys; from gigamil.io import work_lock\n"
+        f"with work_lock({str(target)!r}) as mine:\n"
+        "    print(mine, flush=True); time.sleep(60)")], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "True"
+    with work_lock(target) as mine:
+        assert mine is False  # held by a live process
+    holder.kill()
+    holder.wait()
+    assert (tmp_path / "s.lmdb.lock").exists()  # left behind by the kill ...
+    with work_lock(target) as mine:
+        assert mine is True  # ... and no obstacle

@@ -12,6 +12,7 @@ threaded read/QC/encode path in :mod:`gigamil.wsi.planning`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from gigamil.errors import GigamilError, SlideOpenError, StoreError, UsageError
+from gigamil.io import work_lock
 from gigamil.layout import ExtractDir
 from gigamil.versions import gigamil_version, package_versions
 from gigamil.wsi.extract_config import ExtractConfig, SlidePlan, SlideResult
@@ -144,10 +146,15 @@ def extract_slide(
     layout = ExtractDir(out)
     store_path, h5_path = layout.store(sid), layout.coords_h5(sid)
     result = SlideResult(sid, name, "failed")
+    claim = contextlib.ExitStack()
     try:
         if store_path.exists() and not store_path.is_file():
             raise UsageError(f"output {store_path.name} exists and is not a file",
                              "remove it or choose another --out")
+        if not claim.enter_context(work_lock(store_path)):  # two runs on one --out
+            result.status = "skipped"
+            result.note = "being extracted by another process at this moment"
+            return result
         wanted = [p for p, on in ((layout.geojson(sid), cfg.geojson),
                                   (layout.preview(sid), cfg.previews)) if on]
         if not overwrite and store_path.is_file() and all(p.is_file() for p in wanted):
@@ -232,6 +239,7 @@ def extract_slide(
             log.warning("%s: unexpected error: %s", sid, result.error,
                         exc_info=log.isEnabledFor(logging.DEBUG))
     finally:
+        claim.close()
         result.seconds = time.perf_counter() - t0
         if name != path.name:  # pseudonymized: no file, folder or ROI name in any output
             result.note = _scrub(result.note, path, name, roi_key, cfg)
