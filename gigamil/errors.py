@@ -21,6 +21,8 @@ __all__ = [
     "CopyCancelled",
     "TrainingInterrupted",
     "NoPatchesError",
+    "DiskFullError",
+    "is_disk_full",
 ]
 
 
@@ -91,5 +93,46 @@ class NoPatchesError(UsageError):
     """No patch of a slide passed QC, so there is nothing to predict from."""
 
     def __init__(self, sid: str) -> None:
+        self.sid = sid
         super().__init__(f"{sid}: no tissue patches passed QC",
                          "check the slide, or lower --min-tissue when extracting")
+
+    def __reduce__(self) -> tuple[type, tuple[str]]:  # back from a Ray or pool worker intact
+        return (type(self), (self.sid,))
+
+
+class DiskFullError(GigamilError):
+    """The output's file system is full: the run stops (every later slide would fail too)."""
+
+    def __init__(self, directory: object) -> None:
+        self.directory = directory
+        super().__init__(f"no space left on the device of {directory}",
+                         "free space there (or choose another --out) and rerun: finished "
+                         "outputs are kept and only the rest is done")
+
+    def __reduce__(self) -> tuple[type, tuple[object]]:  # back from a worker process intact
+        return (type(self), (self.directory,))
+
+
+def is_disk_full(exc: BaseException, directory: object = None) -> bool:
+    """Whether ``exc`` (or what caused it) is the file system running out of space, as
+    Python, LMDB, HDF5 and torch report it. Some writers do not say so (LMDB through its
+    memory map: "Input/output error"; torch: "file write failed"): given the
+    ``directory`` written to, a failure there counts when it has less than 16 MB left."""
+    import errno
+    import shutil
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(seen)
+        if "No space left on device" in text or "Disk quota exceeded" in text:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    if directory is None:
+        return False
+    try:
+        return shutil.disk_usage(str(directory)).free < 16 << 20
+    except OSError:
+        return False

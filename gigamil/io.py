@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import IO, Any
 
 __all__ = ["atomic_path", "atomic_open", "write_json", "write_csv", "write_slide_vectors",
-           "fsync_dir", "work_lock"]
+           "fsync_dir", "work_lock", "ensure_writable"]
 
 
 def fsync_dir(directory: str | os.PathLike[str]) -> None:
@@ -138,3 +138,26 @@ def work_lock(target: str | os.PathLike[str]) -> Iterator[bool]:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
         os.close(fd)
+
+
+def ensure_writable(directory: str | os.PathLike[str]) -> Path:
+    """Create ``directory`` if needed and prove it takes a file, before any work starts
+    (a read-only mount, missing permissions, a full disk); a clear error naming it."""
+    from gigamil.errors import DiskFullError, UsageError, is_disk_full
+
+    path = Path(directory)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".gigamil-write-test-")
+        try:
+            os.write(fd, b"x")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise DiskFullError(path) from None
+        raise UsageError(f"cannot write to {path}: {exc.strerror or exc}",
+                         "choose another --out, or make the folder writable") from None
+    return path

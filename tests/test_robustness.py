@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 import subprocess
 import sys
@@ -179,3 +181,77 @@ def test_a_claim_left_by_a_killed_process_never_blocks_a_rerun(tmp_path: Path) -
     assert (tmp_path / "s.lmdb.lock").exists()  # left behind by the kill ...
     with work_lock(target) as mine:
         assert mine is True  # ... and no obstacle
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path):
+    """An 8 MB tmpfs: room for two of the cohort's stores (about 3.4 MB each, raw)."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)],
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_a_full_disk_stops_with_one_error_and_a_rerun_with_space_finishes(
+        cohort: Path, small_fs: Path) -> None:
+    from typer.testing import CliRunner
+
+    from gigamil.cli.main import app
+
+    runner = CliRunner()
+    out = small_fs / "out"
+    args = ["extract", str(cohort), "--out", str(out), "--mpp", "1.0", "--patch-size", "64",
+            "--format", "raw", "--workers", "1"]
+    res = runner.invoke(app, args)
+    flat = " ".join(res.output.split())
+    assert res.exit_code == 2 and f"no space left on the device of {out}" in flat, res.output
+    assert flat.count("no space left") == 1  # one error, not one per slide
+    leftovers = [p.name for p in out.rglob("*") if ".partial" in p.name or ".tmp-" in p.name]
+    assert not leftovers  # nothing truncated stays behind
+    for store in (out / "patches").glob("*.lmdb"):
+        with PatchStore(store) as s:  # what was written is complete
+            assert len(s) > 0 and s[len(s) - 1].shape == (64, 64, 3)
+    done_before = len(list((out / "patches").glob("*.lmdb")))
+    assert done_before < 4
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_fs)], check=True)
+    res = runner.invoke(app, args)  # with space: only the rest is done
+    assert res.exit_code == 0, res.output
+    rows = list(csv.DictReader(open(out / "extract.csv")))
+    assert sorted(r["status"] for r in rows) == ["ok"] * (4 - done_before) + \
+        ["skipped"] * done_before
+    subprocess.run(["mount", "-o", "remount,ro", str(small_fs)], check=True)
+    for cmd in (args, ["embed", str(out), "--encoder", "tiny-cnn", "--workers", "0",
+                       "--device", "cpu"]):
+        res = runner.invoke(app, [*cmd[:1], *cmd[1:], "--overwrite"])  # read-only: at once
+        flat = " ".join(res.output.split())
+        assert res.exit_code == 2 and "cannot write to" in flat and "Read-only" in flat, \
+            res.output
+
+
+def test_training_on_a_full_disk_stops_with_one_error_and_resumes(small_fs: Path,
+                                                                 tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from gigamil.cli.main import app
+    from gigamil.synth.bags import make_feature_bags
+
+    bags = tmp_path / "bags"
+    make_feature_bags(bags, n_slides=12, dim=16, bag_size=(10, 30), seed=0)
+    filler = small_fs / "filler"
+    filler.write_bytes(b"\0" * (8 * 2**20 - 600 * 2**10))  # ~600 KB left
+    out = small_fs / "run"
+    args = ["train", "--features", str(bags), "--labels", str(bags / "labels.csv"), "--out",
+            str(out), "--folds", "2", "--epochs", "3", "--batch-size", "2", "--bootstrap",
+            "10", "--val-frac", "0", "--device", "cpu", "-o", "hidden=512"]
+    res = CliRunner().invoke(app, args)
+    flat = " ".join(res.output.split())
+    assert res.exit_code == 2 and "no space left on the device of" in flat, res.output
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
+    filler.unlink()
+    res = CliRunner().invoke(app, [*args, "--resume", "auto"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "summary.json").read_text())["complete"]

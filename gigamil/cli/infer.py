@@ -41,10 +41,12 @@ def infer(
     rerun skips finished slides; exit code 1 if any slide failed.
     """
     from gigamil.cluster.infer import find_inference_slides, infer_slides_where, todo
+    from gigamil.io import ensure_writable
     from gigamil.mil.infer_outputs import write_outputs
     from gigamil.mil.infer_spec import InferenceSpec
 
     spec = InferenceSpec.from_run(run, settings)
+    ensure_writable(preds_out)  # a read-only or full --out: one error, before any work
     paths, unusable = find_inference_slides(slides, spec, settings, preds_out)
     remaining = todo(paths, preds_out, spec)
     failures: list[SlideFailure] = list(unusable)

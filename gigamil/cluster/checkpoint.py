@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from gigamil.errors import DiskFullError, is_disk_full
 from gigamil.io import atomic_path, write_json
 
 __all__ = ["CheckpointManager", "file_sha256"]
@@ -53,10 +54,15 @@ class CheckpointManager:
 
     # -- writing ----------------------------------------------------------------
     def _write(self, path: Path, state: dict[str, Any], extra: dict[str, Any]) -> None:
-        with atomic_path(path) as tmp:
-            torch.save(state, tmp)
-        write_json(path.with_suffix(".json"),
-                   {"sha256": file_sha256(path), "bytes": path.stat().st_size, **extra})
+        try:
+            with atomic_path(path) as tmp:
+                torch.save(state, tmp)
+            write_json(path.with_suffix(".json"),
+                       {"sha256": file_sha256(path), "bytes": path.stat().st_size, **extra})
+        except (OSError, RuntimeError) as exc:
+            if is_disk_full(exc, self.directory):  # the last good checkpoint stays
+                raise DiskFullError(self.directory) from exc
+            raise
 
     def save(self, state: dict[str, Any], step: int) -> Path:
         """Write ``step_<step>.pt`` (main rank only) and keep the newest ``keep``."""

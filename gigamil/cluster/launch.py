@@ -22,6 +22,7 @@ import torch
 
 from gigamil.cluster.checkpoint import CheckpointManager
 from gigamil.cluster.distributed import DistEnv, dist_env, process_group
+from gigamil.io import ensure_writable
 from gigamil.layout import RunDir
 from gigamil.mil.fold import StopRequest
 from gigamil.mil.train import train
@@ -95,6 +96,8 @@ def run_training(cfg: TrainConfig, resume: bool = False, env: DistEnv | None = N
         return CheckpointManager(RunDir(out).checkpoints(fold), keep=cfg.keep_last,
                                  is_main=env.is_main)
 
+    if env.is_main:
+        ensure_writable(out)  # a read-only or full --out: one error, before any work
     with run_log(out, env.is_main), stop_on_signals(stop, preempt_signal), \
             process_group(env, device):
         log.info("training %s on %s, rank %d of %d, %d torch threads%s", cfg.model, device,

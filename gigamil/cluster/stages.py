@@ -16,11 +16,13 @@ checkpoints), so a resubmitted array or a requeued job does only what is missing
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import functools
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,14 +31,14 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from gigamil.cluster.executor import ClusterOptions, Stage
 from gigamil.cluster.pool import report_progress, run_pool
-from gigamil.errors import UsageError
-from gigamil.io import write_csv, write_json
+from gigamil.errors import DiskFullError, UsageError, is_disk_full
+from gigamil.io import ensure_writable, write_csv, write_json
 from gigamil.layout import ExtractDir
 from gigamil.versions import gigamil_version, package_versions
 from gigamil.wsi.discovery import Pseudonyms, SlideSource, find_slides
 from gigamil.wsi.extract import extract_slide
 from gigamil.wsi.extract_config import MANIFEST_FIELDS, ExtractConfig, SlideResult
-from gigamil.wsi.metadata import SLIDE_EXTENSIONS
+from gigamil.wsi.metadata import SLIDE_EXTENSIONS, load_mpp_csv
 
 if TYPE_CHECKING:  # torch-side configs: imported by the jobs themselves, not at start-up
     from gigamil.cluster.staging import SlideStager
@@ -62,29 +64,6 @@ def _extract_one(job: SlideSource, out: Path, cfg: ExtractConfig, overwrite: boo
                          roi_key=job.original_id)
 
 
-def load_mpp_csv(path: str | os.PathLike[str]) -> dict[str, float]:
-    """``slide_id,mpp`` rows of ``--mpp-csv`` as {slide id: level-0 µm/px}."""
-    from gigamil.wsi.metadata import valid_mpp
-
-    p = Path(path)
-    try:
-        with open(p, newline="", encoding="utf-8-sig") as fh:
-            rows = list(csv.DictReader(fh))
-    except OSError as exc:
-        raise UsageError(f"cannot read --mpp-csv {p.name}: {exc.strerror}") from None
-    if not rows or not {"slide_id", "mpp"} <= set(rows[0]):
-        raise UsageError(f"--mpp-csv {p.name} needs the columns slide_id and mpp",
-                         "e.g. a line `TCGA-01,0.2520` per slide")
-    out: dict[str, float] = {}
-    for i, row in enumerate(rows, 2):
-        mpp = valid_mpp(row["mpp"])
-        if mpp is None:
-            raise UsageError(f"--mpp-csv {p.name} line {i}: mpp {row['mpp']!r} is not a "
-                             "plausible resolution", "give level-0 µm per pixel, e.g. 0.25")
-        out[row["slide_id"].strip()] = mpp
-    return out
-
-
 def slide_config(cfg: ExtractConfig, job: SlideSource, mpps: dict[str, float]) -> ExtractConfig:
     """The options for one slide: its ``--mpp-csv`` resolution as its override."""
     mpp = mpps.get(job.original_id)
@@ -97,11 +76,7 @@ def _prepare_extract_dir(out: ExtractDir, cfg: ExtractConfig) -> None:
     for sub in (out.patches, out.coords, out.previews):
         if sub.exists() and not sub.is_dir():
             raise UsageError(f"{sub} is a file", "remove it or choose another --out")
-    try:
-        out.patches.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"cannot create --out {out.root}: {exc.strerror}",
-                         "give a directory you can write to") from None
+    ensure_writable(out.patches)  # a read-only or full --out: one error, before any work
     config = dataclasses.asdict(cfg)
     if not cfg.record_paths:  # folder names may name patients: keep file names only
         for key in ("pseudonym_map", "mpp_csv", "roi_dir", "stage_dir", "stain_reference"):
@@ -158,7 +133,12 @@ def extract_slides(
 
     def write_manifest() -> None:
         results.sort(key=lambda r: order.get(r.file, 0))
-        write_csv(out.manifest(shard), [r.row() for r in results], MANIFEST_FIELDS)
+        try:
+            write_csv(out.manifest(shard), [r.row() for r in results], MANIFEST_FIELDS)
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise DiskFullError(out.root) from exc
+            raise
         last_write[0] = time.monotonic()
 
     def record(res: SlideResult) -> None:
@@ -206,7 +186,9 @@ def extract_slides(
     finally:
         if stager is not None:
             stager.close()
-        write_manifest()
+        # with an error on its way (a full disk, say), a manifest that cannot be written waits
+        with contextlib.suppress(DiskFullError) if sys.exc_info()[1] else contextlib.nullcontext():
+            write_manifest()
     return results
 
 

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from gigamil.errors import GigamilError, StoreError, UsageError
-from gigamil.io import write_csv, write_json
+from gigamil.errors import DiskFullError, GigamilError, StoreError, UsageError, is_disk_full
+from gigamil.io import ensure_writable, write_csv, write_json
 from gigamil.layout import ExtractDir, FeatureDir
 from gigamil.memory import retain_freed_memory
 from gigamil.mil.embed_config import EMBED_FIELDS, EmbedConfig, EmbedResult
@@ -121,7 +121,7 @@ def embed_stores(
     device = cfg.resolved_device()
     encoder = create_encoder(cfg.encoder, cfg.weights, device)
     features = ExtractDir(out_dir or data).features(cfg.encoder)
-    features.root.mkdir(parents=True, exist_ok=True)
+    ensure_writable(features.root)
     write_json(features.config, {
         "config": dataclasses.asdict(cfg), "encoder": dataclasses.asdict(encoder.spec)
         | {"kwargs": {k: str(v) for k, v in encoder.spec.kwargs.items()}},
@@ -295,6 +295,8 @@ class _SlideBags:
                 res.error = f"{res.n_bad} corrupt patch(es) skipped"
                 log.warning("%s: %d corrupt patches skipped", sid, res.n_bad)
         except Exception as exc:
+            if is_disk_full(exc):  # every later bag would fail too: stop here
+                raise DiskFullError(self.features.root) from exc
             res.status, res.error = "failed", str(exc)
         res.seconds = time.perf_counter() - self.started.get(j, time.perf_counter())
         for view in views:

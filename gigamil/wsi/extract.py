@@ -24,7 +24,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from gigamil.errors import GigamilError, SlideOpenError, StoreError, UsageError
+from gigamil.errors import (
+    DiskFullError,
+    GigamilError,
+    SlideOpenError,
+    StoreError,
+    UsageError,
+    is_disk_full,
+)
 from gigamil.io import work_lock
 from gigamil.layout import ExtractDir
 from gigamil.versions import gigamil_version, package_versions
@@ -229,7 +236,9 @@ def extract_slide(
         if total[UNREADABLE]:
             notes.append(f"{total[UNREADABLE]} patches left out: their tiles cannot be decoded")
         result.note = "; ".join(notes)
-    except Exception as exc:  # one bad slide must never stop the batch
+    except Exception as exc:  # one bad slide must never stop the batch ...
+        if is_disk_full(exc, out):  # ... but a full disk would fail every one after it
+            raise DiskFullError(out) from exc
         result.error = safe_message(exc, path, store_path)
         if name != path.name:  # pseudonymized: before it is logged
             result.error = _scrub(result.error, path, name, roi_key, cfg)

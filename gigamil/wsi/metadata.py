@@ -8,6 +8,7 @@ for a target resolution; :func:`slide_id` turns a file name into a safe id.
 
 from __future__ import annotations
 
+import csv
 import math
 import os
 import re
@@ -18,6 +19,7 @@ from typing import Any
 from gigamil.errors import UpsampleError, UsageError
 
 __all__ = [
+    "load_mpp_csv",
     "Level",
     "SLIDE_EXTENSIONS",
     "TILE_EXTENSIONS",
@@ -146,3 +148,24 @@ def slide_id(path: str | os.PathLike[str]) -> str:
             stem = stem[: -len(ext)]
             break
     return _SAFE_ID.sub("_", stem).strip("._") or "slide"
+
+
+def load_mpp_csv(path: str | os.PathLike[str]) -> dict[str, float]:
+    """``slide_id,mpp`` rows of ``--mpp-csv`` as {slide id: level-0 µm/px}."""
+    p = Path(path)
+    try:
+        with open(p, newline="", encoding="utf-8-sig") as fh:
+            rows = list(csv.DictReader(fh))
+    except OSError as exc:
+        raise UsageError(f"cannot read --mpp-csv {p.name}: {exc.strerror}") from None
+    if not rows or not {"slide_id", "mpp"} <= set(rows[0]):
+        raise UsageError(f"--mpp-csv {p.name} needs the columns slide_id and mpp",
+                         "e.g. a line `TCGA-01,0.2520` per slide")
+    out: dict[str, float] = {}
+    for i, row in enumerate(rows, 2):
+        mpp = valid_mpp(row["mpp"])
+        if mpp is None:
+            raise UsageError(f"--mpp-csv {p.name} line {i}: mpp {row['mpp']!r} is not a "
+                             "plausible resolution", "give level-0 µm per pixel, e.g. 0.25")
+        out[row["slide_id"].strip()] = mpp
+    return out
