@@ -6,7 +6,19 @@ from typing import Annotated
 
 import typer
 
-from gigamil.cli import cluster, convert, demo, embed, extract, infer, inspect, models, synth, train
+from gigamil.cli import (
+    cluster,
+    convert,
+    demo,
+    embed,
+    extract,
+    infer,
+    inspect,
+    models,
+    study,
+    synth,
+    train,
+)
 from gigamil.cli._common import err, setup_logging
 from gigamil.versions import gigamil_version
 
@@ -55,6 +67,9 @@ app.command("infer")(infer.infer)
 app.command("export")(infer.export)
 app.command("heatmap")(infer.heatmap)
 app.command("jobs")(cluster.jobs)
+app.command("init")(study.init)
+app.command("run")(study.run)
+app.command("status")(study.status)
 app.add_typer(inspect.app, name="inspect")
 app.add_typer(cluster.app, name="slurm")
 
