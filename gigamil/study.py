@@ -32,7 +32,7 @@ if typing.TYPE_CHECKING:
     from gigamil.mil.train_config import TrainConfig
     from gigamil.wsi.extract_config import ExtractConfig
 
-__all__ = ["STAGES", "Study", "load_study", "study_template"]
+__all__ = ["STAGES", "Study", "load_study", "study_template", "command_defaults"]
 
 STAGES = ("extract", "embed", "train", "infer")
 #: fields a study sets from its own layout (or a process sets at run time), not the file
@@ -340,4 +340,22 @@ def _fields(cls: type, skip: set[str], indent: str) -> list[str]:
             note = (note + " " if note else "") + "(" + " | ".join(map(str, choices)) + ")"
         lines = f"{indent}{f.name}: {text}"
         out.append(f"{lines:<34s} # {note}" if note else lines)
+    return out
+
+
+def command_defaults(study: Study, command: str) -> dict[str, Any]:
+    """The options a command takes from the study (``--config``): its stage's section and
+    its ``cluster:``, as command-line values (lists joined with commas)."""
+    stage = command if command in STAGES else None
+    if stage is None:
+        return {}
+    values = {**study.clusters.get(stage, {}), **study.sections.get(stage, {})}
+    out: dict[str, Any] = {}
+    for k, v in values.items():
+        if dataclasses.is_dataclass(v):  # a nested config (extract's qc): its own options
+            out.update(dataclasses.asdict(v))  # type: ignore[arg-type]
+        elif isinstance(v, tuple):
+            out[k] = ",".join(str(x) for x in v)
+        else:
+            out[k] = v
     return out

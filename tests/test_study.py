@@ -143,3 +143,27 @@ def test_run_equals_the_commands_by_hand_and_status_says_where_it_stands(
     assert {r["status"] for r in rows} == {"skipped"}
     res = runner.invoke(app, ["run", str(tmp_path / "study.yaml"), "--from", "nonsense"])
     assert res.exit_code == 2 and "not a stage" in res.output
+
+
+def test_any_command_takes_its_options_from_the_study_and_the_command_line_wins(
+        tmp_path: Path) -> None:
+    from gigamil.synth.bags import make_feature_bags
+
+    bags = tmp_path / "bags"
+    make_feature_bags(bags, n_slides=12, dim=8, bag_size=(5, 10), seed=0)
+    (tmp_path / "study.yaml").write_text(STUDY.replace("  folds: 2\n", "  folds: 3\n"))
+    out = tmp_path / "run"
+    res = runner.invoke(app, ["train", "--features", str(bags), "--labels",
+                              str(bags / "labels.csv"), "--out", str(out), "--config",
+                              str(tmp_path / "study.yaml"), "--epochs", "1"])
+    assert res.exit_code == 0, res.output
+    cfg = json.loads((out / "config.json").read_text())["config"]
+    assert cfg["folds"] == 3 and cfg["batch_size"] == 2 and cfg["val_frac"] == 0.0  # study
+    assert cfg["epochs"] == 1  # the command line over the study
+    assert cfg["lr"] == 2e-4  # neither: the default
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(STUDY.replace("  folds: 2\n", "  foldz: 2\n"))
+    res = runner.invoke(app, ["train", "--features", str(bags), "--labels",
+                              str(bags / "labels.csv"), "--out", str(tmp_path / "r2"),
+                              "--config", str(bad)])
+    assert res.exit_code != 0 and "bad.yaml:13: unknown key `foldz`" in _flat(res.output)

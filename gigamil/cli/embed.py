@@ -59,6 +59,7 @@ def embed(
     mpp_override: opt.MppOverride = None,
     pseudonymize: opt.Pseudonymize = False,
     pseudonym_map: opt.PseudonymMap = None,
+    config: opt.ConfigFile = None,
     *,
     cluster: ClusterOptions,
 ) -> None:

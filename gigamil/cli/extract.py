@@ -94,6 +94,7 @@ def extract(
     stage_gb: Annotated[float, typer.Option(
         min=0.1, rich_help_panel="Slides",
         help="At most this many GB staged at once.")] = opt.EXTRACT.stage_gb,
+    config: opt.ConfigFile = None,
     *,
     cluster: ClusterOptions,
 ) -> None:

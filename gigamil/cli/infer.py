@@ -26,6 +26,7 @@ def infer(
     slides: Annotated[list[Path], typer.Argument(help="Slide files or directories.")],
     run: RunDir,
     preds_out: Annotated[Path, typer.Option("--out", help="Where predictions go.")],
+    config: opt.ConfigFile = None,
     *,
     where: RayOptions,
     settings: InferConfig,

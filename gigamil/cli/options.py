@@ -69,6 +69,37 @@ TissueParam = Annotated[list[str] | None, typer.Option(
                                  "(e.g. -t min_saturation=30).")]
 
 
+def _study_defaults(ctx: typer.Context, param: Any, value: Path | None) -> Path | None:
+    """``--config``: the study file's section for this command becomes the defaults of its
+    options (so the command line still wins); eager, so it is read before the others."""
+    if value is None:
+        return value
+    from gigamil.errors import GigamilError
+    from gigamil.study import command_defaults, load_study
+
+    try:
+        study = load_study(value)
+    except GigamilError as exc:  # during option parsing: click's own error line, exit 2
+        raise typer.BadParameter(str(exc), ctx=ctx, param=param) from None
+    names = {}
+    for p in ctx.command.params:
+        for flag in getattr(p, "opts", []):
+            if flag.startswith("--"):
+                names[flag[2:].replace("-", "_")] = p.name
+        names.setdefault(str(p.name), p.name)
+    found = command_defaults(study, str(ctx.info_name))
+    ctx.default_map = {**(ctx.default_map or {}),
+                       **{names[k]: v for k, v in found.items() if k in names}}
+    return value
+
+
+#: ``--config study.yaml``: this command's options from a study file's section for it
+ConfigFile = Annotated[Path | None, typer.Option(
+    "--config", exists=True, dir_okay=False, is_eager=True, callback=_study_defaults,
+    help="Take this command's options from the study file's section for it (and its "
+         "`cluster:`); options given here win.")]
+
+
 def parse_key_values(items: list[str] | None, what: str = "option") -> dict[str, Any]:
     """``["hidden=128", "gated=true"]`` → ``{"hidden": 128, "gated": True}`` (JSON values)."""
     options: dict[str, Any] = {}

@@ -149,6 +149,7 @@ def train(
         help="temperature: fit temperature scaling of each classification head on the fold's "
         "inner validation split (when it has at least 20 labelled slides); eval and infer "
         "apply it.")] = T.calibrate,
+    config: opt.ConfigFile = None,
     *,
     cluster: ClusterOptions,
 ) -> None:
