@@ -294,14 +294,14 @@ def test_keep_100k_patches_is_fast() -> None:
     roi = Roi(ring.difference(shapely.Point(50_000, 50_000).buffer(10_000)), 100_000, 100_000)
     coords = _grid(316, 316, 100_000, 100_000)
     assert len(coords) >= 99_000
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     kept = roi.keep(coords, size0)
-    elapsed = time.perf_counter() - t0
+    elapsed = time.process_time() - t0
     centres = coords + size0 / 2
     r = np.hypot(centres[:, 0] - 50_000, centres[:, 1] - 50_000)
     clear = (np.abs(r - 40_000) > size0) & (np.abs(r - 10_000) > size0)
     np.testing.assert_array_equal(kept[clear], ((r > 10_000) & (r < 40_000))[clear])
-    assert elapsed < 3.0, elapsed
+    assert elapsed < 3.0, elapsed  # CPU seconds: a busy machine does not inflate them
 
 
 def test_keep_with_a_detailed_outline_is_fast_and_exact() -> None:
@@ -310,12 +310,12 @@ def test_keep_with_a_detailed_outline_is_fast_and_exact() -> None:
     outline = shapely.Polygon(np.c_[50_000 + r * np.cos(t), 50_000 + r * np.sin(t)])
     roi = Roi(outline, 100_000, 100_000)
     coords = _grid(316, 316, 100_000, 100_000)
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     frac = roi.inside_fraction(coords, 316)
-    elapsed = time.perf_counter() - t0
+    elapsed = time.process_time() - t0
     edge = np.flatnonzero((frac > 0) & (frac < 1))
     sample = np.random.default_rng(0).choice(edge, 150, replace=False)
     x, y = coords[sample, 0], coords[sample, 1]
     exact = shapely.area(shapely.intersection(outline, shapely.box(x, y, x + 316, y + 316)))
     np.testing.assert_allclose(frac[sample], exact / 316**2, atol=1e-5)
-    assert elapsed < 3.0, elapsed
+    assert elapsed < 3.0, elapsed  # CPU seconds: a busy machine does not inflate them
