@@ -1,20 +1,30 @@
 """Chaos, every stage: SIGKILL extract, embed, train and infer at seeded random moments.
 
-For each stage an uninterrupted reference run is timed; then the same command, into
-another folder, is killed (SIGKILL to its whole process group, as a scheduler does) at
-``KILLS`` random moments in turn, each time rerun on what the previous run left, and
-finally run to completion. The final outputs must equal the reference (bitwise: patch
-bytes, features, weights and optimizer state, prediction tables but their timings).
+For each stage (extract → embed → train → infer, each reading the previous stage's
+reference output):
 
-After every kill each file under the output folder that a reader would take as complete
-(any name but the temporary ones: ``.NAME.tmp-*``, ``*.partial``, locks) is opened with
-the reader the package uses for it, so a truncated file is never read as complete.
+1. a reference: ``python -m gigamil STAGE ...`` run uninterrupted, in a fresh process;
+2. the same command into another folder, uninterrupted, started by a fork server: it must
+   give the reference's outputs too, and it times the stage's work;
+3. ``KILLS`` runs, each on what the previous one left, each SIGKILLed (its whole process
+   group, as a scheduler does) at a seeded random moment of its work: within the work time
+   of (2) scaled by the share of work left, counted from the moment the run first changes
+   its output folder. A run that ends before its kill is compared with the reference and
+   the folder wiped, so that the next kills land in real work again;
+4. a final run, a fresh ``python -m gigamil`` process, that finishes the job; its outputs
+   must equal the reference's bitwise (patch bytes, features, weights, optimizer and RNG
+   state, prediction tables but their timings).
 
-Each kill is timed from the moment the run first changes its output folder (start-up,
-mostly importing torch, takes seconds and varies with the load of the machine), after a
-seeded random share of the reference's work time, scaled by the share of work left. A run
-that finishes before its kill is compared with the reference too, and the folder wiped, so
-that the next kills land in real work again.
+After every kill, each file under the output folder that a reader would take as complete
+(any name but the temporary ones: ``.NAME.tmp-*``, ``*.partial``, write probes and lock
+files) is opened with the reader the package uses for it: a truncated file is never read
+as complete.
+
+Why a fork server: the killed runs are children forked from one process that has already
+imported torch, timm and gigamil (5-10 s of CPU per fresh process on a slow core, more
+than the work of a stage here), and run the CLI's ``main`` with their argv. So each kill
+lands in the stage's work rather than in the interpreter's start-up, and the twenty-odd
+runs take seconds, not minutes; the references and final runs are fresh processes.
 """
 
 from __future__ import annotations
@@ -64,7 +74,7 @@ class Timing:
 
     @property
     def work(self) -> float:
-        return max(self.total - self.first_change, 0.5)
+        return max(self.total - self.first_change, 0.3)
 
 
 def _snapshot(root: Path) -> frozenset[tuple[str, int, int]] | None:
@@ -83,15 +93,137 @@ def _snapshot(root: Path) -> frozenset[tuple[str, int, int]] | None:
     return frozenset(items)
 
 
-def _run(args: list[str], out: Path, log: Path, kill_after: float | None
-         ) -> tuple[int, Timing]:
-    """Run ``gigamil *args``; with ``kill_after``, SIGKILL its process group that many
-    seconds after it first changes ``out``. The exit status (-9: killed) and the timing."""
+#: A fork server: imports torch, timm and gigamil once (~5-10 s of CPU, most of a run's
+#: start-up), then forks one child per request that runs the CLI (``gigamil.cli.main``)
+#: with the request's argv, in a session of its own, its output to the request's log; the
+#: child exits as ``python -m gigamil`` would (atexit handlers, then its status). The
+#: server answers each request with the child's pid, then with its exit status.
+FORK_SERVER = r"""
+import atexit, json, os, random, sys, traceback
+import numpy as np
+import torch, timm, cv2, h5py, lmdb
+import gigamil.cli.main
+import gigamil.wsi.extract, gigamil.mil.embed, gigamil.mil.train, gigamil.mil.infer
+import gigamil.cluster.launch, gigamil.cluster.infer
+sys.stdout.write("ready\n")
+sys.stdout.flush()
+for line in sys.stdin:
+    req = json.loads(line)
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        os.setsid()
+        null = os.open(os.devnull, os.O_RDONLY)
+        log = os.open(req["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(null, 0)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        random.seed()  # what a fresh interpreter would have: its own seeds
+        np.random.seed()
+        sys.argv = ["gigamil", *req["args"]]
+        code = 0
+        try:
+            gigamil.cli.main.main()
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        try:
+            atexit._run_exitfuncs()
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+    sys.stdout.write(json.dumps({"pid": pid}) + "\n")
+    sys.stdout.flush()
+    _, status = os.waitpid(pid, 0)
+    sys.stdout.write(json.dumps({"status": os.waitstatus_to_exitcode(status)}) + "\n")
+    sys.stdout.flush()
+"""
+
+
+class ForkServer:
+    """Starts ``gigamil`` runs as children of :data:`FORK_SERVER` (no start-up each)."""
+
+    def __init__(self, log: Path) -> None:
+        self._log = open(log, "wb")
+        self.proc = subprocess.Popen([sys.executable, "-c", FORK_SERVER], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self._log, env=ENV)
+        self._buf = b""
+        self._ready = False
+
+    def _line(self, timeout: float | None) -> str | None:
+        import select
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while b"\n" not in self._buf:
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            assert self.proc.stdout is not None
+            if not select.select([self.proc.stdout], [], [], left)[0]:
+                return None
+            chunk = os.read(self.proc.stdout.fileno(), 65536)
+            assert chunk, f"the fork server died (rc {self.proc.poll()})"
+            self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        return line.decode()
+
+    def start(self, args: list[str], log: Path) -> ForkedRun:
+        if not self._ready:
+            assert self._line(RUN_TIMEOUT) == "ready", "the fork server did not start"
+            self._ready = True
+        assert self.proc.stdin is not None
+        self.proc.stdin.write((json.dumps({"args": args, "log": str(log)}) + "\n").encode())
+        self.proc.stdin.flush()
+        line = self._line(RUN_TIMEOUT)
+        assert line is not None, "the fork server does not answer"
+        return ForkedRun(self, json.loads(line)["pid"])
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+
+
+class ForkedRun:
+    """The parts of :class:`subprocess.Popen` that :func:`_run` uses, for a forked run."""
+
+    def __init__(self, server: ForkServer, pid: int) -> None:
+        self.server, self.pid = server, pid
+        self.returncode: int | None = None
+
+    def poll(self, timeout: float = 0.0) -> int | None:
+        if self.returncode is None:
+            line = self.server._line(timeout)
+            if line is not None:
+                self.returncode = int(json.loads(line)["status"])
+        return self.returncode
+
+    def wait(self) -> int:
+        rc = self.poll(RUN_TIMEOUT)
+        assert rc is not None, "a forked run does not end"
+        return rc
+
+
+def _run(args: list[str], out: Path, log: Path, kill_after: float | None,
+         forks: ForkServer | None = None) -> tuple[int, Timing]:
+    """Run ``gigamil *args`` (a fresh ``python -m gigamil``, or a child of ``forks``); with
+    ``kill_after``, SIGKILL its process group that many seconds after it first changes
+    ``out``. The exit status (-9: killed) and the timing."""
     before = _snapshot(out)
     t0 = time.monotonic()
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "gigamil", *args], stdout=fh,
-                                stderr=subprocess.STDOUT, env=ENV, start_new_session=True)
+    proc: subprocess.Popen[bytes] | ForkedRun
+    if forks is not None:
+        proc = forks.start(args, log)
+    else:
+        with open(log, "wb") as fh:
+            proc = subprocess.Popen([sys.executable, "-m", "gigamil", *args], stdout=fh,
+                                    stderr=subprocess.STDOUT, env=ENV, start_new_session=True)
     changed: float | None = None
     try:
         while proc.poll() is None:
@@ -99,22 +231,27 @@ def _run(args: list[str], out: Path, log: Path, kill_after: float | None
             if changed is None and _snapshot(out) != before:
                 changed = now
             if kill_after is not None and changed is not None and now - changed >= kill_after:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:  # it has just ended by itself
-                    pass
+                _kill(proc.pid)
                 break
             assert now - t0 < RUN_TIMEOUT, f"gigamil {args[0]} hangs: {_tail(log)}"
             time.sleep(0.01)
     finally:
         if proc.poll() is None:  # killed above, or the test failed: nothing stays behind
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            _kill(proc.pid)
         rc = proc.wait()
     total = time.monotonic() - t0
     return rc, Timing(total if changed is None else changed - t0, total)
+
+
+def _kill(pid: int) -> None:
+    """SIGKILL the run's whole process group (its session: it and any children)."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:  # no group (yet): the run alone; or it has just ended
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _tail(log: Path, n: int = 3000) -> str:
@@ -422,6 +559,8 @@ class Totals:
     finished_first: int = 0  # runs that ended before their kill
     reruns: int = 0  # every run after the first one into the folder
     kill_delays: list[float] = field(default_factory=list)
+    run_seconds: list[float] = field(default_factory=list)  # every run, the final one too
+    forked_work: float = 0.0  # seconds from first output to the end, uninterrupted, forked
     scans: int = 0
     files_checked: int = 0
     temporary_seen: int = 0
@@ -430,9 +569,13 @@ class Totals:
     problems: list[str] = field(default_factory=list)
     differences: list[str] = field(default_factory=list)
 
-    def line(self, name: str) -> str:
+    def line(self, name: str, ref: Timing) -> str:
         delays = ", ".join(f"{d:.1f}" for d in self.kill_delays)
-        return (f"chaos {name:8s} kills={self.kills} (at {delays} s after the first output) "
+        return (f"chaos {name:8s} reference={ref.total:.1f}s (first output at "
+                f"{ref.first_change:.1f}s; forked: work {self.forked_work:.1f}s) "
+                f"runs={len(self.run_seconds)} in "
+                f"{sum(self.run_seconds):.1f}s kills={self.kills} (at {delays}s after the "
+                "run's first output) "
                 f"finished_before_kill={self.finished_first} reruns={self.reruns} "
                 f"scans={self.scans} files_checked={self.files_checked} "
                 f"temporaries_seen={self.temporary_seen} temporaries_left={self.temporary_left} "
@@ -447,7 +590,7 @@ def _reference(stage: Stage, root: Path) -> tuple[Path, Timing]:
     return out, timing
 
 
-def _chaos(stage: Stage, ref: Path, timing: Timing, root: Path) -> Totals:
+def _chaos(stage: Stage, ref: Path, root: Path, forks: ForkServer) -> Totals:
     rng = random.Random(stage.seed)
     out = root / stage.name
     totals = Totals()
@@ -464,14 +607,25 @@ def _chaos(stage: Stage, ref: Path, timing: Timing, root: Path) -> Totals:
         totals.compared += c.compared
         totals.differences += [f"after {after}: {d}" for d in c.differences]
 
+    # an uninterrupted forked run: it must equal the reference too, and it times the work
+    # of a run that starts without importing anything (the reference's own is longer)
+    log = root / f"{stage.name}-uninterrupted.log"
+    rc, t = _run(stage.args(out), out, log, None, forks)
+    totals.run_seconds.append(t.total)
+    assert rc == 0, _tail(log)
+    scan("an uninterrupted forked run")
+    compare("an uninterrupted forked run")
+    shutil.rmtree(out)
+    work = totals.forked_work = t.work
     runs = 0
     while totals.kills < KILLS:
         assert runs < MAX_RUNS, f"{stage.name}: {totals.kills} kills in {runs} runs"
         left = max(1.0 - stage.done(out), 0.25)
-        delay = rng.uniform(0.0, timing.work * left)
+        delay = rng.uniform(0.0, work * left)
         totals.reruns += int(out.exists())
         log = root / f"{stage.name}-{runs}.log"
-        rc, _ = _run(stage.args(out), out, log, delay)
+        rc, t = _run(stage.args(out), out, log, delay, forks)
+        totals.run_seconds.append(t.total)
         runs += 1
         if rc == -signal.SIGKILL:
             totals.kills += 1
@@ -485,7 +639,8 @@ def _chaos(stage: Stage, ref: Path, timing: Timing, root: Path) -> Totals:
             shutil.rmtree(out)  # start over: the next kills land in real work again
     log = root / f"{stage.name}-final.log"
     totals.reruns += 1
-    rc, _ = _run(stage.args(out), out, log, None)
+    rc, t = _run(stage.args(out), out, log, None)
+    totals.run_seconds.append(t.total)
     assert rc == 0, _tail(log)
     scan("the final run")
     compare("the final run")
@@ -493,9 +648,9 @@ def _chaos(stage: Stage, ref: Path, timing: Timing, root: Path) -> Totals:
     return totals
 
 
-def _report(stage: Stage, totals: Totals, summary: dict[str, Totals]) -> None:
+def _report(stage: Stage, totals: Totals, ref: Timing, summary: dict[str, Totals]) -> None:
     summary[stage.name] = totals
-    print("\n" + totals.line(stage.name))
+    print("\n" + totals.line(stage.name, ref))
     for p in totals.problems[:20]:
         print("  partial read as complete:", p)
     for d in totals.differences[:20]:
@@ -522,6 +677,14 @@ def summary() -> Any:
 
 
 @pytest.fixture(scope="module")
+def forks(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """Started first: it imports while the slides are made and the references run."""
+    server = ForkServer(tmp_path_factory.mktemp("chaos_forks") / "server.log")
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
 def refs(tmp_path_factory: pytest.TempPathFactory, cohort: Path) -> Path:
     root = tmp_path_factory.mktemp("chaos_ref")
     slides = root / "slides"
@@ -540,8 +703,10 @@ def _stages(refs: Path) -> dict[str, Stage]:
             "--format", "raw", "--backend", "openslide", "--workers", "1"],
             _done_extract, _compare_extract),
         # tiny-cnn's random init is seeded: every process builds the same encoder. The
-        # default batch (256) holds every pending patch: no batch is ever small (see the
-        # report on batches of a few patches, whose features differ in the last bits)
+        # default batch (256) holds every pending patch (~50 a slide), so no batch is ever
+        # a few patches: on CPU a patch's features differ in their last bits when encoded
+        # in a batch of fewer than ~16, and embed's batches run across slides, so with
+        # small batches a rerun (other pending slides, other batches) is not bitwise equal
         "embed": Stage("embed", 2, lambda out: [
             "embed", str(refs / "extract"), "--encoder", "tiny-cnn", "--workers", "0",
             "--device", "cpu", "--out", str(out)], _done_embed, _compare_embed),
@@ -575,31 +740,31 @@ def _ref(name: str, refs: Path, timings: dict[str, Timing]) -> tuple[Stage, Path
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_chaos_extract(refs: Path, timings: dict[str, Timing], summary: dict[str, Totals],
-                       tmp_path: Path) -> None:
+def test_chaos_extract(forks: ForkServer, refs: Path, timings: dict[str, Timing],
+                       summary: dict[str, Totals], tmp_path: Path) -> None:
     stage, ref, timing = _ref("extract", refs, timings)
-    _report(stage, _chaos(stage, ref, timing, tmp_path), summary)
+    _report(stage, _chaos(stage, ref, tmp_path, forks), timing, summary)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_chaos_embed(refs: Path, timings: dict[str, Timing], summary: dict[str, Totals],
-                     tmp_path: Path) -> None:
+def test_chaos_embed(forks: ForkServer, refs: Path, timings: dict[str, Timing],
+                     summary: dict[str, Totals], tmp_path: Path) -> None:
     stage, ref, timing = _ref("embed", refs, timings)
-    _report(stage, _chaos(stage, ref, timing, tmp_path), summary)
+    _report(stage, _chaos(stage, ref, tmp_path, forks), timing, summary)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_chaos_train(refs: Path, timings: dict[str, Timing], summary: dict[str, Totals],
-                     tmp_path: Path) -> None:
+def test_chaos_train(forks: ForkServer, refs: Path, timings: dict[str, Timing],
+                     summary: dict[str, Totals], tmp_path: Path) -> None:
     stage, ref, timing = _ref("train", refs, timings)
-    _report(stage, _chaos(stage, ref, timing, tmp_path), summary)
+    _report(stage, _chaos(stage, ref, tmp_path, forks), timing, summary)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_chaos_infer(refs: Path, timings: dict[str, Timing], summary: dict[str, Totals],
-                     tmp_path: Path) -> None:
+def test_chaos_infer(forks: ForkServer, refs: Path, timings: dict[str, Timing],
+                     summary: dict[str, Totals], tmp_path: Path) -> None:
     stage, ref, timing = _ref("infer", refs, timings)
-    _report(stage, _chaos(stage, ref, timing, tmp_path), summary)
+    _report(stage, _chaos(stage, ref, tmp_path, forks), timing, summary)
