@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gigamil.cluster.stages import extract_slides
+from gigamil.cluster.extract_cohort import extract_slides
 from gigamil.mil.embed import embed_stores
 from gigamil.mil.embed_config import EmbedConfig
 from gigamil.mil.encoders import create_encoder

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gigamil.cluster.stages import extract_slides
+from gigamil.cluster.extract_cohort import extract_slides
 from gigamil.synth.model import SynthConfig
 from gigamil.synth.slides import write_synthetic_slide
 from gigamil.wsi.extract_config import ExtractConfig

@@ -26,9 +26,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from gigamil.cluster.extract_cohort import extract_slides
 from gigamil.cluster.launch import run_training
 from gigamil.cluster.ray import infer_slides
-from gigamil.cluster.stages import extract_slides
 from gigamil.memory import retain_freed_memory
 from gigamil.mil.embed import embed_stores
 from gigamil.mil.embed_config import EmbedConfig

@@ -180,7 +180,7 @@ def fuse_unavailable() -> str | None:
 
 def extract_staged(paths: list[Path], out: Path, stage: Path | None) -> tuple[float, int]:
     """``gigamil extract [--stage-dir STAGE]`` over all the slides: (seconds, patches)."""
-    from gigamil.cluster.stages import extract_slides
+    from gigamil.cluster.extract_cohort import extract_slides
     from gigamil.wsi.extract_config import ExtractConfig
 
     shutil.rmtree(out, ignore_errors=True)

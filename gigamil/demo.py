@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from gigamil.cluster.stages import extract_slides
+from gigamil.cluster.extract_cohort import extract_slides
 from gigamil.io import write_json
 from gigamil.layout import ExtractDir, PredictionsDir
 from gigamil.synth.slides import load_masks, make_cohort

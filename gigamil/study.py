@@ -107,7 +107,7 @@ class Study:
         return _classes()["infer"](**self.sections.get("infer", {}))
 
     def cluster(self, stage: str, **overrides: Any) -> Any:
-        """Where ``stage`` runs: its ClusterOptions (RayOptions for ``infer``)."""
+        """Where ``stage`` runs: its ClusterOptions (InferJobOptions for ``infer``)."""
         return _where(stage)(**{**self.clusters.get(stage, {}), **overrides})
 
     def stages(self) -> list[str]:
@@ -194,13 +194,13 @@ def load_study(path: str | os.PathLike[str]) -> Study:
 
 
 def _where(stage: str) -> type:
-    """What a stage's ``cluster:`` maps onto: SLURM options, or Ray's for ``infer``."""
+    """What a stage's ``cluster:`` maps onto: SLURM options (and Ray's for ``infer``)."""
     from gigamil.cluster.executor import ClusterOptions
 
     if stage == "infer":
-        from gigamil.cluster.infer import RayOptions
+        from gigamil.cluster.infer import InferJobOptions
 
-        return RayOptions
+        return InferJobOptions
     return ClusterOptions
 
 
@@ -313,7 +313,7 @@ def study_template() -> str:
         lines += ["", f"{stage}:"]
         lines += _fields(cls, _DERIVED[stage], "  ")
         lines += ["  cluster:                # where the stage runs" +
-                  (" (Ray)" if stage == "infer" else "")]
+                  (" (SLURM, then Ray)" if stage == "infer" else "")]
         lines += _fields(_where(stage), set(), "    ")
     return "\n".join(lines) + "\n"
 

@@ -17,7 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from gigamil.cli.main import app
-from gigamil.cluster.stages import extract_slides
+from gigamil.cluster.extract_cohort import extract_slides
 from gigamil.synth.dicom import FAKE_PHI, write_dicom_series
 from gigamil.synth.model import SynthConfig
 from gigamil.synth.slides import write_synthetic_slide

@@ -17,7 +17,7 @@ import torch
 import typer
 
 from gigamil.cli.options import parse_shard
-from gigamil.cluster.stages import extract_slides
+from gigamil.cluster.extract_cohort import extract_slides
 from gigamil.errors import UsageError
 from gigamil.mil.embed import embed_stores, select_share
 from gigamil.mil.embed_config import EmbedConfig

@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 import pytest
 
-from gigamil.cluster.stages import extract_slides
+from gigamil.cluster.extract_cohort import extract_slides
 from gigamil.errors import UsageError
 from gigamil.wsi.extract import extract_slide
 from gigamil.wsi.extract_config import ExtractConfig

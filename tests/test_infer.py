@@ -133,8 +133,8 @@ def test_inference_in_this_process_leaves_the_callers_environment(
 
 
 @pytest.mark.slow
-def test_slides_cut_in_many_chunks_on_ray_match_one_process(trained: dict[str, Path],
-                                                            tmp_path: Path) -> None:
+def test_slides_cut_in_many_chunks_on_ray_match_one_process(
+        trained: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Chunks read by separate tasks and batched by the actor across chunk and slide
     borders give the one-process result: same coords in the same order, same scores;
     and the pipeline never holds more chunks than its bound."""
@@ -152,7 +152,10 @@ def test_slides_cut_in_many_chunks_on_ray_match_one_process(trained: dict[str, P
     chunks = [len(plan_inference(p, spec.extract, 8).chunks) for p in paths]
     assert min(chunks) >= 3  # every slide is really cut up
     one, fails1, _ = infer_slides_local(paths, spec, tmp_path / "one")
-    ray_rows, fails2, stats = infer_slides(paths, small, tmp_path / "ray", workers=1, cpus=2)
+    # a local Ray inside a SLURM job takes the job's CPUs, not every core of the node
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "2")
+    ray_rows, fails2, stats = infer_slides(paths, small, tmp_path / "ray", workers=1)
+    assert stats["cpus"] == 2
     assert not fails1 and not fails2
     assert stats["chunks_read"] == sum(chunks)
     assert stats["patches_encoded"] == sum(r["n_patches"] for r in one)

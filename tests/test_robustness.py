@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from gigamil.cluster.stages import extract_slides
+from gigamil.cluster.extract_cohort import extract_slides
 from gigamil.synth.model import SynthConfig
 from gigamil.synth.slides import write_synthetic_slide
 from gigamil.wsi.extract import extract_slide

@@ -56,8 +56,8 @@ def jobs(
     Exit code 1 if any job failed. When every extract task is done, their manifests are
     merged into extract.csv.
     """
+    from gigamil.cluster.extract_cohort import merge_extract_manifests
     from gigamil.cluster.slurm import job_report
-    from gigamil.cluster.stages import merge_extract_manifests
 
     rows = job_report(target)
     # an 80-column login-node terminal must show each state and log path whole: the table

@@ -7,9 +7,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.progress import Progress, TaskID
 from rich.table import Table
 
-from gigamil.cli._common import EXIT_FAILED, cli_errors, err, out
+from gigamil.cli._common import EXIT_FAILED, cli_errors, err, out, progress_bar
 
 StudyFile = Annotated[Path, typer.Argument(exists=True, dir_okay=False,
                                            help="The study file (`gigamil init` writes one).")]
@@ -41,21 +42,74 @@ def run(
     executor: Annotated[str | None, typer.Option(
         help="Run every stage with this executor (local, debug, slurm) instead of each "
              "stage's `cluster: executor:`.")] = None,
+    wait: Annotated[bool, typer.Option(
+        help="On SLURM, block until the chain has ended (done, failed or cancelled), "
+             "then exit as `gigamil status` does.")] = False,
 ) -> None:
     """Run every stage of the study in order: extract → embed → train (→ infer).
 
     Each stage is what its own command does with the study's options, so a study run
-    equals the commands run by hand and a rerun does only what is missing. With the
-    slurm executor each stage is submitted in turn and waited for. The resolved study
-    (every default filled in, package versions) is saved as OUT/study.resolved.json.
+    equals the commands run by hand and a rerun does only what is missing.
+
+    On SLURM (--executor slurm, or every stage's `cluster: executor: slurm`) the stages
+    are submitted at once as a chain of jobs: extract array → embed array → train →
+    infer, each with `--dependency=afterok` on the one before, so the chain runs while
+    you are logged out and a failed stage cancels the rest. This returns at once;
+    `gigamil status STUDY` says where it stands. Run it again after a fix: only what is
+    missing is submitted. The resolved study (every default filled in, package
+    versions) is saved as OUT/study.resolved.json.
     """
+    from gigamil.cluster.study_chain import runs_on_slurm, submit_chain, wait_chain
     from gigamil.cluster.study_run import run_study
     from gigamil.study import load_study
 
     study = load_study(study_file)
-    run_study(study, start, executor,
-              on_stage=lambda name: err.print(f"[bold]── {name}[/]", highlight=False))
-    err.print(f"[green]study done[/]: `gigamil status {study_file}`", highlight=False)
+    if not runs_on_slurm(study, start, executor):
+        with progress_bar() as bar:
+            run_study(study, start, executor, progress=_Bars(bar),
+                      on_stage=lambda name: err.print(f"[bold]── {name}[/]", highlight=False))
+        err.print(f"[green]study done[/]: `gigamil status {study_file}`", highlight=False)
+        return
+    links = submit_chain(study, start)
+    if not links:
+        err.print(f"every stage is done: `gigamil status {study_file}`")
+        return
+    table = Table("stage", "jobs", "after", title="submitted", title_justify="left")
+    for link in links:
+        jobs = link.jobs[0] if len(link.jobs) == 1 else f"{link.array_ids[0]} " \
+            f"({len(link.jobs)} tasks)"
+        table.add_row(link.stage, jobs, " ".join(link.after) or "-")
+    err.print(table)
+    if not wait:
+        err.print(f"follow it with `gigamil status {study_file}`; cancel it with "
+                  f"`scancel {' '.join(i for link in links for i in link.array_ids)}`",
+                  highlight=False)
+        return
+    with err.status("waiting for the chain") as spinner:
+        wait_chain(links, on_poll=lambda n: spinner.update(f"waiting for {n} job(s)"))
+    status(study_file, as_json=False)
+
+
+class _Bars:
+    """One progress bar per stage run here."""
+
+    def __init__(self, bar: Progress) -> None:
+        self.bar = bar
+        self.task: TaskID | None = None
+
+    def begin(self, stage: str, total: int | None) -> None:
+        self.task = self.bar.add_task(stage, total=total, info="")
+
+    def total(self, n: int) -> None:
+        if self.task is not None:
+            self.bar.update(self.task, total=n)
+
+    def advance(self, n: int = 1, info: str = "") -> None:
+        if self.task is not None:
+            if info:
+                self.bar.update(self.task, advance=n, info=info)
+            else:
+                self.bar.update(self.task, advance=n)
 
 
 @cli_errors
@@ -63,23 +117,23 @@ def status(
     study_file: StudyFile,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead.")] = False,
 ) -> None:
-    """Where the study stands, per stage: state, what is done of what, failures with
-    their messages, and the SLURM jobs with their logs. Exit 1 if a stage failed."""
+    """Where the study stands, per stage: state (not started, pending, running, partly
+    done, done, failed, cancelled), slides or folds done of all, a rough ETA while it
+    runs, failures with their messages, and the logs of failed jobs. Exit 1 if a stage
+    failed or was cancelled."""
     from gigamil.study import load_study
-    from gigamil.study_status import study_status
+    from gigamil.study_status import format_eta, study_status
 
     report = study_status(load_study(study_file))
     if as_json:
         out.print_json(json.dumps(report))
     else:
-        table = Table("stage", "state", "done", "failures / jobs", title=str(study_file),
+        table = Table("stage", "state", "done", "eta", "notes", title=str(study_file),
                       title_justify="left")
         for r in report:
-            notes = [f"{f['slide_id']}: {f['error']}" for f in r["failures"][:3]]
-            notes += [f"job {j['job_id']} {j['state']} {j['message']}".strip()
-                      for j in r["jobs"]]
-            table.add_row(r["stage"], r["state"], f"{r['done']}/{r['total']}",
-                          "\n".join(notes) or "-")
+            eta = format_eta(r["eta_s"]) if r["state"] == "running" else "-"
+            table.add_row(r["stage"], r["state"], f"{r['done']}/{r['total']}", eta,
+                          "\n".join(r["notes"][:4]) or "-")
         out.print(table)
-    if any(r["state"] == "failed" for r in report):
+    if any(r["state"] in ("failed", "cancelled") for r in report):
         raise typer.Exit(EXIT_FAILED)

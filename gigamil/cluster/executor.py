@@ -22,7 +22,7 @@ A new executor is one class registered here with ``@EXECUTORS.register("name")``
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
@@ -137,6 +137,9 @@ class Stage(ABC, Generic[R]):
     def job(self, shard: tuple[int, int] | None, workers: int, here: bool) -> Callable[[], R]:
         """The work of shard ``k`` of ``n`` (None: all of it)."""
 
+    def before_submit(self) -> None:  # noqa: B027 - optional hook
+        """Before its jobs go to a scheduler (drop what a new submission supersedes)."""
+
     def finish(self, results: list[R]) -> None:  # noqa: B027 - optional hook
         """After every job is done (merge manifests, …)."""
 
@@ -196,19 +199,9 @@ class SlurmExecutor(Executor):
 
     def run(self, stage: Stage[R], on_submit: Callable[[list[Any]], None] | None = None,
             on_poll: Callable[[list[str]], None] | None = None) -> Outcome[R]:
-        from gigamil.cluster.slurm import make_executor, record_jobs, wait_jobs
+        from gigamil.cluster.slurm import wait_jobs
 
-        n = stage.n_jobs(self.opts)
-        name = f"gigamil-{stage.kind}" + (f"-{stage.target.name}" if stage.multi_rank else "")
-        executor = make_executor(self.opts, stage.target / "jobs", name)
-        stage.target.mkdir(parents=True, exist_ok=True)
-        with executor.batch():
-            # array tasks always take share k of n (0-based, like SLURM_ARRAY_TASK_ID), even
-            # when n is 1; a multi-rank job (train) is one piece of work
-            jobs = [executor.submit(stage.job(None if stage.multi_rank else (k, n),
-                                              self.opts.cpus_per_task, False))
-                    for k in range(n)]
-        record_jobs(stage.target, stage.kind, jobs, self.opts, stage.record())
+        jobs = self.submit(stage)
         if on_submit is not None:
             on_submit(jobs)
         if not self.opts.wait:
@@ -216,6 +209,32 @@ class SlurmExecutor(Executor):
         results: list[R] = wait_jobs(jobs, on_poll=on_poll)
         stage.finish(results)
         return Outcome(results, jobs)
+
+    def submit(self, stage: Stage[R], after: Sequence[str] = (), n_jobs: int | None = None,
+               extra: dict[str, Any] | None = None) -> list[Any]:
+        """Submit ``stage``'s jobs (``n_jobs`` array tasks, default ``stage.n_jobs``) and
+        record them; with ``after``, they start only once those jobs have all completed
+        (``--dependency=afterok``), and are cancelled if one of them fails."""
+        from gigamil.cluster.slurm import make_executor, record_jobs
+
+        n = n_jobs if n_jobs is not None else stage.n_jobs(self.opts)
+        name = f"gigamil-{stage.kind}" + (f"-{stage.target.name}" if stage.multi_rank else "")
+        executor = make_executor(self.opts, stage.target / "jobs", name)
+        if after:
+            executor.update_parameters(slurm_additional_parameters={
+                "dependency": "afterok:" + ":".join(after), "kill_on_invalid_dep": "yes"})
+        stage.target.mkdir(parents=True, exist_ok=True)
+        stage.before_submit()
+        with executor.batch():
+            # array tasks always take share k of n (0-based, like SLURM_ARRAY_TASK_ID), even
+            # when n is 1; a multi-rank job (train) is one piece of work
+            jobs = [executor.submit(stage.job(None if stage.multi_rank else (k, n),
+                                              self.opts.cpus_per_task, False))
+                    for k in range(n)]
+        record_jobs(stage.target, stage.kind, jobs, self.opts,
+                    {**stage.record(), **({"after": list(after)} if after else {}),
+                     **(extra or {})})
+        return jobs
 
 
 @EXECUTORS.register("debug")

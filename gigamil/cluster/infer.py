@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gigamil.cluster.executor import ClusterOptions
 from gigamil.config import option
 from gigamil.wsi.extract import safe_message
 from gigamil.wsi.metadata import slide_id
@@ -26,7 +27,7 @@ if TYPE_CHECKING:  # the CLI imports this module for RayOptions: no torch at sta
     from gigamil.mil.infer_outputs import SlideFailure, SlideOutcome
     from gigamil.mil.infer_spec import InferenceSpec
 
-__all__ = ["RayOptions", "Outcome", "infer_slides_where", "infer_slides_local", "todo",
+__all__ = ["RayOptions", "InferJobOptions", "Outcome", "infer_slides_where", "infer_slides_local", "todo",
            "failure_message", "slide_failure", "find_inference_slides"]
 
 #: (prediction rows, failures, pipeline stats)
@@ -46,6 +47,12 @@ class RayOptions:
     cpus: int | None = option(None, "CPUs of a local Ray for reading patches [default: every "
                             "core].", min=1)
     gpus_per_worker: float = option(0.0, "GPUs per predictor.", min=0)
+
+
+@dataclass
+class InferJobOptions(ClusterOptions, RayOptions):
+    """A study's ``infer: cluster:``: how inference uses Ray (:class:`RayOptions`) and,
+    when the study runs on SLURM, the job it runs in (:class:`ClusterOptions`)."""
 
 
 def failure_message(exc: BaseException, path: str, spec: InferenceSpec | None = None) -> str:

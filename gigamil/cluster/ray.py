@@ -357,7 +357,9 @@ def infer_slides(paths: Sequence[Path], spec: InferenceSpec, out: str | os.PathL
     started = False
     if not ray.is_initialized():
         if ray_address == "local":  # a new cluster, even if `ray start` left one running here
-            cpus = cpus or os.cpu_count() or 1
+            from gigamil.cluster.resources import allocated_cpus
+
+            cpus = cpus or allocated_cpus()  # in a SLURM job: its CPUs, not the node's
             store_bytes = object_store_bytes(spec, cpus, workers or cpus)
             ray.init(address="local", num_cpus=cpus, include_dashboard=False,
                      log_to_driver=False, object_store_memory=store_bytes,

@@ -32,7 +32,8 @@ from gigamil.layout import JOBS
 if TYPE_CHECKING:
     from gigamil.mil.train_config import TrainConfig
 
-__all__ = ["make_executor", "record_jobs", "TrainJob", "job_report", "JobStatus", "wait_jobs", "JOBS_DIR"]
+__all__ = ["make_executor", "record_jobs", "TrainJob", "job_report", "JobStatus", "wait_jobs",
+           "active_jobs", "JOBS_DIR"]
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +142,9 @@ class JobStatus:
     stdout: str
     stderr: str
     cancel: str  # the scancel line
+    slurm_state: str = ""  # SLURM's own (CANCELLED, TIMEOUT, …), while it still knows the job
+    reason: str = ""  # SLURM's reason (Dependency, DependencyNeverSatisfied, Resources, …)
+    started: str = ""  # StartTime of a job that started, as SLURM gives it (local time)
 
     @property
     def active(self) -> bool:
@@ -152,14 +156,19 @@ class JobStatus:
         return self.stderr if self.state == "failed" else self.stdout
 
 
-def job_report(out: str | os.PathLike[str]) -> list[JobStatus]:
-    """Each job behind ``out``: state, restarts, log paths, and how to cancel it."""
+def job_report(out: str | os.PathLike[str], latest: bool = False,
+               kind: str | None = None) -> list[JobStatus]:
+    """Each job behind ``out`` (of one ``kind`` of stage; only the last submission's with
+    ``latest``): state, restarts, log paths, and how to cancel it."""
     path = Path(out) / JOBS_DIR / "jobs.json"
     if not path.exists():
         raise UsageError(f"no jobs were submitted for {out}",
                          "jobs appear here after a command with --executor slurm")
     rows = []
-    for entry in json.loads(path.read_text()):
+    entries = [e for e in json.loads(path.read_text()) if kind is None or e["kind"] == kind]
+    if latest and entries:
+        entries = [e for e in entries if e["submitted"] == entries[-1]["submitted"]]
+    for entry in entries:
         job_id = entry["job_id"]
         folder = Path(entry["folder"]).parent / job_id
         info = _scontrol(job_id)
@@ -172,15 +181,39 @@ def job_report(out: str | os.PathLike[str]) -> list[JobStatus]:
             state = "unknown"
         if state == "failed" and not message and info:
             message = f"{info.get('JobState')} exit {info.get('ExitCode', '?')}"
-        if state == "pending" and info.get("Reason", "None") != "None":
-            message = f"pending: {info['Reason']}"  # Resources, Priority, PartitionConfig…
+        reason = info.get("Reason", "None")
+        if state == "pending" and reason == "None" and \
+                info.get("Dependency", "(null)") not in ("(null)", ""):
+            reason = "Dependency"  # queued behind a job the scheduler has not looked at yet
+        if state == "pending" and reason != "None":
+            message = f"pending: {reason}"  # Resources, Priority, PartitionConfig…
         rows.append(JobStatus(
             job_id=job_id, kind=entry["kind"], state=state,
             restarts=int(info.get("Restarts", 0) or 0), message=message,
             stdout=str(folder / f"{job_id}_0_log.out"),
             stderr=str(folder / f"{job_id}_0_log.err"),
-            cancel=f"scancel {job_id.split('_')[0]}"))
+            cancel=f"scancel {job_id.split('_')[0]}", slurm_state=info.get("JobState", ""),
+            reason=reason,
+            started=info.get("StartTime", "") if info.get("StartTime") != "Unknown" else ""))
     return rows
+
+
+_ACTIVE = "PENDING,CONFIGURING,RUNNING,COMPLETING,REQUEUED,REQUEUE_HOLD,REQUEUE_FED,SUSPENDED"
+
+
+def active_jobs(job_ids: Sequence[str]) -> set[str] | None:
+    """Which of ``job_ids`` (array ids as ``123`` or ``123_4``) SLURM still has pending or
+    running, as squeue names them; None if squeue could not be asked."""
+    if not job_ids:
+        return set()
+    try:
+        res = subprocess.run(["squeue", "-h", "-j", ",".join(job_ids), "-t", _ACTIVE,
+                              "-o", "%i"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if res.returncode != 0:  # every id unknown (gone long ago) is no active job
+        return set() if "Invalid job id" in res.stderr else None
+    return {line.strip() for line in res.stdout.splitlines() if line.strip()}
 
 
 # -- training --------------------------------------------------------------------------------

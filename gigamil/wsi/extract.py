@@ -4,7 +4,7 @@
 read, QC, stain normalization, encode, write the LMDB store — and never raises
 for a bad slide: it returns a :class:`SlideResult` whose status is ``ok``,
 ``skipped`` or ``failed``. Many slides are run by the extract stage
-(:mod:`gigamil.cluster.stages`), in a crash-tolerant process pool or as SLURM jobs.
+(:mod:`gigamil.cluster.extract_cohort`), in a crash-tolerant process pool or as SLURM jobs.
 
 Options and results are in :mod:`gigamil.wsi.extract_config`; planning and the
 threaded read/QC/encode path in :mod:`gigamil.wsi.planning`.
