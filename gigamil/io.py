@@ -105,9 +105,10 @@ def write_slide_vectors(target: str | os.PathLike[str], slide_ids: Sequence[str]
 
 
 @contextlib.contextmanager
-def work_lock(target: str | os.PathLike[str]) -> Iterator[bool]:
+def work_lock(target: str | os.PathLike[str], wait: bool = False) -> Iterator[bool]:
     """Claim the work of writing ``target`` against other processes (and threads): yields
-    True when this caller holds it, False when someone else does right now.
+    True when this caller holds it, False when someone else does right now (with
+    ``wait``, blocks until the holder is done and yields True).
 
     An ``flock`` on ``<target>.lock``: the kernel releases it when its holder exits, however
     it dies, so a lock file left by a killed job never blocks a rerun. The file is removed
@@ -120,7 +121,7 @@ def work_lock(target: str | os.PathLike[str]) -> Iterator[bool]:
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             os.close(fd)
             yield False

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import csv
 import hashlib
 import os
 import shutil
@@ -20,7 +21,7 @@ from gigamil.cli.options import parse_shard
 from gigamil.cluster.extract_cohort import extract_slides
 from gigamil.errors import UsageError
 from gigamil.mil.embed import embed_stores, select_share
-from gigamil.mil.embed_config import EmbedConfig
+from gigamil.mil.embed_config import EmbedConfig, EmbedResult
 from gigamil.mil.encoders import create_encoder, list_encoders
 from gigamil.wsi.extract_config import ExtractConfig
 from gigamil.wsi.features import read_bag, write_bag
@@ -316,3 +317,64 @@ def test_from_slides_manifest_on_every_share_with_failures_once(cohort: Path,
     embed_slides([listing], out, cfg, ecfg)  # a rerun: the manifest lists the skip
     again = list(csv.DictReader(open(feats / "embed.rank0.csv")))
     assert [r["status"] for r in again] == ["failed", "skipped"]
+
+
+def test_two_runs_at_once_embed_each_slide_once_and_both_manifests_are_true(
+        data: Path, tmp_path: Path) -> None:
+    """Two embeds of one output at the same time (a job submitted twice): each slide's bag
+    is written by exactly one of them, the other waits and finds it done."""
+    import threading
+
+    d = _copy(data, tmp_path)
+    cfg = EmbedConfig(encoder="tiny-cnn", workers=0, device="cpu")
+    results: dict[str, list[EmbedResult]] = {}
+    start = threading.Barrier(2)
+
+    def run(name: str) -> None:
+        start.wait()
+        results[name] = embed_stores(d, cfg)
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    by_slide: dict[str, list[str]] = {}
+    for res in (*results["a"], *results["b"]):
+        by_slide.setdefault(res.slide_id, []).append(res.status)
+    assert sorted(by_slide) == [f"s{i:03d}" for i in range(4)]
+    for sid, statuses in by_slide.items():
+        assert sorted(statuses) == ["ok", "skipped"], (sid, statuses)
+    feats = d / "features" / "tiny-cnn"
+    rows = list(csv.DictReader(open(feats / "embed.csv")))  # the last run's: all true
+    assert sorted(r["slide_id"] for r in rows) == sorted(by_slide)
+    assert {r["status"] for r in rows} <= {"ok", "skipped"}
+    assert not list(feats.glob("*.lock"))  # released and removed
+
+
+def test_a_slide_claimed_by_a_run_that_dies_is_embedded_once_it_is_gone(
+        data: Path, tmp_path: Path) -> None:
+    d = _copy(data, tmp_path)
+    feats = d / "features" / "tiny-cnn"
+    feats.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import time; from gigamil.io import work_lock\n"
+        f"with work_lock({str(feats / 's001.h5')!r}) as mine:\n"
+        "    print(mine, flush=True); time.sleep(120)")], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "True"
+    seen: list[str] = []
+
+    def on_result(res: object) -> None:
+        seen.append(res.slide_id)  # type: ignore[attr-defined]
+        if len(seen) == 3:  # the other three are done: the holder dies without its bag
+            holder.kill()
+
+    try:
+        res = embed_stores(d, EmbedConfig(encoder="tiny-cnn", workers=0, device="cpu"),
+                           on_result=on_result)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert [r.slide_id for r in res] == ["s000", "s002", "s003", "s001"]  # waited for it
+    assert [r.status for r in res] == ["ok"] * 4
+    assert len(read_bag(feats / "s001.h5")) > 0

@@ -12,6 +12,7 @@ turned into NaN features. ``--from-slides`` (no patch store) is
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -24,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from gigamil.errors import DiskFullError, GigamilError, StoreError, UsageError, is_disk_full
-from gigamil.io import ensure_writable, write_csv, write_json
+from gigamil.io import ensure_writable, work_lock, write_csv, write_json
 from gigamil.layout import ExtractDir, FeatureDir
 from gigamil.memory import retain_freed_memory
 from gigamil.mil.embed_config import EMBED_FIELDS, EmbedConfig, EmbedResult
@@ -129,30 +130,83 @@ def embed_stores(
         "versions": {"gigamil": gigamil_version(), **package_versions(), "torch": torch.__version__},
     })
     results: list[EmbedResult] = []
+    claims: dict[str, contextlib.ExitStack] = {}
 
     def record(res: EmbedResult) -> None:
         results.append(res)
         write_csv(features.manifest(cfg.manifest_part), [r.row() for r in results], EMBED_FIELDS)
+        stack = claims.pop(res.slide_id, None)
+        if stack is not None:  # this slide's bag is written (or failed): let others see it
+            stack.close()
         if on_result is not None:
             on_result(res)
 
-    pending: list[PatchStore] = []
-    for path in select_share(paths, cfg.shard, cfg.rank, cfg.world_size):
-        store = PatchStore(path)
-        sid = path.stem
-        try:
-            if not cfg.overwrite and _is_done(features.h5(sid), store, encoder, cfg):
-                record(EmbedResult(sid, "skipped", len(store)))
-                store.close()
-            elif len(store) == 0:
-                _write(features.h5(sid), np.zeros((0, encoder.feature_dim), np.float32),
-                       store.coords[:0], store, encoder, 0, cfg.stain_norm)
-                record(EmbedResult(sid, "ok", 0))
-                store.close()
-            else:
-                pending.append(store)
-        except GigamilError as exc:
-            record(EmbedResult(sid, "failed", error=str(exc)))
+    def claim(sid: str, wait: bool) -> bool:
+        stack = contextlib.ExitStack()
+        if stack.enter_context(work_lock(features.h5(sid), wait=wait)):
+            claims[sid] = stack
+            return True
+        stack.close()
+        return False
+
+    def select(share: list[Path], wait: bool) -> tuple[list[PatchStore], list[Path]]:
+        """The stores to embed now, and those another process is embedding this moment
+        (looked at again once it is done: embedded by whichever gets there first)."""
+        pending: list[PatchStore] = []
+        elsewhere: list[Path] = []
+        for path in share:
+            sid = path.stem
+            if not claim(sid, wait):
+                elsewhere.append(path)
+                continue
+            store = PatchStore(path)
+            try:
+                if not cfg.overwrite and _is_done(features.h5(sid), store, encoder, cfg):
+                    record(EmbedResult(sid, "skipped", len(store)))
+                    store.close()
+                elif len(store) == 0:
+                    _write(features.h5(sid), np.zeros((0, encoder.feature_dim), np.float32),
+                           store.coords[:0], store, encoder, 0, cfg.stain_norm)
+                    record(EmbedResult(sid, "ok", 0))
+                    store.close()
+                else:
+                    pending.append(store)
+            except GigamilError as exc:
+                record(EmbedResult(sid, "failed", error=str(exc)))
+        return pending, elsewhere
+
+    share = list(select_share(paths, cfg.shard, cfg.rank, cfg.world_size))
+    _allow_open_files(len(share))  # one claim held per slide until its bag is written
+    try:
+        pending, elsewhere = select(share, wait=False)
+        _embed_pending(pending, encoder, cfg, device, features, record, on_batch)
+        if elsewhere:  # two runs on one output: wait for the other, then finish its misses
+            log.info("%d slide(s) being embedded by another process: waiting for it",
+                     len(elsewhere))
+            pending, _ = select(elsewhere, wait=True)
+            _embed_pending(pending, encoder, cfg, device, features, record, on_batch)
+    finally:
+        for stack in claims.values():
+            stack.close()
+    return results
+
+
+def _allow_open_files(n: int) -> None:
+    """Raise the soft limit on open files to hold ``n`` claims (up to the hard limit)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = n + 256
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(hard, want)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+
+
+def _embed_pending(pending: list[PatchStore], encoder: Encoder, cfg: EmbedConfig,
+                   device: torch.device, features: FeatureDir,
+                   record: Callable[[EmbedResult], None],
+                   on_batch: Callable[[int], None] | None) -> None:
+    """Embed ``pending`` (stain normalizers fitted once per slide first, if asked)."""
     normalizers = None
     if cfg.stain_norm is not None:  # fitted once per slide; a slide that cannot be fitted fails
         fitted = []
@@ -165,7 +219,6 @@ def embed_stores(
         normalizers = fitted
     if pending:
         _run(pending, normalizers, encoder, cfg, device, features, record, on_batch)
-    return results
 
 
 def _write(path: Path, feats: np.ndarray, coords: np.ndarray, store: PatchStore,
