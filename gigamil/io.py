@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import glob
 import json
 import os
 import tempfile
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import IO, Any
 
 __all__ = ["atomic_path", "atomic_open", "write_json", "write_csv", "write_slide_vectors",
-           "fsync_dir", "work_lock", "ensure_writable"]
+           "fsync_dir", "work_lock", "ensure_writable", "sweep_stale_temps"]
 
 
 def fsync_dir(directory: str | os.PathLike[str]) -> None:
@@ -113,6 +114,8 @@ def work_lock(target: str | os.PathLike[str], wait: bool = False) -> Iterator[bo
     An ``flock`` on ``<target>.lock``: the kernel releases it when its holder exits, however
     it dies, so a lock file left by a killed job never blocks a rerun. The file is removed
     by the holder when done; a claim on a file already replaced is retried on the new one.
+    Whoever writes ``target`` holds its claim, so the claimant removes the temporary files
+    of ``target`` that a killed writer left (``.<name>.tmp-*``).
     """
     import fcntl
 
@@ -133,12 +136,35 @@ def work_lock(target: str | os.PathLike[str], wait: bool = False) -> Iterator[bo
         if same:
             break
         os.close(fd)  # its holder removed that file after we opened it: claim the new one
+    for stale in path.parent.glob(f".{glob.escape(Path(target).name)}.tmp-*"):
+        with contextlib.suppress(FileNotFoundError):
+            stale.unlink()
     try:
         yield True
     finally:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
         os.close(fd)
+
+
+def sweep_stale_temps(directory: str | os.PathLike[str], older_than_s: float = 3600.0) -> int:
+    """Remove the ``.*.tmp-*`` files in ``directory`` untouched for ``older_than_s`` (left
+    by a killed job: a live writer finishes a manifest in moments); how many went."""
+    import time
+
+    root = Path(directory)
+    if not root.is_dir():
+        return 0
+    removed = 0
+    cutoff = time.time() - older_than_s
+    for stale in root.glob(".*.tmp-*"):
+        try:
+            if stale.is_file() and stale.stat().st_mtime < cutoff:
+                stale.unlink()
+                removed += 1
+        except FileNotFoundError:
+            continue
+    return removed
 
 
 def ensure_writable(directory: str | os.PathLike[str]) -> Path:

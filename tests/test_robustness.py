@@ -255,3 +255,33 @@ def test_training_on_a_full_disk_stops_with_one_error_and_resumes(small_fs: Path
     res = CliRunner().invoke(app, [*args, "--resume", "auto"])
     assert res.exit_code == 0, res.output
     assert json.loads((out / "summary.json").read_text())["complete"]
+
+
+def test_temporary_files_left_by_a_killed_job_are_cleaned_up(cohort: Path,
+                                                             tmp_path: Path) -> None:
+    """A write killed between mkstemp and rename leaves ``.NAME.tmp-*``: the next claimant
+    of NAME removes it at once; a stray manifest temp goes once it is an hour old; a
+    fresh one (perhaps another live run's) stays."""
+    import os
+    import time
+
+    from gigamil.io import work_lock
+
+    patches = tmp_path / "patches"
+    patches.mkdir()
+    beside = patches / ".s000.lmdb.tmp-dead1"
+    beside.write_bytes(b"half a store")
+    other = patches / ".s0001.lmdb.tmp-keep"  # another target's: not s000's to remove
+    other.write_bytes(b"x")
+    old = tmp_path / ".extract.csv.tmp-dead2"
+    old.write_text("slide_id,sta")
+    fresh = tmp_path / ".extract.csv.tmp-live"
+    fresh.write_text("slide_id,sta")
+    hour_ago = time.time() - 7200
+    os.utime(old, (hour_ago, hour_ago))
+    with work_lock(patches / "s000.lmdb") as mine:
+        assert mine and not beside.exists() and other.exists()
+    cfg = ExtractConfig(mpp=1.0, patch_size=64, encoding="raw")
+    assert all(r.status == "ok" for r in extract_slides([cohort / "s000.svs"], tmp_path, cfg,
+                                                        workers=0))
+    assert not old.exists() and fresh.exists()

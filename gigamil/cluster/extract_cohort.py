@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from gigamil.cluster.pool import report_progress, run_pool
 from gigamil.errors import DiskFullError, UsageError, is_disk_full
-from gigamil.io import ensure_writable, write_csv, write_json
+from gigamil.io import ensure_writable, sweep_stale_temps, write_csv, write_json
 from gigamil.layout import ExtractDir
 from gigamil.versions import gigamil_version, package_versions
 from gigamil.wsi.discovery import Pseudonyms, SlideSource, find_slides
@@ -65,6 +65,8 @@ def _prepare_extract_dir(out: ExtractDir, cfg: ExtractConfig) -> None:
         if sub.exists() and not sub.is_dir():
             raise UsageError(f"{sub} is a file", "remove it or choose another --out")
     ensure_writable(out.patches)  # a read-only or full --out: one error, before any work
+    for sub in (out.root, out.patches, out.coords, out.previews):
+        sweep_stale_temps(sub)  # manifests half-written by a killed job
     config = dataclasses.asdict(cfg)
     if not cfg.record_paths:  # folder names may name patients: keep file names only
         for key in ("pseudonym_map", "mpp_csv", "roi_dir", "stage_dir", "stain_reference"):

@@ -105,8 +105,15 @@ def find_inference_slides(inputs: Sequence[str | os.PathLike[str]], spec: Infere
 
 def todo(paths: Sequence[Path], out: str | os.PathLike[str],
          spec: InferenceSpec | None = None) -> list[Path]:
-    """The slides without a finished result (a rerun does only these)."""
+    """The slides without a finished result (a rerun does only these); temporary files a
+    killed run left over an hour ago are removed."""
+    from gigamil.io import sweep_stale_temps
+    from gigamil.layout import PredictionsDir
     from gigamil.mil.infer_outputs import slide_done
+
+    layout = PredictionsDir(out)
+    for sub in (layout.root, layout.slides, layout.heatmaps):
+        sweep_stale_temps(sub)
 
     ids = spec.slide_id if spec is not None else (lambda p: slide_id(Path(p)))
     return [p for p in paths if not slide_done(Path(out), ids(p), spec)]

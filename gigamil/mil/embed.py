@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from gigamil.errors import DiskFullError, GigamilError, StoreError, UsageError, is_disk_full
-from gigamil.io import ensure_writable, work_lock, write_csv, write_json
+from gigamil.io import ensure_writable, sweep_stale_temps, work_lock, write_csv, write_json
 from gigamil.layout import ExtractDir, FeatureDir
 from gigamil.memory import retain_freed_memory
 from gigamil.mil.embed_config import EMBED_FIELDS, EmbedConfig, EmbedResult
@@ -123,6 +123,7 @@ def embed_stores(
     encoder = create_encoder(cfg.encoder, cfg.weights, device)
     features = ExtractDir(out_dir or data).features(cfg.encoder)
     ensure_writable(features.root)
+    sweep_stale_temps(features.root)  # manifests half-written by a killed job
     write_json(features.config, {
         "config": dataclasses.asdict(cfg), "encoder": dataclasses.asdict(encoder.spec)
         | {"kwargs": {k: str(v) for k, v in encoder.spec.kwargs.items()}},
