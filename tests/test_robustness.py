@@ -18,8 +18,8 @@ import tifffile
 from gigamil.cluster.extract_cohort import extract_slides
 from gigamil.synth.model import SynthConfig
 from gigamil.synth.slides import write_synthetic_slide
-from gigamil.wsi.extract import extract_slide
-from gigamil.wsi.extract_config import ExtractConfig
+from gigamil.wsi.extract import ELSEWHERE, extract_slide
+from gigamil.wsi.extract_config import ExtractConfig, SlideResult
 from gigamil.wsi.reader import open_slide
 from gigamil.wsi.slide import resize_area
 from gigamil.wsi.store import PatchStore
@@ -160,9 +160,42 @@ def test_two_runs_at_once_on_one_output_write_each_slide_once(cohort: Path,
         assert sorted(statuses) == ["ok", "skipped"], (sid, statuses)
     claims = [p for p in (tmp_path / "patches").glob("*.lock") if not p.name.startswith(".")]
     assert not claims  # released and removed
+    # the run that met the other's claims waited for them: its manifest is true as well
+    assert not [r for r in (*results["a"], *results["b"]) if r.note == ELSEWHERE]
+    rows = list(csv.DictReader(open(tmp_path / "extract.csv")))
+    assert sorted(r["slide_id"] for r in rows) == sorted(by_slide) and not any(
+        r["note"] == ELSEWHERE for r in rows)
     for sid in by_slide:
         with PatchStore(tmp_path / "patches" / f"{sid}.lmdb") as store:
             assert len(store) > 0
+
+
+def test_a_slide_claimed_by_a_run_that_dies_is_extracted_once_it_is_gone(
+        cohort: Path, tmp_path: Path) -> None:
+    store = tmp_path / "patches" / "s001.lmdb"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import time; from gigamil.io import work_lock\n"
+        f"with work_lock({str(store)!r}) as mine:\n"
+        "    print(mine, flush=True); time.sleep(120)")], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "True"
+    seen: list[str] = []
+
+    def on_result(res: SlideResult) -> None:
+        seen.append(res.slide_id)
+        if len(seen) == 2:  # s000 done, s001 met the claim: the holder dies without it
+            holder.kill()
+
+    cfg = ExtractConfig(mpp=1.0, patch_size=64, encoding="raw")
+    try:
+        results = extract_slides([cohort / "s000.svs", cohort / "s001.svs"], tmp_path, cfg,
+                                 workers=0, on_result=on_result)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert [(r.slide_id, r.status, r.note) for r in results] == [
+        ("s000", "ok", ""), ("s001", "ok", "")]  # waited for the claim, then extracted it
+    with PatchStore(store) as s:
+        assert len(s) > 0
 
 
 def test_a_claim_left_by_a_killed_process_never_blocks_a_rerun(tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ from gigamil.io import ensure_writable, sweep_stale_temps, write_csv, write_json
 from gigamil.layout import ExtractDir
 from gigamil.versions import gigamil_version, package_versions
 from gigamil.wsi.discovery import Pseudonyms, SlideSource, find_slides
-from gigamil.wsi.extract import extract_slide
+from gigamil.wsi.extract import ELSEWHERE, extract_slide
 from gigamil.wsi.extract_config import MANIFEST_FIELDS, ExtractConfig, SlideResult
 from gigamil.wsi.metadata import SLIDE_EXTENSIONS, load_mpp_csv
 
@@ -173,6 +173,16 @@ def extract_slides(
                      on_died=lambda sid, job: SlideResult(sid, job.name, "failed",
                                                           error=WORKER_DIED),
                      on_submit=staged)
+        # two runs on one --out: wait for the other's slides, then do what it left undone,
+        # so that this manifest is true too (skipped: written by it; ok: it died first)
+        elsewhere = [r for r in results if r.status == "skipped" and r.note == ELSEWHERE]
+        by_id = {job.slide_id: job for job in jobs}
+        for res in elsewhere:
+            results.remove(res)
+            job = by_id[res.slide_id]
+            record(extract_slide(job.path, out.root, slide_config(cfg, job, mpps), job.slide_id,
+                                 False, max(1, workers), on_patches, name=job.name,
+                                 roi_key=job.original_id, wait_claim=True))
     finally:
         if stager is not None:
             stager.close()

@@ -51,6 +51,7 @@ from gigamil.wsi.store_writer import PatchStoreWriter
 
 __all__ = [
     "extract_slide",
+    "ELSEWHERE",
     "preview_slide",
     "store_meta",
     "json_roundtrip",
@@ -128,6 +129,10 @@ def safe_message(exc: BaseException, *paths: Path) -> str:
     return text
 
 
+#: The note of a slide skipped because another process holds its claim.
+ELSEWHERE = "being extracted by another process at this moment"
+
+
 def extract_slide(
     path: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -138,11 +143,14 @@ def extract_slide(
     on_patches: Callable[[int], None] | None = None,
     name: str | None = None,
     roi_key: str | None = None,
+    wait_claim: bool = False,
 ) -> SlideResult:
     """Extract one slide into ``out_dir/patches/<sid>.lmdb``. Never raises for a bad slide.
 
     ``name`` is what outputs call the source (its file name; the id when pseudonymized);
-    ``roi_key`` the name of its ``--roi`` file (its original id).
+    ``roi_key`` the name of its ``--roi`` file (its original id). A slide another process
+    is extracting right now is ``skipped`` with the note :data:`ELSEWHERE`; with
+    ``wait_claim``, this waits for that process instead and then does what is left.
     """
     t0 = time.perf_counter()
     path = Path(path)
@@ -158,9 +166,9 @@ def extract_slide(
         if store_path.exists() and not store_path.is_file():
             raise UsageError(f"output {store_path.name} exists and is not a file",
                              "remove it or choose another --out")
-        if not claim.enter_context(work_lock(store_path)):  # two runs on one --out
+        if not claim.enter_context(work_lock(store_path, wait=wait_claim)):  # two runs at once
             result.status = "skipped"
-            result.note = "being extracted by another process at this moment"
+            result.note = ELSEWHERE
             return result
         wanted = [p for p, on in ((layout.geojson(sid), cfg.geojson),
                                   (layout.preview(sid), cfg.previews)) if on]
