@@ -106,6 +106,47 @@ def test_ddp_job_equals_local_two_ranks(slurm_cluster: str, bags: Path, local_tw
     assert "rank 0 of 2, 1 torch threads" in log  # sized from --cpus-per-task 1
 
 
+def test_two_node_ddp_job_equals_local_two_ranks(slurm_cluster: str, bags: Path,
+                                                local_two_ranks: Path, tmp_path: Path) -> None:
+    """--nodes 2 --tasks-per-node 1 on partition `multi` (two slurmd, n1 and n2): one rank
+    per node, the rendezvous from submitit's environment, bitwise the 2-rank run."""
+    out = tmp_path / "run"
+    res = runner.invoke(app, [*_train_args(bags, out), *SLURM_ARGS, "--partition", "multi",
+                              "--nodes", "2", "--tasks-per-node", "1"])
+    assert res.exit_code == 0, res.output
+    _assert_same(local_two_ranks, out)
+    job_id = json.loads((out / "jobs" / "jobs.json").read_text())[0]["job_id"]
+    shown = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True,
+                           text=True).stdout
+    assert "NodeList=n[1-2]" in shown and "NumNodes=2" in shown, shown
+    log = (out / "train.log").read_text()
+    assert "rank 0 of 2" in log
+
+
+def test_an_extract_array_spread_over_two_nodes_equals_local(slurm_cluster: str,
+                                                             tmp_path: Path) -> None:
+    slides = tmp_path / "slides"
+    make_cohort(slides, n=4, width=2048, height=2048, seed=7, workers=1)
+    local, remote = tmp_path / "local", tmp_path / "remote"
+    common = ["--mpp", "1.0", "--patch-size", "128"]
+    res = runner.invoke(app, ["extract", str(slides), "--out", str(local), *common])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["extract", str(slides), "--out", str(remote), *common,
+                              "--slides-per-job", "1", "--partition", "multi", *SLURM_ARGS])
+    assert res.exit_code == 0, res.output
+    nodes = set()
+    for job in json.loads((remote / "jobs" / "jobs.json").read_text()):
+        shown = subprocess.run(["scontrol", "show", "job", "-o", job["job_id"]],
+                               capture_output=True, text=True).stdout
+        nodes |= {t.split("=", 1)[1] for t in shown.split() if t.startswith("NodeList=")}
+    assert nodes == {"n1", "n2"}, nodes  # both nodes took a share
+    for store in sorted((local / "patches").glob("*.lmdb")):
+        with PatchStore(store) as a, PatchStore(remote / "patches" / store.name) as b:
+            assert len(a) == len(b) > 0
+            assert (a.coords == b.coords).all()
+            assert all((a[i] == b[i]).all() for i in range(0, len(a), 5))
+
+
 def _submit_and_wait_for_step(bags: Path, out: Path, step: int) -> tuple[str, float, float]:
     res = runner.invoke(app, [*_train_args(bags, out), "--executor", "slurm", "--cpus-per-task",
                               "1", "--time", "00:15:00", "--tasks-per-node", "2"])
