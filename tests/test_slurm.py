@@ -228,6 +228,58 @@ def test_a_rendered_template_job_runs(slurm_cluster: str, tmp_path: Path) -> Non
     assert sorted(p.name for p in (out / "patches").glob("*.lmdb")) == ["s000.lmdb", "s001.lmdb"]
 
 
+def _ray_processes() -> list[str]:
+    res = subprocess.run(["pgrep", "-af", "raylet|gcs_server|ray::|default_worker.py"],
+                         capture_output=True, text=True)
+    return [line for line in res.stdout.splitlines() if "pgrep" not in line]
+
+
+def test_the_ray_template_on_two_nodes_predicts_every_slide_once_and_leaves_no_ray(
+        slurm_cluster: str, tmp_path: Path) -> None:
+    """`gigamil slurm template infer --nodes 2`, submitted with sbatch on partition `multi`:
+    the head on n1, a worker on n2, the driver joins once both are up; every slide is
+    predicted once, the job exits 0, and no Ray process or temp dir of it is left."""
+    slides = tmp_path / "slides"
+    make_cohort(slides, n=4, width=2048, height=2048, seed=8, workers=1)
+    data, run, preds = tmp_path / "data", tmp_path / "run", tmp_path / "preds"
+    for args in (["extract", str(slides), "--out", str(data), "--mpp", "1.0", "--patch-size",
+                  "128"],
+                 ["embed", str(data), "--encoder", "tiny-cnn", "--workers", "0", "--device",
+                  "cpu"],
+                 ["train", "--features", str(data / "features/tiny-cnn"), "--labels",
+                  str(slides / "labels.csv"), "--out", str(run), "--folds", "2", "--epochs",
+                  "1", "--batch-size", "2", "--bootstrap", "10", "--val-frac", "0"]):
+        res = runner.invoke(app, args)
+        assert res.exit_code == 0, res.output
+    before = _ray_processes()
+    res = runner.invoke(app, ["slurm", "template", "infer", "--slides", str(slides), "--out",
+                              str(preds), "--nodes", "2", "--cpus-per-task", "1",
+                              "--partition", "multi", "--time", "00:15:00", "--",
+                              "--run", str(run)])
+    assert res.exit_code == 0, res.output
+    script = tmp_path / "infer.sbatch"
+    script.write_text(res.output)
+    done = subprocess.run(["sbatch", "--parsable", "--wait", "--chdir", str(tmp_path),
+                           str(script)], capture_output=True, text=True, timeout=480)
+    job_id = done.stdout.strip().split(";")[0]
+    log = (tmp_path / f"gigamil-infer-{job_id}.out")
+    assert done.returncode == 0, log.read_text()[-3000:] if log.exists() else done.stderr
+    assert "ray: 2 nodes up" in log.read_text()
+    shown = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True,
+                           text=True).stdout
+    assert "NodeList=n[1-2]" in shown and "JobState=COMPLETED" in shown, shown
+    rows = list(csv.DictReader(open(preds / "predictions.csv")))
+    assert sorted(r["slide_id"] for r in rows) == [f"s{i:03d}" for i in range(4)]  # once each
+    pipeline = json.loads((preds / "infer_config.json").read_text())["pipeline"]
+    assert pipeline["engine"] == "ray" and pipeline["cpus"] == 2  # one CPU on each node
+    for _ in range(40):  # the steps' teardown may take a moment after the job is COMPLETED
+        if _ray_processes() == before:
+            break
+        time.sleep(0.5)
+    assert _ray_processes() == before, _ray_processes()
+    assert not list(Path("/tmp").glob(f"gigamil-ray-{job_id}*"))
+
+
 def test_a_job_that_could_never_start_is_refused_at_submission(slurm_cluster: str,
                                                                tmp_path: Path) -> None:
     """Found as a new user: the default --cpus-per-task 8 on a 2-CPU partition pended for
