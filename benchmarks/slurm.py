@@ -1,7 +1,8 @@
 """SLURM overheads on the cluster at hand: submission to first training step, and requeue to
 resume (after ``scontrol requeue`` and after a USR2 pre-emption signal).
 
-    .venv/bin/python benchmarks/slurm.py [--tasks 2] [--partition P]
+    .venv/bin/python benchmarks/slurm.py [--tasks 2] [--nodes 1] [--partition P]
+    .venv/bin/python benchmarks/slurm.py --partition multi --nodes 2 --tasks 1   # test cluster
 
 Needs sbatch (on a cluster login node, or the local test cluster:
 ``eval $(bash tests/slurm_cluster.sh start)``). Trains a small 2-fold run on synthetic bags
@@ -70,10 +71,11 @@ def one(feats: Path, out: Path, opts: ClusterOptions, interrupt: str) -> dict[st
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--tasks", type=int, default=2)
+    ap.add_argument("--nodes", type=int, default=1)
     ap.add_argument("--partition", default=None)
     args = ap.parse_args()
     opts = ClusterOptions(executor="slurm", tasks_per_node=args.tasks, cpus_per_task=1,
-                          time="00:20:00", partition=args.partition)
+                          time="00:20:00", partition=args.partition, nodes=args.nodes)
     with tempfile.TemporaryDirectory(prefix="gigamil-bench-slurm-") as tmp:
         feats = Path(tmp) / "feats"
         make_feature_bags(feats, n_slides=20, dim=64, bag_size=(600, 1200), seed=0)
@@ -82,7 +84,7 @@ def main() -> None:
     for kind, r in res.items():
         print(f"{kind:8s}: submit → first training step {r['submit_to_first_step']:.1f} s; "
               f"{'scontrol requeue' if kind == 'requeue' else 'USR2'} → resumed "
-              f"{r['requeue_to_resume']:.1f} s ({args.tasks} ranks)")
+              f"{r['requeue_to_resume']:.1f} s ({args.nodes} node(s) × {args.tasks} ranks)")
 
 
 if __name__ == "__main__":
