@@ -1,5 +1,6 @@
 """SLURM overheads on the cluster at hand: submission to first training step, and requeue to
-resume (after ``scontrol requeue`` and after a USR2 pre-emption signal).
+resume (after ``scontrol requeue``, after a USR2 pre-emption signal, and with ``--nodes 2``
+or more after one of the job's nodes goes DOWN; a spare node is needed).
 
     .venv/bin/python benchmarks/slurm.py [--tasks 2] [--nodes 1] [--partition P]
     .venv/bin/python benchmarks/slurm.py --partition multi --nodes 2 --tasks 1   # test cluster
@@ -59,12 +60,27 @@ def one(feats: Path, out: Path, opts: ClusterOptions, interrupt: str) -> dict[st
     _wait(lambda: list(ckpts.glob("step_*.json")))
     first_step = time.time() - t0
     _wait(lambda: (ckpts / "step_00000006.json").exists())
-    cmd = ["scancel", "--signal=USR2", job.job_id] if interrupt == "usr2" else \
-        ["scontrol", "requeue", job.job_id]
+    failed = ""
+    if interrupt == "node":  # one of its nodes goes DOWN (and stays out: drained)
+        shown = subprocess.run(["scontrol", "show", "job", "-o", job.job_id],
+                               capture_output=True, text=True).stdout
+        nodes = next(t for t in shown.split() if t.startswith("NodeList=")).split("=", 1)[1]
+        failed = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True,
+                                text=True).stdout.split()[-1]
+        cmds = [["scontrol", "update", f"nodename={failed}", f"state={st}", "reason=bench"]
+                for st in ("down", "drain")]
+    else:
+        cmds = [["scancel", "--signal=USR2", job.job_id] if interrupt == "usr2" else
+                ["scontrol", "requeue", job.job_id]]
     t1 = time.time()
-    subprocess.run(cmd, check=True)
-    resumed = _wait(lambda: _log_time(out / "train.log", "resumes from step_", t1))
-    _wait(lambda: (out / "summary.json").exists())
+    try:
+        for cmd in cmds:
+            subprocess.run(cmd, check=True)
+        resumed = _wait(lambda: _log_time(out / "train.log", "resumes from step_", t1))
+        _wait(lambda: (out / "summary.json").exists())
+    finally:
+        if failed:
+            subprocess.run(["scontrol", "update", f"nodename={failed}", "state=resume"])
     return {"submit_to_first_step": first_step, "requeue_to_resume": resumed - t1}
 
 
@@ -79,11 +95,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="gigamil-bench-slurm-") as tmp:
         feats = Path(tmp) / "feats"
         make_feature_bags(feats, n_slides=20, dim=64, bag_size=(600, 1200), seed=0)
-        res = {kind: one(feats, Path(tmp) / kind, opts, kind) for kind in ("requeue", "usr2")}
+        kinds = ("requeue", "usr2", *(("node",) if args.nodes > 1 else ()))
+        res = {kind: one(feats, Path(tmp) / kind, opts, kind) for kind in kinds}
     print(json.dumps(res, indent=2))
     for kind, r in res.items():
         print(f"{kind:8s}: submit → first training step {r['submit_to_first_step']:.1f} s; "
-              f"{'scontrol requeue' if kind == 'requeue' else 'USR2'} → resumed "
+              f"{ {'requeue': 'scontrol requeue', 'usr2': 'USR2', 'node': 'node DOWN'}[kind]}"
+              " → resumed "
               f"{r['requeue_to_resume']:.1f} s ({args.nodes} node(s) × {args.tasks} ranks)")
 
 

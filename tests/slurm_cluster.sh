@@ -5,9 +5,10 @@
 #   bash tests/slurm_cluster.sh stop
 #
 # Partition `debug` (the default) is one node, `solo`, with every core. Partition `multi`
-# is two nodes, `n1` and `n2`, each with half the cores. All three are slurmd daemons on
-# this machine (Debian's slurm-wlm is built with multiple-slurmd support), each with its
-# own node name, port (6818, 17001, 17002), spool, pid and log file. No node may be named
+# is three nodes, `n1`, `n2` and `n3`, each with half the cores (a 2-node job and a spare,
+# for node failures). All four are slurmd daemons on this machine (Debian's slurm-wlm is
+# built with multiple-slurmd support), each with its own node name, port (6818,
+# 17001-17003), spool, pid and log file. No node may be named
 # like the host (`localhost`): slurmctld then calls the others' NodeHostname a duplicate.
 # The node names resolve to 127.0.0.1 (added to /etc/hosts), so that a rendezvous by node
 # name (MASTER_ADDR=n1) stays on loopback.
@@ -43,7 +44,7 @@ start() {
     # the node's cores, whatever OMP_NUM_THREADS says (GNU nproc honours it)
     CPUS=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
     HALF=$(( CPUS / 2 > 0 ? CPUS / 2 : 1 ))
-    grep -qE '^127\.0\.0\.1[[:space:]].*\bn1\b' /etc/hosts || echo "127.0.0.1 solo n1 n2" >> /etc/hosts
+    grep -qE '^127\.0\.0\.1[[:space:]].*\bn3\b' /etc/hosts || echo "127.0.0.1 solo n1 n2 n3" >> /etc/hosts
     cat > "$CONF" <<CONF
 ClusterName=gigamil-test
 SlurmctldHost=localhost(127.0.0.1)
@@ -73,18 +74,19 @@ KillWait=5
 NodeName=solo NodeHostname=localhost NodeAddr=127.0.0.1 Port=6818 CPUs=$CPUS RealMemory=$(( CPUS * 2048 + 1024 )) State=UNKNOWN
 NodeName=n1 NodeHostname=localhost NodeAddr=127.0.0.1 Port=17001 CPUs=$HALF RealMemory=$(( HALF * 2048 + 1024 )) State=UNKNOWN
 NodeName=n2 NodeHostname=localhost NodeAddr=127.0.0.1 Port=17002 CPUs=$HALF RealMemory=$(( HALF * 2048 + 1024 )) State=UNKNOWN
+NodeName=n3 NodeHostname=localhost NodeAddr=127.0.0.1 Port=17003 CPUs=$HALF RealMemory=$(( HALF * 2048 + 1024 )) State=UNKNOWN
 PartitionName=debug Nodes=solo Default=YES MaxTime=INFINITE State=UP
-PartitionName=multi Nodes=n1,n2 MaxTime=INFINITE State=UP
+PartitionName=multi Nodes=n1,n2,n3 MaxTime=INFINITE State=UP
 CONF
     export SLURM_CONF=$CONF
     alive "$DIR/slurmctld.pid" || slurmctld -f "$CONF"
-    for node in solo n1 n2; do
+    for node in solo n1 n2 n3; do
         alive "$DIR/slurmd-$node.pid" || slurmd -f "$CONF" -N "$node"
     done
     for _ in $(seq 60); do
         states=$(sinfo -h -N -o "%N %T" 2>/dev/null | sort -u || true)
         up=$(echo "$states" | grep -cE ' (idle|mixed|allocated)$' || true)
-        [ "$up" = 3 ] && { echo "export SLURM_CONF=$CONF"; return 0; }
+        [ "$up" = 4 ] && { echo "export SLURM_CONF=$CONF"; return 0; }
         for node in $(echo "$states" | awk '$2 ~ /^(drain|down)/ {print $1}'); do
             scontrol update nodename="$node" state=resume >/dev/null 2>&1 || true
         done

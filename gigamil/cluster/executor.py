@@ -219,10 +219,7 @@ class SlurmExecutor(Executor):
 
         n = n_jobs if n_jobs is not None else stage.n_jobs(self.opts)
         name = f"gigamil-{stage.kind}" + (f"-{stage.target.name}" if stage.multi_rank else "")
-        executor = make_executor(self.opts, stage.target / "jobs", name)
-        if after:
-            executor.update_parameters(slurm_additional_parameters={
-                "dependency": "afterok:" + ":".join(after), "kill_on_invalid_dep": "yes"})
+        executor = make_executor(self.opts, stage.target / "jobs", name, after)
         stage.target.mkdir(parents=True, exist_ok=True)
         stage.before_submit()
         with executor.batch():

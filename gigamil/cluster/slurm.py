@@ -40,8 +40,14 @@ log = logging.getLogger(__name__)
 JOBS_DIR = JOBS
 
 
-def make_executor(opts: ClusterOptions, folder: Path, name: str) -> Any:
-    """A submitit executor for SLURM built from ``opts`` (logs and pickles in ``folder``)."""
+def make_executor(opts: ClusterOptions, folder: Path, name: str,
+                  after: Sequence[str] = ()) -> Any:
+    """A submitit executor for SLURM built from ``opts`` (logs and pickles in ``folder``).
+
+    Its jobs carry ``--requeue``: after a node failure SLURM puts them back in the queue
+    (onto the nodes left) instead of failing them, on clusters whose ``JobRequeue=0`` too,
+    and every job resumes from disk. With ``after``, they start once those jobs have all
+    completed (``--dependency=afterok``) and are cancelled if one fails."""
     import submitit
 
     # on the submitting side, submitit's sacct warnings (accounting is often off) are noise
@@ -67,6 +73,10 @@ def make_executor(opts: ClusterOptions, folder: Path, name: str) -> Any:
     params.update({k: v for k, v in optional.items() if v is not None})
     if opts.exclusive:
         params["slurm_exclusive"] = True
+    extra: dict[str, Any] = {"requeue": True}
+    if after:
+        extra.update({"dependency": "afterok:" + ":".join(after), "kill_on_invalid_dep": "yes"})
+    params["slurm_additional_parameters"] = extra
     executor.update_parameters(**params)
     return executor
 
