@@ -298,6 +298,8 @@ def test_the_ray_template_on_two_nodes_predicts_every_slide_once_and_leaves_no_r
         res = runner.invoke(app, args)
         assert res.exit_code == 0, res.output
     before = _ray_processes()
+    stale = Path("/tmp/gigamil-ray-999999")  # left by a job killed too hard to clean up
+    (stale / "session_x").mkdir(parents=True, exist_ok=True)
     res = runner.invoke(app, ["slurm", "template", "infer", "--slides", str(slides), "--out",
                               str(preds), "--nodes", "2", "--cpus-per-task", "1",
                               "--partition", "multi", "--time", "00:15:00", "--",
@@ -323,7 +325,7 @@ def test_the_ray_template_on_two_nodes_predicts_every_slide_once_and_leaves_no_r
             break
         time.sleep(0.5)
     assert _ray_processes() == before, _ray_processes()
-    assert not list(Path("/tmp").glob(f"gigamil-ray-{job_id}*"))
+    assert not list(Path("/tmp").glob(f"gigamil-ray-{job_id}*")) and not stale.exists()
 
 
 def test_a_job_that_could_never_start_is_refused_at_submission(slurm_cluster: str,
@@ -350,7 +352,8 @@ def test_wait_ends_when_the_jobs_are_cancelled_and_jobs_shows_why_they_pend(
     slides = tmp_path / "slides"
     make_cohort(slides, n=1, width=2048, height=2048, seed=7, workers=1)
     cpus = os.cpu_count() or 1
-    blocker = subprocess.run(["sbatch", "--parsable", "-c", str(cpus), "--wrap", "sleep 300"],
+    blocker = subprocess.run(["sbatch", "--parsable", "-c", str(cpus), "--chdir",
+                              str(tmp_path), "--wrap", "sleep 300"],  # its log: not in the repo
                              capture_output=True, text=True, check=True).stdout.strip()
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "gigamil", "extract", str(slides), "--out", str(out),
