@@ -38,7 +38,7 @@ SLIDE_EXTENSIONS = frozenset(
     {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".bif", ".svslide", ".dcm"}
 )
 #: TIFF-family extensions that ``auto`` reads tile by tile (:mod:`gigamil.wsi.tiles`).
-TILE_EXTENSIONS = frozenset({".svs", ".tif", ".tiff", ".btf", ".tf8"})
+TILE_EXTENSIONS = frozenset({".svs", ".tif", ".tiff", ".btf", ".tf8", ".ndpi"})
 
 #: Relative tolerance under which a level's mpp counts as equal to a target mpp.
 MPP_RTOL = 1e-2

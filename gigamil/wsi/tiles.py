@@ -1,4 +1,5 @@
-"""Direct tile reading for the TIFF family (Aperio SVS, OME-TIFF, generic tiled TIFF, …).
+"""Direct tile reading for the TIFF family (Aperio SVS, Hamamatsu NDPI, OME-TIFF,
+generic tiled TIFF, …).
 
 :class:`TiffTileReader` (backend ``tiles``) finds the pyramid levels among a
 TIFF's pages with tifffile, reads the compressed tiles (or strips) that cover a
@@ -14,6 +15,12 @@ read patch by patch and leave out only the patches over that tile. Decoded tiles
 are kept in a small LRU cache (bounded in bytes) so that neighbouring regions
 that share a tile decode it once. Label, macro and thumbnail pages are listed by
 name and never decoded.
+
+NDPI levels are single JPEG strips with restart markers; tifffile splits them at the
+offsets in ``McuStarts`` into tiles one MCU row high, each decoded on its own behind
+the level's JPEG header (the tile's trailing restart marker replaced by an end of
+image). The macro and map images (``SourceLens`` -1 and -2) and other focal planes
+are never read.
 """
 
 from __future__ import annotations
@@ -78,14 +85,41 @@ def _jpeg_decoder(page: Any) -> Callable[..., np.ndarray] | None:
     """
     import imagecodecs
 
-    if (int(page.compression) != 7 or int(page.samplesperpixel) != 3 or not page.is_tiled
+    if (int(page.compression) != 7 or int(page.samplesperpixel) != 3
             or int(page.photometric) not in (2, 6)):
+        return None
+    if getattr(page, "jpegheader", None) is not None:  # NDPI: an MCU-row tile of a strip
+        return functools.partial(_ndpi_decode, header=page.jpegheader)
+    if not page.is_tiled:
         return None
     tables = page.jpegtables
     if int(page.photometric) == 2:  # RGB-coded JPEG (Aperio's "RGB" tiles): no YCbCr step
         return functools.partial(imagecodecs.jpeg8_decode, tables=tables, colorspace=2,
                                  outcolorspace=2)
     return functools.partial(strict_jpeg_decode, tables=tables)
+
+
+def _ndpi_decode(data: bytes, header: bytes, out: np.ndarray | None = None) -> np.ndarray:
+    """Strictly decode one NDPI restart interval: the level's JPEG header (its frame
+    resized to one interval by tifffile), the interval without its trailing restart
+    marker, and an end of image."""
+    if len(data) >= 2 and data[-2] == 0xFF and (0xD0 <= data[-1] <= 0xD7 or data[-1] == 0xD9):
+        data = data[:-2]
+    return strict_jpeg_decode(header + data + b"\xff\xd9", out=out)
+
+
+def _ndpi_levels(tif: Any) -> tuple[list[TiffLevel], list[str]]:
+    """NDPI: pages with a positive ``SourceLens`` (objective power) in the focal plane 0,
+    finest first; ``SourceLens`` -1 is the macro image and -2 the map."""
+    levels, names = [], []
+    for page in tif.pages:
+        lens = page.tags.valueof(65421)
+        if lens is None or float(lens) <= 0:
+            names.append({-1: "macro", -2: "map"}.get(round(float(lens or 0)), "thumbnail"))
+        elif int(page.tags.valueof(65424, 0) or 0) == 0 and _readable_rgb(page):
+            levels.append(TiffLevel.of(page))
+    levels.sort(key=lambda lv: -lv.width)
+    return levels, sorted(set(names))
 
 
 def _readable_rgb(page: Any) -> bool:
@@ -110,6 +144,8 @@ def pyramid_levels(tif: Any) -> tuple[list[TiffLevel], list[str]]:
     OME-TIFF: the first image and its sub-resolutions. Anything else: the first page,
     then every later tiled page whose size is a reduction of it with the same aspect.
     """
+    if tif.is_ndpi:
+        return _ndpi_levels(tif)
     if tif.is_ome and tif.series:
         series = tif.series[0]
         if any(ax not in "YXS" and n > 1 for ax, n in zip(series.axes, series.shape)):
