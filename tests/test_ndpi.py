@@ -84,6 +84,7 @@ def test_damaged_ndpi_interval_is_left_out_and_counted(ndpi: Path, tmp_path: Pat
     damage_tile(bad, 1, ty * across + tx, "garbage")
     cfg = dict(mpp=0.5, patch_size=128, encoding="raw")
     clean = extract_slide(ndpi, tmp_path / "clean", ExtractConfig(**cfg))  # type: ignore[arg-type]
+    assert clean.status == "ok" and clean.qc.get("unreadable", 0) == 0
     with PatchStore(tmp_path / "clean" / "patches" / "case.lmdb") as store:
         good = {tuple(c): store[i] for i, c in enumerate(store.coords.tolist())}
     counts = {}

@@ -132,8 +132,8 @@ def write_ndpi(path: str | os.PathLike[str], cfg: SynthConfig, levels: int = 4,
     for k in range(levels):
         ds = 2**k
         w, h = width // ds, height // ds
-        data, starts = _level_jpeg(model, cfg.mpp * ds, w, h, quality)
-        images.append((data, starts, w, h, power, cfg.mpp * ds))
+        data, level_starts = _level_jpeg(model, cfg.mpp * ds, w, h, quality)
+        images.append((data, level_starts, w, h, power, cfg.mpp * ds))
     macro = _fake_label(600, 240)
     buf = io.BytesIO()
     from PIL import Image
