@@ -122,6 +122,25 @@ def _ndpi_levels(tif: Any) -> tuple[list[TiffLevel], list[str]]:
     return levels, sorted(set(names))
 
 
+def _philips_mpp(xml: str) -> float | None:
+    """Level 0's µm/px from a Philips ``DPUfsImport`` description: the WSI image's
+    ``DICOM_PIXEL_SPACING`` (row and column spacing in mm, quoted)."""
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = ET.fromstring(xml)
+        for image in root.iter("DataObject"):
+            attrs = {a.get("Name"): a for a in image.findall("Attribute")}
+            kind = attrs.get("PIM_DP_IMAGE_TYPE")
+            spacing = attrs.get("DICOM_PIXEL_SPACING")
+            if kind is not None and kind.text == "WSI" and spacing is not None:
+                values = (spacing.text or "").replace('"', " ").split()
+                return valid_mpp(float(values[-1]) * 1000.0)
+    except (ET.ParseError, ValueError, IndexError):
+        return None
+    return None
+
+
 def _readable_rgb(page: Any) -> bool:
     """An 8-bit RGB(A)/grey image page stored chunky, whose codec tifffile can decode."""
     try:
@@ -146,6 +165,12 @@ def pyramid_levels(tif: Any) -> tuple[list[TiffLevel], list[str]]:
     """
     if tif.is_ndpi:
         return _ndpi_levels(tif)
+    if tif.is_philips and tif.series and tif.series[0].kind == "philips":
+        # tifffile trims the padding of the reduced levels (their stored size is rounded
+        # up to whole tiles) to level 0's size over the downsample, as openslide does
+        pages = [lv.keyframe for lv in tif.series[0].levels]
+        others = [s.name.lower() for s in tif.series[1:] if s.name in ("Label", "Macro")]
+        return [TiffLevel.of(p) for p in pages if _readable_rgb(p)], sorted(set(others))
     if tif.is_ome and tif.series:
         series = tif.series[0]
         if any(ax not in "YXS" and n > 1 for ax, n in zip(series.axes, series.shape)):
@@ -230,6 +255,8 @@ class TiffTileReader(SlideReader):
                 for i, lv in enumerate(self._levels)]
 
     def _native_mpp(self) -> float | None:
+        if self._handle.is_philips:
+            return _philips_mpp(self._handle.philips_metadata or "")
         if not self._handle.is_ome:
             return None  # resolution tags and Aperio's description: SlideReader._tiff_meta
         try:
