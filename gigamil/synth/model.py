@@ -20,7 +20,7 @@ from typing import cast
 import cv2
 import numpy as np
 
-__all__ = ["SynthConfig", "SyntheticSlideModel", "MASK_MPP"]
+__all__ = ["SynthConfig", "SyntheticSlideModel", "MASK_MPP", "pyramid_depth"]
 
 #: Resolution (µm/px) of the ground-truth masks saved beside each slide.
 MASK_MPP = 8.0
@@ -34,6 +34,15 @@ _PEN_COLORS = {
     "green": np.array([30.0, 130.0, 60.0], dtype=np.float32),
     "black": np.array([25.0, 25.0, 30.0], dtype=np.float32),
 }
+
+
+def pyramid_depth(width: int, height: int, step: int = 2, min_size: int = 512) -> int:
+    """How many levels a pyramid in ``step``× reductions has until the next one would
+    be under ``min_size`` px on its long side (at least one)."""
+    n, ds = 1, step
+    while max(width, height) // ds >= min_size:
+        n, ds = n + 1, ds * step
+    return n
 
 
 @dataclass(frozen=True)

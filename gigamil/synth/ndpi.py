@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from gigamil.io import atomic_path
-from gigamil.synth.model import SynthConfig, SyntheticSlideModel
+from gigamil.synth.model import SynthConfig, SyntheticSlideModel, pyramid_depth
 
 __all__ = ["write_ndpi"]
 
@@ -112,10 +112,11 @@ def _ascii(text: str) -> tuple[int, int, bytes]:
     return 2, len(raw), raw
 
 
-def write_ndpi(path: str | os.PathLike[str], cfg: SynthConfig, levels: int = 4,
+def write_ndpi(path: str | os.PathLike[str], cfg: SynthConfig, levels: int | None = None,
                quality: int = 90) -> dict[str, np.ndarray]:
-    """Write a synthetic NDPI slide (``levels`` pyramid levels in 2× steps, a macro
-    image) to ``path`` atomically and return its ground-truth masks.
+    """Write a synthetic NDPI slide (``levels`` pyramid levels in 2× steps, by default
+    down to about 512 px; a macro image) to ``path`` atomically and return its
+    ground-truth masks.
 
     ``cfg.width`` and ``cfg.height`` are rounded down to whole MCUs (16×8 px) on every
     level, as in a real NDPI (openslide leaves out a partial last row of MCUs).
@@ -123,6 +124,7 @@ def write_ndpi(path: str | os.PathLike[str], cfg: SynthConfig, levels: int = 4,
     from gigamil.synth.slides import _fake_label
 
     path = Path(path)
+    levels = levels or pyramid_depth(cfg.width, cfg.height)
     width = cfg.width // (_MCU_W << (levels - 1)) * (_MCU_W << (levels - 1))
     height = cfg.height // (_MCU_H << (levels - 1)) * (_MCU_H << (levels - 1))
     cfg = dataclasses.replace(cfg, width=width, height=height)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from gigamil.io import atomic_path
-from gigamil.synth.model import SynthConfig, SyntheticSlideModel
+from gigamil.synth.model import SynthConfig, SyntheticSlideModel, pyramid_depth
 
 __all__ = ["write_philips_tiff", "PHILIPS_BARCODE"]
 
@@ -71,8 +71,9 @@ def philips_xml(mpp: float, levels: int, label: np.ndarray) -> str:
 
 
 def write_philips_tiff(path: str | os.PathLike[str], cfg: SynthConfig,
-                       levels: int = 4) -> dict[str, np.ndarray]:
-    """Write a synthetic Philips TIFF (``levels`` levels in 2× steps, padded to whole
+                       levels: int | None = None) -> dict[str, np.ndarray]:
+    """Write a synthetic Philips TIFF (``levels`` levels in 2× steps, by default down to
+    about 512 px; padded to whole
     tiles as Philips does; a label in the XML and as a page) to ``path`` atomically and
     return its ground-truth masks. Level 0 is rounded down to whole tiles."""
     import tifffile
@@ -80,6 +81,7 @@ def write_philips_tiff(path: str | os.PathLike[str], cfg: SynthConfig,
     from gigamil.synth.slides import _fake_label
 
     t = cfg.tile
+    levels = levels or pyramid_depth(cfg.width, cfg.height)
     cfg = dataclasses.replace(cfg, width=cfg.width // t * t, height=cfg.height // t * t)
     model = SyntheticSlideModel(cfg)
     label = _fake_label()
