@@ -6,6 +6,15 @@ are such blocks, so each batch page-faults its working memory in again: measured
 CPU encoder, a fifth of the time went to faults and the cache misses that follow.
 :func:`retain_freed_memory` lets the process keep what it freed; peak RSS is unchanged,
 it just stays at its peak.
+
+The opposite holds between the phases of extracting one slide: tissue detection on a
+large slide frees tens of MB of thumbnails and masks, which glibc keeps in its heap
+(its mmap threshold has risen to the size of the blocks freed).
+:func:`release_freed_memory` hands them back, so that reading and writing patches
+starts from what the slide's size needs, not from detection's peak; and
+:func:`return_large_blocks` pins the mmap threshold, so that large arrays (thumbnails,
+masks, labels) go back to the kernel as soon as they are freed instead of raising the
+threshold and staying in the heap.
 """
 
 from __future__ import annotations
@@ -13,7 +22,7 @@ from __future__ import annotations
 import ctypes
 import sys
 
-__all__ = ["retain_freed_memory"]
+__all__ = ["retain_freed_memory", "release_freed_memory", "return_large_blocks"]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -36,3 +45,28 @@ def retain_freed_memory(threshold: int = 1 << 30) -> bool:
             ok = False
     _DONE.append(ok)
     return ok
+
+
+def release_freed_memory() -> bool:
+    """Give the heap's free pages back to the kernel now (glibc ``malloc_trim``); returns
+    whether anything was released. A no-op elsewhere, or once
+    :func:`retain_freed_memory` has been asked for."""
+    if _DONE and _DONE[0] or not sys.platform.startswith("linux"):
+        return False
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
+def return_large_blocks(threshold: int = 4 << 20) -> bool:
+    """Map every block of ``threshold`` bytes or more on its own, so that freeing it
+    returns it to the kernel at once (glibc's threshold otherwise rises to the largest
+    block freed, up to 32 MB). For extraction, whose large arrays are few and short-lived;
+    a no-op once :func:`retain_freed_memory` has been asked for, or off glibc."""
+    if _DONE and _DONE[0] or not sys.platform.startswith("linux"):
+        return False
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, threshold))
+    except (OSError, AttributeError):
+        return False

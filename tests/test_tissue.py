@@ -64,3 +64,35 @@ def test_coverage_integrates_the_mask() -> None:
     # patches of 512 level-0 px at 0.25 µm/px = 128 µm = 16 mask px
     coords = np.array([[0, 0], [50 * 32 - 256, 0], [60 * 32, 0]])
     np.testing.assert_allclose(tm.coverage(coords, 512, 0.25), [1.0, 0.5, 0.0])
+
+
+def test_saturation_in_bands_equals_the_whole_conversion() -> None:
+    from gigamil.wsi.tissue import _saturation
+
+    rgb = np.random.default_rng(1).integers(0, 256, (1000, 333, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(_saturation(rgb, rows=256),
+                                  cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)[..., 1])
+
+
+def test_more_components_than_16_bit_labels_hold_still_work() -> None:
+    """16-bit labels halve the memory of a large mask; a mask with more components falls
+    back to 32-bit labels and gives the same answer."""
+    from gigamil.wsi.tissue import _drop_small
+
+    mask = np.zeros((600, 600), np.uint8)
+    mask[::2, ::2] = 1  # 90 000 one-pixel components
+    mask[100:300, 100:300] = 1  # and one large one
+    kept = _drop_small(mask.copy(), 50)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8,
+                                                           ltype=cv2.CV_32S)
+    assert n > 65536
+    big = stats[:, cv2.CC_STAT_AREA] >= 50
+    big[0] = False
+    assert kept.dtype == np.uint8
+    np.testing.assert_array_equal(kept, big[labels])  # the square and the dots touching it
+    assert kept[100:300, 100:300].all() and kept.sum() < 200 * 200 + 1000
+    few = np.zeros((50, 50), np.uint8)
+    few[10:20, 10:20] = 1
+    few[40, 40] = 1
+    np.testing.assert_array_equal(_drop_small(few, 5), (np.arange(50)[:, None] // 10 == 1)
+                                  & (np.arange(50)[None, :] // 10 == 1))

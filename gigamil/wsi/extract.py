@@ -34,6 +34,7 @@ from gigamil.errors import (
 )
 from gigamil.io import work_lock
 from gigamil.layout import ExtractDir
+from gigamil.memory import return_large_blocks
 from gigamil.versions import gigamil_version, package_versions
 from gigamil.wsi.extract_config import ExtractConfig, SlidePlan, SlideResult
 from gigamil.wsi.features import trident_attrs
@@ -153,6 +154,7 @@ def extract_slide(
     ``wait_claim``, this waits for that process instead and then does what is left.
     """
     t0 = time.perf_counter()
+    return_large_blocks()  # a large slide's thumbnail and masks leave when freed
     path = Path(path)
     sid = sid or slide_id(path)
     name = name or path.name
@@ -185,7 +187,7 @@ def extract_slide(
         h5_path.unlink(missing_ok=True)  # a store being redone invalidates its coords file
         with open_slide_for(path, cfg) as slide:
             roi = _load_roi(cfg, roi_key, slide)
-            plan = plan_slide(slide, cfg, sid, roi)
+            plan = plan_slide(slide, cfg, sid, roi, keep_thumb=cfg.previews)
             n_total = sum(len(g) for g in plan.grids)
             log.info("%s: %s grid patches with tissue (level %d, %d px read → %d px)", sid,
                      "+".join(str(len(g)) for g in plan.grids), plan.grids[0].level,
@@ -224,7 +226,7 @@ def extract_slide(
                 write_coords_h5(h5_path, coords[""], trident_attrs(meta))
             if cfg.geojson:
                 _write_geojson(layout.geojson(sid), plan, slide.mpp, coords[""])
-            if cfg.previews:
+            if cfg.previews and plan.thumb is not None:
                 g = plan.grids[0]
                 scale = plan.thumb.shape[1] / slide.dimensions[0]
                 image = extraction_preview(plan.thumb, plan.tissue.mask, g.coords, g.size_level0,
@@ -345,6 +347,7 @@ def preview_slide(
         plan = plan_slide(slide, dataclasses.replace(cfg, stain_norm=None, stain_reference=None),
                           sid)
         grid = plan.grids[0]
+        assert plan.thumb is not None
         reasons: list[str] = []
         for run in process_grid(slide, grid, cfg, None, threads, encode=False):
             reasons.extend(run.reasons)

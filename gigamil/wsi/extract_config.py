@@ -180,7 +180,7 @@ class SlidePlan:
     """What will be cut from one slide: the tissue mask, its thumbnail and a grid per scale."""
 
     tissue: TissueMask
-    thumb: np.ndarray
+    thumb: np.ndarray | None  # None unless kept for previews
     grids: list[PatchGrid]
     normalizer: StainNormalizer | None = None
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, TypeVar
 import numpy as np
 
 from gigamil.errors import UnreadableRegionError, UsageError
+from gigamil.memory import release_freed_memory
 from gigamil.wsi.extract_config import ExtractConfig, RunResult, SlidePlan
 from gigamil.wsi.grid import PatchGrid, make_grid
 from gigamil.wsi.qc import QCConfig, pen_mask
@@ -40,13 +41,16 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-def plan_slide(slide: SlideReader, cfg: ExtractConfig, sid: str, roi: Roi | None = None
-               ) -> SlidePlan:
+def plan_slide(slide: SlideReader, cfg: ExtractConfig, sid: str, roi: Roi | None = None,
+               keep_thumb: bool = True) -> SlidePlan:
     """Tissue mask, grids for every scale (only patches inside ``roi`` when given) and
-    (if asked) the slide's fitted stain normalizer."""
+    (if asked) the slide's fitted stain normalizer. ``keep_thumb``: keep the thumbnail
+    tissue was detected on (for previews); without it, its memory is freed at once."""
     _ = slide.mpp  # fails early, naming --mpp-override
-    tissue, thumb = detect_tissue(slide, cfg.tissue_detector, cfg.tissue_mpp,
-                                  **cfg.tissue_params)
+    tissue, detected_on = detect_tissue(slide, cfg.tissue_detector, cfg.tissue_mpp,
+                                        **cfg.tissue_params)
+    thumb = detected_on if keep_thumb else None
+    del detected_on
     grids = [make_grid(slide.levels, spec, tissue, sid) for spec in cfg.grids]
     if roi is not None:
         grids = [g.subset(roi.keep(g.coords, g.size_level0, cfg.roi_min_fraction))
@@ -57,6 +61,7 @@ def plan_slide(slide: SlideReader, cfg: ExtractConfig, sid: str, roi: Roi | None
     if cfg.stain_norm is not None and len(grids[0]):
         normalizer = create_stain_normalizer(cfg.stain_norm, cfg.stain_reference)
         normalizer.fit_slide(_stain_sample(slide, grids[0], cfg.qc))
+    release_freed_memory()  # planning's working memory, before the patches are read
     return SlidePlan(tissue, thumb, grids, normalizer)
 
 

@@ -208,7 +208,7 @@ class SlideReader:
             )
         return region
 
-    def read_at_mpp(self, target_mpp: float, block: int = 4096) -> np.ndarray:
+    def read_at_mpp(self, target_mpp: float, block: int = 1024) -> np.ndarray:
         """The whole slide at a coarse ``target_mpp`` (e.g. 8 µm/px), read block by block.
 
         Memory stays bounded by the output plus one input block of about

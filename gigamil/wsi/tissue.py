@@ -15,6 +15,7 @@ from typing import Protocol
 import cv2
 import numpy as np
 
+from gigamil.memory import release_freed_memory
 from gigamil.registry import Registry
 from gigamil.wsi.slide import SlideReader
 
@@ -76,20 +77,24 @@ class OtsuTissueDetector:
     def __call__(self, rgb: np.ndarray, mpp: float) -> np.ndarray:
         if rgb.size == 0:
             return np.zeros(rgb.shape[:2], bool)
-        sat = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)[..., 1]
+        sat = _saturation(rgb)
         k = _odd(self.blur_um / mpp)
         if k > 1:
             sat = cv2.medianBlur(sat, min(k, 5))
         thr, _ = cv2.threshold(sat, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-        mask: np.ndarray = (sat > max(thr, self.min_saturation)).astype(np.uint8)
+        mask: np.ndarray = cv2.threshold(sat, max(thr, self.min_saturation), 1,
+                                         cv2.THRESH_BINARY)[1]
+        del sat
         r = _odd(self.close_um / mpp)
         if r > 1:
             kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (r, r))
             mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, kernel)
         px_area = mpp * mpp
-        mask = _drop_small(mask, self.min_area_um2 / px_area)
-        holes = _drop_small(1 - mask, self.max_hole_um2 / px_area, keep_border=True)
-        return (1 - holes).astype(bool)
+        mask = _drop_small(np.ascontiguousarray(mask, np.uint8), self.min_area_um2 / px_area)
+        np.subtract(1, mask, out=mask)  # the background, in the same buffer
+        _drop_small(mask, self.max_hole_um2 / px_area, keep_border=True)  # its large parts
+        np.subtract(1, mask, out=mask)  # tissue, with the small holes filled
+        return mask.view(bool)
 
 
 def _odd(x: float) -> int:
@@ -97,9 +102,31 @@ def _odd(x: float) -> int:
     return n if n % 2 else n + 1
 
 
+def _saturation(rgb: np.ndarray, rows: int = 256) -> np.ndarray:
+    """HSV saturation (0–255) of an RGB image, converted a band of rows at a time so that
+    no full-size HSV copy is made (large thumbnails stay within bounded memory)."""
+    sat = np.empty(rgb.shape[:2], np.uint8)
+    for y in range(0, rgb.shape[0], rows):
+        sat[y:y + rows] = cv2.cvtColor(rgb[y:y + rows], cv2.COLOR_RGB2HSV)[..., 1]
+    return sat
+
+
+def _components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, stats) of the 8-connected components of a uint8 mask; 16-bit labels
+    (half the memory) unless there are too many components for them."""
+    try:
+        _, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8,
+                                                               ltype=cv2.CV_16U)
+    except cv2.error:  # more than 65534 components
+        _, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8,
+                                                               ltype=cv2.CV_32S)
+    return labels, stats
+
+
 def _drop_small(mask: np.ndarray, min_area: float, keep_border: bool = False) -> np.ndarray:
-    """Zero out connected components of ``mask`` smaller than ``min_area`` px."""
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    """Zero out connected components of the 0/1 uint8 ``mask`` smaller than ``min_area``
+    px, in place (the mask's buffer is reused: a large mask is not copied); returns it."""
+    labels, stats = _components(mask)
     keep = stats[:, cv2.CC_STAT_AREA] >= min_area
     if keep_border:  # background regions touching the border are never "holes"
         h, w = mask.shape
@@ -107,7 +134,10 @@ def _drop_small(mask: np.ndarray, min_area: float, keep_border: bool = False) ->
         bw, bh = stats[:, cv2.CC_STAT_WIDTH], stats[:, cv2.CC_STAT_HEIGHT]
         keep |= (x == 0) | (y == 0) | (x + bw == w) | (y + bh == h)
     keep[0] = False  # label 0 is the complement
-    return keep[labels].astype(np.uint8)
+    lut = keep.astype(np.uint8)
+    for row in range(0, mask.shape[0], 256):  # in bands: no full-size temporary
+        mask[row:row + 256] = lut[labels[row:row + 256]]
+    return mask
 
 
 def detect_tissue(
@@ -119,6 +149,7 @@ def detect_tissue(
     """
     mpp = max(mpp, slide.mpp)
     thumb = slide.read_at_mpp(mpp)
+    release_freed_memory()  # the blocks read, before detection allocates its own
     mask = TISSUE_DETECTORS.create(detector, **kwargs)(thumb, mpp)
     # the thumbnail is round(size / scale) px: use its actual µm per px
     actual_mpp = slide.dimensions[0] * slide.mpp / thumb.shape[1]
