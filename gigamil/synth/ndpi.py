@@ -121,7 +121,7 @@ def write_ndpi(path: str | os.PathLike[str], cfg: SynthConfig, levels: int | Non
     ``cfg.width`` and ``cfg.height`` are rounded down to whole MCUs (16×8 px) on every
     level, as in a real NDPI (openslide leaves out a partial last row of MCUs).
     """
-    from gigamil.synth.slides import _fake_label
+    from gigamil.synth.slides import fake_label
 
     path = Path(path)
     levels = levels or pyramid_depth(cfg.width, cfg.height)
@@ -136,7 +136,7 @@ def write_ndpi(path: str | os.PathLike[str], cfg: SynthConfig, levels: int | Non
         w, h = width // ds, height // ds
         data, level_starts = _level_jpeg(model, cfg.mpp * ds, w, h, quality)
         images.append((data, level_starts, w, h, power, cfg.mpp * ds))
-    macro = _fake_label(600, 240)
+    macro = fake_label(600, 240)
     buf = io.BytesIO()
     from PIL import Image
 

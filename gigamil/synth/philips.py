@@ -78,13 +78,13 @@ def write_philips_tiff(path: str | os.PathLike[str], cfg: SynthConfig,
     return its ground-truth masks. Level 0 is rounded down to whole tiles."""
     import tifffile
 
-    from gigamil.synth.slides import _fake_label
+    from gigamil.synth.slides import fake_label
 
     t = cfg.tile
     levels = levels or pyramid_depth(cfg.width, cfg.height)
     cfg = dataclasses.replace(cfg, width=cfg.width // t * t, height=cfg.height // t * t)
     model = SyntheticSlideModel(cfg)
-    label = _fake_label()
+    label = fake_label()
     common = {"photometric": "rgb", "compression": "jpeg", "dtype": np.uint8,
               "compressionargs": {"level": cfg.jpeg_quality}, "metadata": None,
               "software": "Philips DP v1.0"}

@@ -28,10 +28,11 @@ __all__ = [
     "load_masks",
     "save_masks",
     "damage_tile",
+    "fake_label",
 ]
 
 
-def _fake_label(width: int = 400, height: int = 400) -> np.ndarray:
+def fake_label(width: int = 400, height: int = 400) -> np.ndarray:
     """A slide label with made-up PHI text; gigamil must never copy it into outputs."""
     img = np.full((height, width, 3), 235, np.uint8)
     for i, text in enumerate(["PATIENT: DOE^JANE", "MRN 0000000", "DOB 1900-01-01"]):
@@ -87,7 +88,7 @@ def write_synthetic_slide(path: str | os.PathLike[str], cfg: SynthConfig) -> dic
                 description=description if cfg.record_mpp else None, **lres, **common,
             )
         if cfg.label_image and cfg.record_mpp:
-            tif.write(_fake_label(), subfiletype=1, photometric="rgb", compression="lzw",
+            tif.write(fake_label(), subfiletype=1, photometric="rgb", compression="lzw",
                       description="Aperio Image Library v12.0.15\nlabel 400x400", metadata=None)
     return model.masks
 
