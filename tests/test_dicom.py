@@ -128,6 +128,29 @@ def test_missing_pyramid_level_still_opens(series_copy: Path) -> None:
         assert np.array_equal(r.read_region(1, 0, 0, lw, lh), _reference(r, 1, 0, 0, lw, lh))
 
 
+def test_series_with_a_missing_level_is_extracted_from_the_levels_left(
+        series: Path, series_copy: Path, tmp_path: Path) -> None:
+    """A DICOM folder whose 2× level is gone: extraction at 0.5 µm/px reads the next finer
+    level that is left (level 0, shrunk 2×) and keeps the same patches at the same places."""
+    from gigamil.wsi.extract import extract_slide
+    from gigamil.wsi.extract_config import ExtractConfig
+    from gigamil.wsi.store import PatchStore
+
+    volume_files(series_copy)[1].unlink()
+    cfg = ExtractConfig(mpp=0.5, patch_size=64, encoding="raw")
+    full = extract_slide(series, tmp_path / "full", cfg)
+    gap = extract_slide(series_copy, tmp_path / "gap", cfg)
+    assert full.status == gap.status == "ok", (full.error, gap.error)
+    with PatchStore(tmp_path / "full" / "patches" / "slide.lmdb") as a, \
+            PatchStore(tmp_path / "gap" / "patches" / "slide.lmdb") as b:
+        assert (a.meta["read_level"], b.meta["read_level"]) == (1, 0)
+        np.testing.assert_array_equal(a.coords, b.coords)
+        assert len(b) == len(a) > 10
+        diff = np.abs(np.stack([a[i] for i in range(len(a))]).astype(int)
+                      - np.stack([b[i] for i in range(len(b))]))
+        assert diff.mean() < 6  # the same tissue: the scanner's 2× level vs level 0 shrunk
+
+
 def test_unopenable_series_raise_slide_open_error(series: Path, tmp_path: Path) -> None:
     with pytest.raises(SlideOpenError, match="does not exist"):
         DicomReader(tmp_path / "nothing")
