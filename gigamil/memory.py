@@ -12,9 +12,10 @@ large slide frees tens of MB of thumbnails and masks, which glibc keeps in its h
 (its mmap threshold has risen to the size of the blocks freed).
 :func:`release_freed_memory` hands them back, so that reading and writing patches
 starts from what the slide's size needs, not from detection's peak; and
-:func:`return_large_blocks` pins the mmap threshold, so that large arrays (thumbnails,
-masks, labels) go back to the kernel as soon as they are freed instead of raising the
-threshold and staying in the heap.
+:func:`mmap_threshold` pins the mmap threshold: low while a slide is planned, so that
+large arrays (thumbnails, masks, labels) go back to the kernel as soon as they are freed,
+and high while its patches are read, so that region buffers are reused from the heap
+instead of being mapped and faulted in afresh for every run.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from __future__ import annotations
 import ctypes
 import sys
 
-__all__ = ["retain_freed_memory", "release_freed_memory", "return_large_blocks"]
+__all__ = ["retain_freed_memory", "release_freed_memory", "mmap_threshold"]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -59,14 +60,18 @@ def release_freed_memory() -> bool:
         return False
 
 
-def return_large_blocks(threshold: int = 4 << 20) -> bool:
-    """Map every block of ``threshold`` bytes or more on its own, so that freeing it
-    returns it to the kernel at once (glibc's threshold otherwise rises to the largest
-    block freed, up to 32 MB). For extraction, whose large arrays are few and short-lived;
-    a no-op once :func:`retain_freed_memory` has been asked for, or off glibc."""
+def mmap_threshold(threshold: int) -> bool:
+    """Map every block of ``threshold`` bytes or more on its own (freeing it returns it to
+    the kernel at once), serve smaller ones from the heap and trim the heap past twice
+    that; glibc's threshold otherwise moves up to the largest block freed, up to 32 MB. A no-op once
+    :func:`retain_freed_memory` has been asked for, or off glibc."""
     if _DONE and _DONE[0] or not sys.platform.startswith("linux"):
         return False
     try:
-        return bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, threshold))
+        libc = ctypes.CDLL("libc.so.6")
+        # glibc's own rule for a moved threshold: trim the heap only past twice it (a
+        # pinned threshold would otherwise leave trimming at 128 kB, every few frees)
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold)) and bool(
+            libc.mallopt(_M_TRIM_THRESHOLD, 2 * threshold))
     except (OSError, AttributeError):
         return False

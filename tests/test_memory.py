@@ -53,3 +53,29 @@ def test_release_hands_freed_heap_memory_back() -> None:
                          check=True).stdout.split()
     assert out[0] == "True"
     assert float(out[1]) > 80  # of the ~119 MB freed
+
+
+PINNED = """
+import sys, numpy as np, psutil
+from gigamil.memory import mmap_threshold
+if sys.argv[1] == "pinned":
+    assert mmap_threshold(4 << 20)
+big = np.ones(30 * 2**20, np.uint8); del big  # unpinned, glibc's threshold rises to 30 MB
+rss = psutil.Process().memory_info().rss
+masks = [np.ones(8 * 2**20, np.uint8) for _ in range(6)]  # 48 MB of thumbnail-sized arrays
+keep = np.ones(2**20, np.uint8)  # allocated after them: the heap's top stays in use
+del masks
+print((psutil.Process().memory_info().rss - rss) / 2**20)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc only")
+def test_pinned_mmap_threshold_returns_large_arrays_when_freed() -> None:
+    """While a slide is planned, its masks go back to the kernel when freed; left to glibc,
+    they stay in the heap once a larger block has been freed."""
+    def kept(mode: str) -> float:
+        out = subprocess.run([sys.executable, "-c", PINNED, mode], capture_output=True,
+                             text=True, check=True)
+        return float(out.stdout.split()[-1])
+    assert kept("default") > 40
+    assert kept("pinned") < 8

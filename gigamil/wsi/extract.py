@@ -34,7 +34,7 @@ from gigamil.errors import (
 )
 from gigamil.io import work_lock
 from gigamil.layout import ExtractDir
-from gigamil.memory import return_large_blocks
+from gigamil.memory import mmap_threshold
 from gigamil.versions import gigamil_version, package_versions
 from gigamil.wsi.extract_config import ExtractConfig, SlidePlan, SlideResult
 from gigamil.wsi.features import trident_attrs
@@ -154,7 +154,6 @@ def extract_slide(
     ``wait_claim``, this waits for that process instead and then does what is left.
     """
     t0 = time.perf_counter()
-    return_large_blocks()  # a large slide's thumbnail and masks leave when freed
     path = Path(path)
     sid = sid or slide_id(path)
     name = name or path.name
@@ -187,7 +186,9 @@ def extract_slide(
         h5_path.unlink(missing_ok=True)  # a store being redone invalidates its coords file
         with open_slide_for(path, cfg) as slide:
             roi = _load_roi(cfg, roi_key, slide)
+            mmap_threshold(4 << 20)  # a large slide's thumbnail and masks leave when freed
             plan = plan_slide(slide, cfg, sid, roi, keep_thumb=cfg.previews)
+            mmap_threshold(32 << 20)  # region buffers are reused, not faulted in per run
             n_total = sum(len(g) for g in plan.grids)
             log.info("%s: %s grid patches with tissue (level %d, %d px read → %d px)", sid,
                      "+".join(str(len(g)) for g in plan.grids), plan.grids[0].level,
