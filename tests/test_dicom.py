@@ -128,6 +128,33 @@ def test_missing_pyramid_level_still_opens(series_copy: Path) -> None:
         assert np.array_equal(r.read_region(1, 0, 0, lw, lh), _reference(r, 1, 0, 0, lw, lh))
 
 
+def test_frames_are_read_straight_from_the_files(series: Path) -> None:
+    """Every level of a wsidicomizer series has a frame table (one file, full tiling),
+    and each frame it reads is wsidicom's own bytes."""
+    with DicomReader(series) as r:
+        for lv in r._levels:
+            assert lv.frames is not None, lv.index
+            across = lv.frames.across
+            down = len(lv.frames.frames) // across
+            for tx, ty in ((0, 0), (across // 2, down // 2), (across - 1, down - 1)):
+                assert lv.frames.read(tx, ty) == r._handle.read_encoded_tile(
+                    lv.index, (tx, ty), crop_to_image_boundary=False)
+
+
+def test_frame_cut_short_raises(tmp_path: Path) -> None:
+    """A file cut short after the frame table was read (a copy still being written, a
+    network filesystem hiccup): the frames past the end raise, the others read."""
+    from gigamil.wsi.dicom_frames import FrameTable
+
+    f = tmp_path / "level.dcm"
+    f.write_bytes(bytes(range(15)))
+    table = FrameTable(str(f), [(0, 10), (10, 10)], across=2)
+    assert table.read(0, 0) == bytes(range(10))
+    with pytest.raises(OSError, match="cut short"):
+        table.read(1, 0)
+    table.close()
+
+
 def test_series_with_a_missing_level_is_extracted_from_the_levels_left(
         series: Path, series_copy: Path, tmp_path: Path) -> None:
     """A DICOM folder whose 2× level is gone: extraction at 0.5 µm/px reads the next finer

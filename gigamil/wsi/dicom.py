@@ -2,10 +2,11 @@
 
 A DICOM WSI is a *folder*: one VOLUME instance per pyramid level, plus LABEL,
 OVERVIEW and THUMBNAIL instances. :class:`DicomReader` opens the VOLUME instances
-with wsidicom and reads a region by fetching the encoded frames under it
-(:meth:`wsidicom.WsiDicom.read_encoded_tile`) and decoding them with imagecodecs
-(libjpeg-turbo, OpenJPEG) outside any lock, so many threads can read one slide at
-once. Other instances are only classified from their header: their pixels (which
+with wsidicom and reads a region by fetching the encoded frames under it and decoding
+them with imagecodecs (libjpeg-turbo, OpenJPEG) outside any lock, so many threads can
+read one slide at once. Where a level is one fully tiled file, its frames are read
+straight from the file (:mod:`gigamil.wsi.dicom_frames`); otherwise through
+:meth:`wsidicom.WsiDicom.read_encoded_tile`. Other instances are only classified from their header: their pixels (which
 may show PHI) are never read. Discovery helpers read headers only:
 :func:`is_wsi_dicom`, :func:`series_image_type`, :func:`is_dicom_series_folder`.
 No patient attribute (name, id, dates, …) reaches anything this module returns.
@@ -26,6 +27,8 @@ from typing import Any
 import numpy as np
 
 from gigamil.errors import SlideOpenError, UnreadableRegionError
+from gigamil.wsi.dicom_frames import FrameTable, frame_table
+from gigamil.wsi.dicom_phi import redacted_message
 from gigamil.wsi.jpeg import strict_jpeg_decode
 from gigamil.wsi.metadata import valid_mpp, valid_power
 from gigamil.wsi.slide import SlideReader
@@ -165,6 +168,7 @@ class _LevelInfo:
     tile_w: int
     tile_h: int
     decode: Decode | None
+    frames: FrameTable | None = None  # direct reads where the layout allows
 
 
 class DicomReader(SlideReader):
@@ -202,7 +206,7 @@ class DicomReader(SlideReader):
         except Exception as exc:
             raise SlideOpenError(
                 f"{path.name} is not a readable DICOM WSI series "
-                f"({type(exc).__name__}: {_short(exc, path)})",
+                f"({type(exc).__name__}: {redacted_message(exc, path)})",
                 "check that the folder holds one complete series; re-export or copy it again",
             ) from exc
         self._handle = wsi
@@ -216,7 +220,7 @@ class DicomReader(SlideReader):
                 raise
             raise SlideOpenError(
                 f"{path.name}: the DICOM pyramid cannot be read "
-                f"({type(exc).__name__}: {_short(exc, path)})",
+                f"({type(exc).__name__}: {redacted_message(exc, path)})",
                 "check that the series is complete; re-export or copy it again",
             ) from exc
 
@@ -247,10 +251,14 @@ class DicomReader(SlideReader):
             decode = _decoder(str(inst.image_data.transfer_syntax),
                               str(ds_set.get("PhotometricInterpretation", "")))
             infos.append(_LevelInfo(int(lv.level), w, h, float(ds), int(tile.width),
-                                    int(tile.height), decode))
+                                    int(tile.height), decode,
+                                    frame_table(wsi, lv) if decode is not None else None))
         return infos
 
     def _close(self) -> None:
+        for lv in getattr(self, "_levels", []):
+            if lv.frames is not None:
+                lv.frames.close()
         self._handle.close()
 
     # ---- metadata hooks ------------------------------------------------------
@@ -293,9 +301,10 @@ class DicomReader(SlideReader):
     # ---- pixels --------------------------------------------------------------
     def _read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         lv = self._levels[level]
-        out = np.full((h, w, 3), 255, np.uint8)
         x0, y0 = max(x, 0), max(y, 0)
         x1, y1 = min(x + w, lv.width), min(y + h, lv.height)
+        inside = (x0, y0, x1, y1) == (x, y, x + w, y + h)
+        out = np.empty((h, w, 3), np.uint8) if inside else np.full((h, w, 3), 255, np.uint8)
         if x0 >= x1 or y0 >= y1:
             return out
         for ty in range(y0 // lv.tile_h, (y1 - 1) // lv.tile_h + 1):
@@ -322,7 +331,9 @@ class DicomReader(SlideReader):
             )
 
         try:
-            if lv.decode is not None:
+            if lv.frames is not None:  # straight from the file, no lock
+                arr = lv.decode(lv.frames.read(tx, ty))  # type: ignore[misc]
+            elif lv.decode is not None:
                 with self._lock:
                     encoded = self._handle.read_encoded_tile(
                         lv.index, (tx, ty), crop_to_image_boundary=False)
@@ -332,7 +343,7 @@ class DicomReader(SlideReader):
                 arr = np.asarray(image.convert("RGB"))
         except Exception as exc:
             raise unreadable(f"cannot be read or decoded ({type(exc).__name__}: "
-                             f"{_short(exc, self.path)})") from exc
+                             f"{redacted_message(exc, self.path)})") from exc
         if arr.dtype != np.uint8:
             raise unreadable(f"decodes to {arr.dtype} samples")
         arr = arr[:, :, None] if arr.ndim == 2 else arr  # monochrome
@@ -354,46 +365,3 @@ def _spacing(level: Any) -> float | None:
     except Exception:
         return None
     return value if value > 0 else None
-
-
-#: Header attributes that identify a patient or a case; their values are scrubbed from
-#: any library message that goes into one of our errors.
-_PHI_TAGS = (
-    "PatientName PatientID OtherPatientIDs IssuerOfPatientID PatientBirthDate PatientBirthTime "
-    "PatientAddress PatientComments AccessionNumber StudyID StudyDate StudyTime SeriesDate "
-    "SeriesTime ContentDate ContentTime AcquisitionDateTime ReferringPhysicianName "
-    "InstitutionName StudyDescription ContainerIdentifier"
-).split()
-
-
-def _phi_values(folder: Path) -> set[str]:
-    """Identifying values in the headers of a series' files (only to scrub messages)."""
-    import pydicom
-
-    values: set[str] = set()
-    try:
-        files = [f for f in folder.iterdir() if f.is_file() and _has_dicom_preamble(f)]
-    except OSError:
-        return values
-    for f in files[:8]:
-        try:
-            ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=_PHI_TAGS)
-        except Exception:
-            continue
-        for keyword in _PHI_TAGS:
-            value = ds.get(keyword)
-            items = value if isinstance(value, (list, tuple)) else [value]
-            for item in items:
-                text = str(item or "").strip()
-                if len(text) >= 3:
-                    values.add(text)
-                    values.update(part for part in text.split("^") if len(part) >= 3)
-    return values
-
-
-def _short(exc: BaseException, folder: Path, limit: int = 160) -> str:
-    """A library's error message on one line, without any identifying header value."""
-    text = " ".join(str(exc).split())
-    for value in sorted(_phi_values(folder), key=len, reverse=True):
-        text = text.replace(value, "<redacted>")
-    return text if len(text) <= limit else text[: limit - 1] + "…"
