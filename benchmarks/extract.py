@@ -116,6 +116,8 @@ def tile_decoder(path: Path, level: int) -> tuple[Callable[[int, int], object], 
         decode = lv.decode
 
         def one(tx: int, ty: int) -> object:
+            if lv.frames is not None:  # the frame straight from the file
+                return decode(lv.frames.read(tx, ty))  # type: ignore[misc]
             return decode(wsi.read_encoded_tile(lv.index, (tx, ty), crop_to_image_boundary=False))
         return one, lv.tile_w, lv.tile_h
     import tifffile
