@@ -1,8 +1,8 @@
 """Checking a TIFF's tiles before a backend that does not report corrupt data reads them.
 
 cuCIM decodes a damaged tile to garbage without raising, and openslide only warns;
-:class:`TileVerifier` decodes each tile under a region strictly once (with
-:func:`gigamil.wsi.jpeg.strict_jpeg_decode` for JPEG) so that those backends leave
+:class:`TileVerifier` decodes each tile under a region strictly once (JPEG with
+:func:`gigamil.wsi.jpeg.strict_jpeg_check`, at 1/8 scale) so that those backends leave
 out exactly the patches the ``tiles`` backend leaves out.
 """
 
@@ -13,6 +13,7 @@ import threading
 from typing import Any
 
 from gigamil.errors import UnreadableRegionError
+from gigamil.wsi.jpeg import strict_jpeg_check, strict_jpeg_decode
 from gigamil.wsi.tiles import TiffLevel, pyramid_levels
 
 __all__ = ["TileVerifier"]
@@ -61,7 +62,10 @@ class TileVerifier:
             try:
                 if len(data) != n:
                     raise ValueError("truncated")
-                if lv.jpeg is not None:
+                strict = getattr(lv.jpeg, "func", None) is strict_jpeg_decode
+                if strict:  # the same strict decode, at 1/8 scale
+                    strict_jpeg_check(data, lv.jpeg.keywords.get("tables"))  # type: ignore[union-attr]
+                elif lv.jpeg is not None:
                     lv.jpeg(data)
                 else:
                     page.decode(data, index, jpegtables=page.jpegtables)
