@@ -130,3 +130,38 @@ def test_strip_qc_equals_patch_by_patch(marked_slide: Path) -> None:
             differ += sum(a != b for a, b in zip(strip_reasons, single))
             total += 24
     assert differ == 0 and total == 24 * 10, (differ, total)
+
+
+@pytest.mark.parametrize("side", [64, 96, 256])
+def test_focus_score_is_the_median_laplacian_variance_of_tissue_blocks(side: int) -> None:
+    """The score, computed directly: per 32-px block (a patch's own edge pixels and the
+    strip's top and bottom rows zeroed), the variance of the 3×3 Laplacian of the grey
+    image; the median over blocks that are mostly tissue (an even count averages the two
+    middle ones)."""
+    import cv2
+
+    from gigamil.wsi.qc import _focus_scores, _glass, _hsv, _step
+
+    rng = np.random.default_rng(side)
+    n = 5
+    strip = rng.integers(0, 200, (side, n * side, 3), dtype=np.uint8)
+    strip[: side // 3, : 2 * side] = 250  # glass over part of the first two patches
+    step = _step(side)
+    glass = _glass(_hsv(strip, step))
+    grey = cv2.cvtColor(strip, cv2.COLOR_RGB2GRAY).astype(np.float64)
+    lap = cv2.Laplacian(grey, cv2.CV_64F, ksize=3)
+    lap[0], lap[-1] = 0, 0
+    for k in range(n):
+        lap[:, k * side], lap[:, k * side + side - 1] = 0, 0
+    block, nb = min(32, side), side // min(32, side)
+    expected = []
+    for k in range(n):
+        values = []
+        for by in range(nb):
+            for bx in range(nb):
+                y, x = by * block, k * side + bx * block
+                g = glass[y // step:(y + block) // step, x // step:(x + block) // step]
+                if g.mean() < 0.5:
+                    values.append(lap[y:y + block, x:x + block].var())
+        expected.append(np.median(values) if values else 0.0)
+    np.testing.assert_allclose(_focus_scores(strip, n, glass, step), expected, rtol=1e-4)
