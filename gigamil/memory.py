@@ -23,7 +23,7 @@ from __future__ import annotations
 import ctypes
 import sys
 
-__all__ = ["retain_freed_memory", "release_freed_memory", "mmap_threshold"]
+__all__ = ["retain_freed_memory", "release_freed_memory", "mmap_threshold", "drop_mapped_pages"]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -75,3 +75,32 @@ def mmap_threshold(threshold: int) -> bool:
             libc.mallopt(_M_TRIM_THRESHOLD, 2 * threshold))
     except (OSError, AttributeError):
         return False
+
+
+_MADV_DONTNEED = 4
+
+
+def drop_mapped_pages(path: str) -> int:
+    """Unmap the resident pages of this process's mappings of ``path`` (Linux
+    ``madvise(MADV_DONTNEED)``); returns the bytes of mappings advised.
+
+    LMDB maps the whole store it writes; each page it touches there maps its neighbours
+    too (the kernel's fault-around), so RSS would grow with the store. The file's pages
+    stay in the page cache and the mapping stays valid: a later access maps them back.
+    """
+    if not sys.platform.startswith("linux"):
+        return 0
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        done = 0
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and fields[5].rstrip("\n") == path:
+                    start, end = (int(v, 16) for v in fields[0].split("-"))
+                    if libc.madvise(start, end - start, _MADV_DONTNEED) == 0:
+                        done += end - start
+        return done
+    except (OSError, AttributeError, ValueError):
+        return 0

@@ -79,3 +79,23 @@ def test_pinned_mmap_threshold_returns_large_arrays_when_freed() -> None:
         return float(out.stdout.split()[-1])
     assert kept("default") > 40
     assert kept("pinned") < 8
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux madvise only")
+def test_dropping_a_files_mapped_pages_lowers_rss_and_keeps_its_bytes(tmp_path) -> None:
+    """What the store writer does to LMDB's map of the store it writes."""
+    import mmap
+
+    import psutil
+
+    from gigamil.memory import drop_mapped_pages
+
+    path = tmp_path / "store.bin"
+    path.write_bytes(bytes(range(256)) * (64 * 4096))  # 64 MB
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        total = sum(m[i] for i in range(0, len(m), 4096))  # touch every page
+        before = psutil.Process().memory_info().rss
+        assert drop_mapped_pages(str(path.resolve())) >= len(m)
+        after = psutil.Process().memory_info().rss
+        assert before - after > 48 * 2**20
+        assert sum(m[i] for i in range(0, len(m), 4096)) == total  # mapped back on access

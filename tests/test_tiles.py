@@ -45,6 +45,10 @@ def test_levels_are_fractional(odd_slide: Path) -> None:
         ds = [lv.downsample for lv in slide.levels]
         assert len(ds) >= 2 and all(abs(d - round(d)) > 1e-4 for d in ds[1:]), ds
         assert slide.format == "aperio" and slide.associated_names == ["label", "thumbnail"]
+        slide.read_region(1, 100, 100, 300, 300)
+        assert slide._cache_bytes > 0  # edge tiles kept for the next region…
+        slide.read_at_mpp(8.0)
+        assert slide._cache_bytes == 0 and not slide._cache  # …but not a coarse level's
 
 
 @pytest.mark.parametrize("backend", EXACT)

@@ -66,12 +66,33 @@ def test_coverage_integrates_the_mask() -> None:
     np.testing.assert_allclose(tm.coverage(coords, 512, 0.25), [1.0, 0.5, 0.0])
 
 
-def test_saturation_in_bands_equals_the_whole_conversion() -> None:
+@pytest.mark.parametrize("median", [1, 3, 5])
+def test_saturation_in_bands_equals_the_whole_conversion(median: int) -> None:
+    """Banded conversion and median filter (bounded memory) give the whole image's."""
     from gigamil.wsi.tissue import _saturation
 
-    rgb = np.random.default_rng(1).integers(0, 256, (1000, 333, 3), dtype=np.uint8)
-    np.testing.assert_array_equal(_saturation(rgb, rows=256),
-                                  cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)[..., 1])
+    rng = np.random.default_rng(median)
+    for shape in [(1000, 333, 3), (257, 100, 3), (10, 50, 3)]:
+        rgb = rng.integers(0, 256, shape, dtype=np.uint8)
+        ref = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)[..., 1]
+        if median > 1:
+            ref = cv2.medianBlur(ref, median)
+        np.testing.assert_array_equal(_saturation(rgb, median, rows=256), ref)
+
+
+def test_coverage_in_bands_equals_one_integral_image() -> None:
+    rng = np.random.default_rng(3)
+    mask = TissueMask(rng.random((1300, 900)) > 0.4, 8.0)
+    coords = np.stack([rng.integers(-100, 900 * 32, 4000), rng.integers(-100, 1300 * 32, 4000)], 1)
+    whole = mask.coverage(coords, 512, 0.25, band=10**6)
+    for band in (7, 100, 512):
+        np.testing.assert_array_equal(mask.coverage(coords, 512, 0.25, band=band), whole)
+    integral = cv2.integral(mask.mask.astype(np.uint8))
+    x, y = np.clip(np.round(coords[7] / 32), 0, [899, 1299]).astype(int)
+    x1, y1 = min(x + 16, 900), min(y + 16, 1300)
+    direct = (integral[y1, x1] - integral[y, x1] - integral[y1, x] + integral[y, x]) / (
+        (x1 - x) * (y1 - y))
+    assert whole[7] == pytest.approx(direct)
 
 
 def test_more_components_than_16_bit_labels_hold_still_work() -> None:

@@ -218,7 +218,9 @@ class SlideReader:
         level, _ = self.level_for_mpp(target_mpp, allow_upsample=True)
         for lvl in range(level, -1, -1):
             try:
-                return self._read_level_at(lvl, target_mpp, block)
+                out = self._read_level_at(lvl, target_mpp, block)
+                self._forget_tiles()  # a coarse level's tiles: patches are read elsewhere
+                return out
             except UnreadableRegionError as exc:
                 if lvl == 0:
                     raise UnreadableRegionError(
@@ -227,6 +229,9 @@ class SlideReader:
                 self.notes.append(f"level {lvl} cannot be decoded ({exc.message}); "
                                   f"read level {lvl - 1} instead")
         raise AssertionError("unreachable")
+
+    def _forget_tiles(self) -> None:
+        """Drop decoded tiles the reader keeps (none here; see ``TiffTileReader``)."""
 
     def _read_level_at(self, level: int, target_mpp: float, block: int) -> np.ndarray:
         lv = self.levels[level]

@@ -16,6 +16,7 @@ import numpy as np
 
 from gigamil.errors import StoreError
 from gigamil.io import fsync_dir
+from gigamil.memory import drop_mapped_pages
 from gigamil.wsi.store_format import (
     META_KEY,
     PARTIAL_SUFFIX,
@@ -120,6 +121,7 @@ class PatchStoreWriter:
         if self._unsynced >= WRITEBACK_BYTES and (self._syncer is None
                                                   or not self._syncer.is_alive()):
             self._start_writeback()
+            drop_mapped_pages(str(self.partial.resolve()))  # RSS stays flat as the store grows
 
     def _start_writeback(self) -> None:
         """fsync what is committed so far in a background thread, while patches are still

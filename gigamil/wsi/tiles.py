@@ -248,6 +248,11 @@ class TiffTileReader(SlideReader):
         self._handle.close()
         self._cache.clear()
 
+    def _forget_tiles(self) -> None:
+        with self._lock:
+            self._cache.clear()
+            self._cache_bytes = 0
+
     def _level_dims_and_downsamples(self) -> list[tuple[int, int, float]]:
         w0, h0 = self._levels[0].width, self._levels[0].height
         # the mean of both axes' ratios, as openslide reports downsamples

@@ -42,19 +42,29 @@ class TissueMask:
     def fraction(self) -> float:
         return float(self.mask.mean()) if self.mask.size else 0.0
 
-    def coverage(self, coords0: np.ndarray, size0: float, mpp0: float) -> np.ndarray:
+    def coverage(self, coords0: np.ndarray, size0: float, mpp0: float, band: int = 512
+                 ) -> np.ndarray:
         """Tissue fraction in each square patch (level-0 top-left ``coords0``, side ``size0`` px)."""
         if len(coords0) == 0:
             return np.zeros(0, np.float32)
         h, w = self.mask.shape
-        integral = cv2.integral(self.mask.astype(np.uint8), sdepth=cv2.CV_32S)  # counts fit int32
         f = mpp0 / self.mpp
         x0 = np.clip(np.round(coords0[:, 0] * f), 0, w - 1).astype(np.int64)
         y0 = np.clip(np.round(coords0[:, 1] * f), 0, h - 1).astype(np.int64)
         side = max(1, int(round(size0 * f)))
         x1 = np.clip(x0 + side, 1, w)
         y1 = np.clip(y0 + side, 1, h)
-        total = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
+        total = np.zeros(len(coords0), np.int64)
+        # integral images of bands of mask rows (each with the rows its patches reach
+        # below it), not of the whole mask: the same sums in a fraction of the memory
+        for top in range(0, h, band):
+            sel = np.flatnonzero((y0 >= top) & (y0 < top + band))
+            if not len(sel):
+                continue
+            bottom = int(y1[sel].max())
+            integral = cv2.integral(self.mask[top:bottom].astype(np.uint8), sdepth=cv2.CV_32S)
+            ya, yb, xa, xb = y0[sel] - top, y1[sel] - top, x0[sel], x1[sel]
+            total[sel] = integral[yb, xb] - integral[ya, xb] - integral[yb, xa] + integral[ya, xa]
         area = (x1 - x0) * (y1 - y0)
         return (total / np.maximum(area, 1)).astype(np.float32)
 
@@ -77,10 +87,7 @@ class OtsuTissueDetector:
     def __call__(self, rgb: np.ndarray, mpp: float) -> np.ndarray:
         if rgb.size == 0:
             return np.zeros(rgb.shape[:2], bool)
-        sat = _saturation(rgb)
-        k = _odd(self.blur_um / mpp)
-        if k > 1:
-            sat = cv2.medianBlur(sat, min(k, 5))
+        sat = _saturation(rgb, median=min(_odd(self.blur_um / mpp), 5))
         thr, _ = cv2.threshold(sat, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
         mask: np.ndarray = cv2.threshold(sat, max(thr, self.min_saturation), 1,
                                          cv2.THRESH_BINARY)[1]
@@ -102,12 +109,20 @@ def _odd(x: float) -> int:
     return n if n % 2 else n + 1
 
 
-def _saturation(rgb: np.ndarray, rows: int = 256) -> np.ndarray:
-    """HSV saturation (0–255) of an RGB image, converted a band of rows at a time so that
-    no full-size HSV copy is made (large thumbnails stay within bounded memory)."""
+def _saturation(rgb: np.ndarray, median: int = 1, rows: int = 256) -> np.ndarray:
+    """HSV saturation (0–255) of an RGB image, median-filtered with a ``median``-px kernel
+    (1: none). Made a band of rows at a time, each with the rows its filter needs above
+    and below, so that neither a full-size HSV copy nor OpenCV's median buffers (several
+    times the image) are ever made; the result equals filtering the whole image."""
+    h = rgb.shape[0]
+    pad = median // 2
     sat = np.empty(rgb.shape[:2], np.uint8)
-    for y in range(0, rgb.shape[0], rows):
-        sat[y:y + rows] = cv2.cvtColor(rgb[y:y + rows], cv2.COLOR_RGB2HSV)[..., 1]
+    for y in range(0, h, rows):
+        y0, y1 = max(0, y - pad), min(h, y + rows + pad)
+        band = cv2.cvtColor(rgb[y0:y1], cv2.COLOR_RGB2HSV)[..., 1]
+        if median > 1:
+            band = cv2.medianBlur(np.ascontiguousarray(band), median)
+        sat[y:y + rows] = band[y - y0:y - y0 + rows]
     return sat
 
 
