@@ -285,3 +285,31 @@ def test_threads_give_identical_stores(cohort: Path, tmp_path: Path) -> None:
     extract_slide(cohort / "s003.svs", tmp_path / "three", cfg, threads=3)
     _stores_equal(tmp_path / "one" / "patches" / "s003.lmdb",
                   tmp_path / "three" / "patches" / "s003.lmdb")
+
+
+def test_array_tasks_merge_their_manifests_once_every_part_is_there(
+        cohort: Path, tmp_path: Path) -> None:
+    """Each task of an sbatch array merges as it ends: the first to end leaves its part,
+    the last merges them all; tasks that end at once neither fail nor lose rows (found:
+    two tasks of the template job removed each other's parts, and one failed)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gigamil.cluster.extract_cohort import merge_extract_manifests
+
+    slides = sorted(cohort.glob("*.svs"))
+    cfg = ExtractConfig(mpp=2.0, patch_size=64)
+    extract_slides(slides, tmp_path, cfg, workers=0, shard=(0, 2))
+    assert merge_extract_manifests(tmp_path, complete_only=True) is None  # task 1 not done
+    assert (tmp_path / "extract.shard0of2.csv").is_file()
+    assert not (tmp_path / "extract.csv").exists()
+    extract_slides(slides, tmp_path, cfg, workers=0, shard=(1, 2))
+    parts = {p.name: p.read_bytes() for p in tmp_path.glob("extract.shard*.csv")}
+    for _ in range(3):  # both tasks (and more) merging at the same moment
+        for name, data in parts.items():
+            (tmp_path / name).write_bytes(data)
+        with ThreadPoolExecutor(6) as pool:
+            merged = list(pool.map(lambda _: merge_extract_manifests(tmp_path, True), range(6)))
+        assert sum(m is not None for m in merged) >= 1
+        with open(tmp_path / "extract.csv", newline="") as fh:
+            assert sorted(r["slide_id"] for r in csv.DictReader(fh)) == [p.stem for p in slides]
+        assert not list(tmp_path.glob("extract.shard*"))

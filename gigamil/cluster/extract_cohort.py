@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from gigamil.cluster.pool import report_progress, run_pool
 from gigamil.errors import DiskFullError, UsageError, is_disk_full
-from gigamil.io import ensure_writable, sweep_stale_temps, write_csv, write_json
+from gigamil.io import ensure_writable, sweep_stale_temps, work_lock, write_csv, write_json
 from gigamil.layout import ExtractDir
 from gigamil.versions import gigamil_version, package_versions
 from gigamil.wsi.discovery import Pseudonyms, SlideSource, find_slides
@@ -205,18 +206,35 @@ def _stager(cfg: ExtractConfig, out: ExtractDir, jobs: list[SlideSource], overwr
     return stager.start(), set(todo)
 
 
-def merge_extract_manifests(out: str | os.PathLike[str]) -> Path | None:
-    """Join the array tasks' ``extract.shard*.csv`` into ``extract.csv`` (then remove them)."""
+def merge_extract_manifests(out: str | os.PathLike[str], complete_only: bool = False
+                            ) -> Path | None:
+    """Join the array tasks' ``extract.shard*.csv`` into ``extract.csv`` (then remove them).
+
+    ``complete_only``: merge only when every task of the array has written its part (what
+    each task does as it ends: the last one merges). Merging holds a lock, so tasks that
+    end at once neither merge half the parts nor remove each other's.
+    """
     layout = ExtractDir(out)
-    parts = layout.shard_manifests()
-    if not parts:
-        return None
-    rows: list[dict[str, str]] = []
-    for p in parts:
-        with open(p, newline="") as fh:
-            rows.extend(csv.DictReader(fh))
-    rows.sort(key=lambda r: r["slide_id"])
-    write_csv(layout.manifest(), rows, MANIFEST_FIELDS)
-    for p in parts:
-        p.unlink()
+    with work_lock(layout.manifest(), wait=True):
+        parts = layout.shard_manifests()
+        if not parts or (complete_only and not _all_shards(parts)):
+            return None
+        rows: list[dict[str, str]] = []
+        for p in parts:
+            with open(p, newline="") as fh:
+                rows.extend(csv.DictReader(fh))
+        rows.sort(key=lambda r: r["slide_id"])
+        write_csv(layout.manifest(), rows, MANIFEST_FIELDS)
+        for p in parts:
+            p.unlink(missing_ok=True)
     return layout.manifest()
+
+
+def _all_shards(parts: list[Path]) -> bool:
+    """Whether ``extract.shard<k>of<n>.csv`` parts include every k < n (for one n)."""
+    found: dict[int, set[int]] = {}
+    for p in parts:
+        m = re.fullmatch(r"extract\.shard(\d+)of(\d+)\.csv", p.name)
+        if m:
+            found.setdefault(int(m.group(2)), set()).add(int(m.group(1)))
+    return any(ks >= set(range(n)) for n, ks in found.items())

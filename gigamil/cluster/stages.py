@@ -128,7 +128,9 @@ class ExtractStage(Stage[list[SlideResult]]):
             part.unlink()
 
     def finish(self, results: list[list[SlideResult]]) -> None:
-        merge_extract_manifests(self.out)
+        # run here, this may be one task of an array (``--shard``, the sbatch template):
+        # only the last task to end merges, once every part is there
+        merge_extract_manifests(self.out, complete_only=True)
 
     def record(self) -> dict[str, Any]:
         return {"slides": self.n_slides}
